@@ -1,0 +1,150 @@
+"""Checking what the user passed and turning it into a :class:`~conductance.engine.PathProblem`."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .engine import PathProblem, logits_of
+from .errors import ConductanceError, ConductanceWarning
+from .layers import LayerSpec, resolve_layers
+
+Target = Union[None, int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
+
+#: Input elements per chunk of path points when the user gives no internal_batch_size.
+DEFAULT_CHUNK_ELEMENTS = 2 ** 21
+MAX_DEFAULT_CHUNK = 256
+
+
+def check_inputs(inputs: Any) -> torch.Tensor:
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor of shape (batch, ...), got {type(inputs).__name__}")
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"inputs have dtype {inputs.dtype}: integer inputs (such as token ids) cannot be interpolated "
+            "along a path. Attribute from the embedding layer instead: compute the embeddings, pass them "
+            "as inputs to a model that starts after the embedding layer (or use attribute_to_layer_input "
+            "on the first layer after it), with a zero or pad-token embedding as the baseline")
+    if inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise ConductanceError(f"inputs must have a batch dimension with at least one example; got shape "
+                               f"{tuple(inputs.shape)}")
+    if not torch.isfinite(inputs).all():
+        bad = (~torch.isfinite(inputs)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ConductanceError(f"inputs contain NaN or Inf (examples {bad}); clean or drop them first")
+    return inputs.detach()
+
+
+def check_baselines(baselines: Any, inputs: torch.Tensor) -> torch.Tensor:
+    if baselines is None:
+        return torch.zeros_like(inputs)
+    if isinstance(baselines, numbers.Number):
+        value = torch.full_like(inputs, float(baselines))
+    elif isinstance(baselines, torch.Tensor):
+        try:
+            shape = torch.broadcast_shapes(baselines.shape, inputs.shape)
+        except RuntimeError:
+            shape = None
+        if shape != inputs.shape:
+            raise ConductanceError(
+                f"baselines of shape {tuple(baselines.shape)} do not broadcast to the inputs' shape "
+                f"{tuple(inputs.shape)}; pass one baseline per example, one shared baseline of shape "
+                f"{tuple(inputs.shape[1:])}, or a number")
+        value = baselines.detach().to(device=inputs.device, dtype=inputs.dtype).expand_as(inputs).contiguous()
+    else:
+        raise TypeError(f"baselines must be None, a number or a tensor, got {type(baselines).__name__}")
+    if not torch.isfinite(value).all():
+        raise ConductanceError("baselines contain NaN or Inf")
+    return value
+
+
+def default_chunk(inputs: torch.Tensor) -> int:
+    per_example = max(1, inputs[0].numel())
+    return int(max(1, min(MAX_DEFAULT_CHUNK, DEFAULT_CHUNK_ELEMENTS // per_example)))
+
+
+def resolve_target(target: Target, output: Any, batch: int, device: torch.device) -> Any:
+    """Turn ``target`` into a LongTensor (batch,), a callable, or None (scalar outputs)."""
+    if callable(target) and not isinstance(target, torch.Tensor):
+        return target
+    scores = logits_of(output)
+    if target is None:
+        if scores.dim() == 1 or (scores.dim() == 2 and scores.shape[1] == 1):
+            return None
+        if scores.dim() != 2:
+            raise ConductanceError(f"the model output has shape {tuple(scores.shape)}; target=None needs "
+                                   "(batch, classes): pass a callable target that returns (batch,) scores")
+        return scores.argmax(1).to(device)
+    if scores.dim() != 2:
+        raise ConductanceError(f"a class target needs a model output of shape (batch, classes); got "
+                               f"{tuple(scores.shape)}. Pass a callable target instead")
+    n_classes = scores.shape[1]
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        t = torch.full((batch,), int(target), dtype=torch.long, device=device)
+    elif isinstance(target, (list, tuple)):
+        t = torch.as_tensor(target, dtype=torch.long, device=device)
+    elif isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise TypeError(f"target tensor must hold class indices (an integer dtype), got {target.dtype}")
+        t = target.to(device=device, dtype=torch.long)
+        if t.dim() == 0:
+            t = t.expand(batch).clone()
+    else:
+        raise TypeError(f"target must be None, an int, a LongTensor of shape (batch,) or a callable; got "
+                        f"{type(target).__name__}")
+    if t.shape != (batch,):
+        raise ConductanceError(f"target has shape {tuple(t.shape)}; it must be one class per example, "
+                               f"shape ({batch},)")
+    if (t < 0).any() or (t >= n_classes).any():
+        raise ConductanceError(f"target {t.tolist()} is out of range: the model has {n_classes} outputs "
+                               f"(valid classes 0..{n_classes - 1})")
+    return t
+
+
+def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
+                  *, baselines: Any, target: Target, additional_forward_args: Any,
+                  forward_kwargs: Optional[dict], internal_batch_size: Optional[int],
+                  attribute_to_layer_input: bool, track_input: bool = False) -> tuple[PathProblem, Any]:
+    """Validate everything and return the problem plus the model's output at the inputs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
+                        f"{type(model).__name__}")
+    inputs = check_inputs(inputs)
+    base = check_baselines(baselines, inputs)
+    refs = resolve_layers(model, layers, use_input=attribute_to_layer_input) if layers is not None else []
+    if internal_batch_size is not None and (not isinstance(internal_batch_size, numbers.Integral)
+                                            or internal_batch_size < 1):
+        raise ConductanceError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
+    if model.training:
+        warnings.warn("the model is in training mode: dropout and batch-norm updates make conductance random "
+                      "and change the model; call model.eval() first", ConductanceWarning, stacklevel=3)
+    extra = additional_forward_args
+    if extra is None:
+        extra = ()
+    elif not isinstance(extra, tuple):
+        extra = (extra,)
+    problem = PathProblem(model=model, inputs=inputs, baselines=base, target=None,
+                          additional_forward_args=extra, forward_kwargs=dict(forward_kwargs or {}),
+                          refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),
+                          track_input=track_input)
+    with torch.no_grad():
+        from .engine import model_output
+        ex = torch.arange(inputs.shape[0], device=inputs.device)
+        output = model_output(problem, inputs, ex)
+    problem.target = resolve_target(target, output, inputs.shape[0], inputs.device)
+    return problem, output
+
+
+def check_steps(n_steps: Optional[int], tolerance: Optional[float], max_steps: int) -> None:
+    if n_steps is not None and (not isinstance(n_steps, numbers.Integral) or isinstance(n_steps, bool)
+                                or n_steps < 1):
+        raise ConductanceError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    if tolerance is not None and (not isinstance(tolerance, numbers.Real) or not 0 < tolerance
+                                  or math.isnan(tolerance)):
+        raise ConductanceError(f"tolerance must be a positive relative error such as 0.01, got {tolerance!r}")
+    if not isinstance(max_steps, numbers.Integral) or max_steps < 2:
+        raise ConductanceError(f"max_steps must be an integer >= 2 (points per example), got {max_steps!r}")

@@ -1,0 +1,108 @@
+"""Integration paths and quadrature rules.
+
+Every rule here describes a set of points ``a_0 < a_1 < ... < a_n`` on the straight
+path ``x(a) = x' + a (x - x')`` and how consecutive points are combined:
+
+- ``"trapezoid"`` intervals: ``(g_k + g_{k+1}) / 2 * (y_{k+1} - y_k)``
+- ``"left"`` intervals: ``g_k * (y_{k+1} - y_k)``
+
+Point weights (for integrals of the form ``integral h(a) da``, used by neuron
+conductance and internal influence) follow from the same choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Fixed rules a user can ask for by name, with the adaptive rule on top.
+FIXED_METHODS = ("gausslegendre", "uniform", "uniform_left", "captum")
+METHODS = FIXED_METHODS + ("adaptive",)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Points along the path and how they are combined.
+
+    Attributes
+    ----------
+    alphas : np.ndarray, shape (n_points,)
+        Increasing positions in [0, 1].
+    interval_rule : str
+        ``"trapezoid"`` or ``"left"``.
+    has_endpoints : bool
+        Whether ``alphas[0] == 0`` and ``alphas[-1] == 1`` (then F(x) - F(x') comes for free).
+    """
+
+    alphas: np.ndarray
+    interval_rule: str
+    has_endpoints: bool
+
+    @property
+    def n_points(self) -> int:
+        return int(self.alphas.shape[0])
+
+
+def gauss_legendre_nodes(n: int) -> np.ndarray:
+    """Gauss-Legendre nodes mapped from [-1, 1] to [0, 1], increasing; shape (n,)."""
+    nodes, _ = np.polynomial.legendre.leggauss(n)
+    return 0.5 * (1.0 + nodes)
+
+
+def fixed_grid(method: str, n_steps: int) -> Grid:
+    """Grid of ``n_steps + 1`` points for a fixed rule.
+
+    Parameters
+    ----------
+    method : str
+        ``"gausslegendre"`` (both end points plus ``n_steps - 1`` Gauss-Legendre nodes,
+        trapezoid intervals), ``"uniform"`` (uniform grid, trapezoid intervals),
+        ``"uniform_left"`` (uniform grid, left sums) or ``"captum"`` (Captum 0.9's
+        LayerConductance default: ``n_steps + 1`` Gauss-Legendre nodes, left sums).
+    n_steps : int
+        Number of intervals; the grid has ``n_steps + 1`` points.
+    """
+    if method == "gausslegendre":
+        inner = gauss_legendre_nodes(n_steps - 1) if n_steps > 1 else np.zeros(0)
+        return Grid(np.concatenate([[0.0], inner, [1.0]]), "trapezoid", True)
+    if method == "uniform":
+        return Grid(np.linspace(0.0, 1.0, n_steps + 1), "trapezoid", True)
+    if method == "uniform_left":
+        return Grid(np.linspace(0.0, 1.0, n_steps + 1), "left", True)
+    if method == "captum":
+        return Grid(gauss_legendre_nodes(n_steps + 1), "left", False)
+    raise ValueError(f"unknown fixed method {method!r}; choose one of {FIXED_METHODS}")
+
+
+def point_weights(alphas: np.ndarray, interval_rule: str) -> np.ndarray:
+    """Weights ``w_k`` with ``sum_k w_k h(a_k)`` approximating ``integral h(a) da`` over the grid.
+
+    The weights are the ones implied by the interval rule, so a point-weighted integral
+    and an interval (Stieltjes) sum use the same evaluations consistently. Shape (n_points,).
+    """
+    widths = np.diff(alphas)
+    weights = np.zeros_like(alphas)
+    if interval_rule == "left":
+        weights[:-1] = widths
+    elif interval_rule == "trapezoid":
+        weights[:-1] += widths / 2
+        weights[1:] += widths / 2
+    else:
+        raise ValueError(f"unknown interval rule {interval_rule!r}")
+    return weights
+
+
+def captum_neuron_grid(n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Points and weights of Captum 0.9's NeuronConductance default ("riemann_trapezoid").
+
+    Its weights are ``1/n`` with both ends halved, so they sum to ``(n - 1) / n`` rather
+    than 1; reproduced here only so results can be compared with Captum's.
+    """
+    if n_steps < 2:
+        raise ValueError("method='captum' for neuron conductance needs n_steps >= 2, as Captum does")
+    alphas = np.linspace(0.0, 1.0, n_steps)
+    weights = np.full(n_steps, 1.0 / n_steps)
+    weights[0] /= 2
+    weights[-1] /= 2
+    return alphas, weights

@@ -1,0 +1,86 @@
+"""The result type shared by every layer measure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+
+
+@dataclass
+class LayerResult(Mapping):
+    """Attributions per layer, with the evidence of their accuracy.
+
+    Behaves as a read-only mapping ``layer name -> Tensor (batch, *unit_shape)``.
+
+    Attributes
+    ----------
+    delta : dict[str, Tensor (batch,)]
+        Sum over the layer minus ``F(x) - F(x')``: the completeness error. Meaningful as an
+        error only for layers that are cuts (see ``is_cut``).
+    relative_error : dict[str, Tensor (batch,)]
+        ``|delta| / |F(x) - F(x')|``.
+    output_diff : Tensor (batch,)
+        ``F(x) - F(x')``.
+    is_cut : dict[str, bool]
+        Whether every path from the input to F passes through the layer (so completeness
+        must hold). A branch of an Inception block or one attention head is not a cut.
+    n_points : LongTensor (batch,)
+        Path points evaluated per example.
+    target : LongTensor (batch,) or None
+        The class explained per example (None for a callable target or scalar outputs).
+    method, n_steps, tolerance, units, measure : the settings that produced the result.
+    extra : dict
+        Other measures computed in the same run (``extra[measure][layer]``) and, for the
+        adaptive rule, the final grid (``"alphas"``) and per-interval residuals.
+    """
+
+    attributions: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
+    relative_error: dict[str, torch.Tensor]
+    output_diff: torch.Tensor
+    is_cut: dict[str, bool]
+    n_points: torch.Tensor
+    target: Optional[torch.Tensor]
+    method: str
+    n_steps: Optional[int]
+    tolerance: Optional[float]
+    units: str
+    measure: str = "conductance"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self.attributions[name]
+        except KeyError:
+            raise KeyError(f"no layer {name!r} in this result; it has {list(self.attributions)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.attributions)
+
+    def __len__(self) -> int:
+        return len(self.attributions)
+
+    def top(self, layer: str, k: int = 5, example: int = 0) -> list[tuple[int, float]]:
+        """The ``k`` units of ``layer`` with the largest attribution for one example: (flat index, value)."""
+        values = self.attributions[layer][example].flatten()
+        order = torch.argsort(values, descending=True)[:k]
+        return [(int(i), float(values[i])) for i in order]
+
+    def summary(self) -> str:
+        """A short text table: per layer, shape, cut or not, worst relative completeness error."""
+        lines = [f"{self.measure}: method={self.method}"
+                 + (f" n_steps={self.n_steps}" if self.n_steps else "")
+                 + (f" tolerance={self.tolerance}" if self.tolerance else "")
+                 + f" points per example={self.n_points.tolist()} units={self.units}"]
+        for name, value in self.attributions.items():
+            err = self.relative_error[name].max().item()
+            kind = "cut" if self.is_cut.get(name) else "not a cut (no completeness guarantee)"
+            lines.append(f"  {name}: shape {tuple(value.shape)}, {kind}, max relative completeness error "
+                         f"{100 * err:.2f}%")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"LayerResult({self.summary()})"
