@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConductanceError
+import contextlib
+
+from .errors import ConductanceError, never_reached, not_dependent
 from .layers import LayerRef, Recorder
 from .paths import Grid, gauss_legendre_nodes
 
@@ -151,30 +153,28 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     """
     x = interpolate(problem, ex, alphas)
     recorder = Recorder(problem.refs, cut_below=not problem.track_input)
-    with recorder.attached():
+    # the input is a recorded layer: autograd must run from it even inside a user's no_grad block
+    grad_context = torch.enable_grad() if problem.track_input else contextlib.nullcontext()
+    with recorder.attached(), grad_context:
         if problem.track_input:
             x = x.detach().requires_grad_(True)
         output = model_output(problem, x, ex)
         F = scalar_output(problem, output, ex)
         missing = [r.name for r in problem.refs if r.name not in recorder.values]
         if missing:
-            raise ConductanceError(f"the forward pass never reached layer(s) {missing}: the model does not "
-                                   "call them for this input; choose layers that the forward runs")
+            raise never_reached(missing)
         names = [r.name for r in problem.refs]
         tensors = [recorder.values[n] for n in names]
         if problem.track_input:
             names.append(INPUT)
             tensors.append(x)
         if not F.requires_grad:
-            raise ConductanceError(f"the target does not depend on layer(s) {names}: no gradient flows from "
-                                   "the output back to them; choose layers below the output you explain")
+            raise not_dependent(names)
         grads = torch.autograd.grad(F.sum(), tensors, allow_unused=True)
     problem.n_evaluations += int(ex.shape[0])
     unused = [n for n, g in zip(names, grads) if g is None]
     if unused:
-        raise ConductanceError(f"the target does not depend on layer(s) {unused}: no gradient flows from the "
-                               "output back to them (is the layer after the output, or on a branch that "
-                               "is not used?)")
+        raise not_dependent(unused)
     return PointBatch(ex, alphas, F.detach(), {n: t.detach() for n, t in zip(names, tensors)},
                       {n: g.detach() for n, g in zip(names, grads)})
 
@@ -465,7 +465,6 @@ def check_cuts(problem: PathProblem) -> dict[str, bool]:
             output = model_output(problem, x, ex)
             F = scalar_output(problem, output, ex)
         if ref.name not in recorder.values:
-            raise ConductanceError(f"the forward pass never reached layer {ref.name!r}: the model does not "
-                                   "call it for this input; choose a layer that the forward runs")
+            raise never_reached([ref.name])
         result[ref.name] = not graph_reaches(F, x)
     return result

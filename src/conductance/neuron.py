@@ -17,7 +17,9 @@ from torch import nn
 
 from . import engine
 from .attribute import DEFAULT_MAX_STEPS, UNITS, path_attribution, resolve_method
-from .errors import ConductanceError
+import warnings
+
+from .errors import ConductanceError, never_reached, not_dependent
 from .inputs import Target, build_problem, check_steps
 from .layers import LayerSpec, Recorder
 from .paths import captum_neuron_grid, fixed_grid, point_weights
@@ -57,12 +59,14 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
         grid = fixed_grid(method, n_steps)
         return [grid.alphas] * B, [point_weights(grid.alphas, grid.interval_rule)] * B
     # the grid is chosen by refining the layer's (or the input's) completeness, then reused
-    result = path_attribution(
-        problem.model, kwargs["inputs"], [layer], ["conductance"], baselines=kwargs["baselines"],
-        target=problem.target,
-        additional_forward_args=kwargs["additional_forward_args"], forward_kwargs=kwargs["forward_kwargs"],
-        n_steps=n_steps, method="adaptive", tolerance=tolerance, max_steps=max_steps, units=units,
-        internal_batch_size=problem.chunk_size, attribute_to_layer_input=kwargs["attribute_to_layer_input"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the model is in training mode")  # warned once already
+        result = path_attribution(
+            problem.model, kwargs["inputs"], [layer], ["conductance"], baselines=kwargs["baselines"],
+            target=problem.target, additional_forward_args=kwargs["additional_forward_args"],
+            forward_kwargs=kwargs["forward_kwargs"], n_steps=n_steps, method="adaptive", tolerance=tolerance,
+            max_steps=max_steps, units=units, internal_batch_size=problem.chunk_size,
+            attribute_to_layer_input=kwargs["attribute_to_layer_input"])
     alphas = [a.numpy() for a in result.extra["alphas"]]
     return alphas, [point_weights(a, "trapezoid") for a in alphas]
 
@@ -130,11 +134,11 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
             output = engine.model_output(problem, x, e)
             F = engine.scalar_output(problem, output, e)
             if ref.name not in recorder.values:
-                raise ConductanceError(f"the forward pass never reached layer {ref.name!r}")
+                raise never_reached([ref.name])
             y = recorder.values[ref.name]
             (g,) = torch.autograd.grad(F.sum(), y, retain_graph=True, allow_unused=True)
             if g is None:
-                raise ConductanceError(f"the target does not depend on layer {ref.name!r}")
+                raise not_dependent([ref.name])
             if index is None:
                 index = [_unit_index(n, tuple(y.shape[1:]), units, ref.name) for n in neurons]
             weighted = g * w[start:stop].to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))

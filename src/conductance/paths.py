@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ConductanceError
+
 #: Fixed rules a user can ask for by name, with the adaptive rule on top.
 FIXED_METHODS = ("gausslegendre", "uniform", "uniform_left", "captum")
 METHODS = FIXED_METHODS + ("adaptive",)
@@ -100,7 +102,7 @@ def captum_neuron_grid(n_steps: int) -> tuple[np.ndarray, np.ndarray]:
     than 1; reproduced here only so results can be compared with Captum's.
     """
     if n_steps < 2:
-        raise ValueError("method='captum' for neuron conductance needs n_steps >= 2, as Captum does")
+        raise ConductanceError("method='captum' for neuron conductance needs n_steps >= 2, as Captum does")
     alphas = np.linspace(0.0, 1.0, n_steps)
     weights = np.full(n_steps, 1.0 / n_steps)
     weights[0] /= 2

@@ -70,7 +70,7 @@ def neuron_conductance(model: nn.Module, x: torch.Tensor, layer: str, *, baselin
         F, y = f_and_y(point)
         (dF_dy,) = torch.autograd.grad(F, y, retain_graph=True)
         dF_dy = dF_dy[0]
-        jac = torch.autograd.functional.jacobian(lambda p: f_and_y(p)[1][0], point)  # (*S, *X)
+        jac = torch.autograd.functional.jacobian(lambda p: f_and_y(p)[1][0], point, vectorize=True)  # (*S, *X)
         term = float(w) * dF_dy.reshape(dF_dy.shape + (1,) * x.dim()) * jac
         total = term if total is None else total + term
     model.float()

@@ -1,0 +1,216 @@
+"""The engine: one path run for many layers, chunking, targets, adaptive refinement (T10)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import conductance as cd
+from conductance import ConductanceWarning
+from models import CountingModel, TwoBranch, random_cnn, random_mlp
+
+
+def no_hooks_left(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.fixture
+def cnn_case():
+    torch.manual_seed(1)
+    return random_cnn(seed=1), torch.randn(3, 2, 6, 6), torch.randn(3, 2, 6, 6) * 0.1
+
+
+def test_many_layers_in_one_call_equal_separate_calls(cnn_case):
+    model, x, base = cnn_case
+    layers = ["0", "1", "2", "3", "6"]
+    together = cd.layer_conductance(model, x, layers, baselines=base, n_steps=12)
+    for name in layers:
+        alone = cd.layer_conductance(model, x, name, baselines=base, n_steps=12)
+        torch.testing.assert_close(together[name], alone[name])
+        assert not together[name].requires_grad
+    assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("method", ["gausslegendre", "uniform", "uniform_left", "captum"])
+def test_chunk_size_does_not_change_fixed_rules(cnn_case, method):
+    model, x, base = cnn_case
+    results = [cd.layer_conductance(model, x, ["1", "3"], baselines=base, n_steps=10, method=method,
+                                    internal_batch_size=size) for size in (3, 7, 1000)]
+    for other in results[1:]:
+        for name in ("1", "3"):
+            torch.testing.assert_close(other[name], results[0][name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(other.delta[name], results[0].delta[name], rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_size_does_not_change_adaptive(cnn_case):
+    model, x, base = cnn_case
+    a = cd.layer_conductance(model, x, "3", baselines=base, tolerance=1e-3, internal_batch_size=5)
+    b = cd.layer_conductance(model, x, "3", baselines=base, tolerance=1e-3, internal_batch_size=64)
+    assert torch.equal(a.n_points, b.n_points)
+    torch.testing.assert_close(a["3"], b["3"], rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_targets_equal_separate_calls(cnn_case):
+    model, x, base = cnn_case
+    targets = torch.tensor([2, 0, 1])
+    batched = cd.layer_conductance(model, x, "3", baselines=base, target=targets, n_steps=8, units="channel")
+    for i in range(3):
+        single = cd.layer_conductance(model, x[i:i + 1], "3", baselines=base[i:i + 1], target=int(targets[i]),
+                                      n_steps=8, units="channel")
+        torch.testing.assert_close(batched["3"][i:i + 1], single["3"])
+    # target=None explains each example's top logit
+    top = model(x).argmax(1)
+    default = cd.layer_conductance(model, x, "3", baselines=base, n_steps=8, units="channel")
+    assert torch.equal(default.target, top)
+    torch.testing.assert_close(default["3"], cd.layer_conductance(model, x, "3", baselines=base, target=top,
+                                                                  n_steps=8, units="channel")["3"])
+
+
+def test_channel_units_sum_the_neuron_map(cnn_case):
+    model, x, base = cnn_case
+    neuron = cd.layer_conductance(model, x, "1", baselines=base, n_steps=9)
+    channel = cd.layer_conductance(model, x, "1", baselines=base, n_steps=9, units="channel")
+    assert neuron["1"].shape == (3, 4, 6, 6) and channel["1"].shape == (3, 4)
+    torch.testing.assert_close(channel["1"], neuron["1"].sum((2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_completeness_error_shrinks_with_steps_and_is_reported():
+    """T10: on random networks the completeness error of every cut layer goes to zero."""
+    model = random_mlp(seed=4, act=nn.Tanh)
+    x = torch.randn(6, 5) * 4
+    errors = []
+    for n in (2, 8, 64):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConductanceWarning)
+            r = cd.layer_conductance(model, x, ["1", "3"], n_steps=n, method="uniform")
+        for name in ("1", "3"):
+            torch.testing.assert_close(r.delta[name], r[name].sum(1) - r.output_diff)
+        errors.append(max(r.relative_error[n].max().item() for n in ("1", "3")))
+    assert errors[0] > 1e-3
+    assert errors[2] < errors[1] < errors[0]
+    assert errors[2] < 1e-3
+
+
+@pytest.mark.parametrize("make", [lambda: random_mlp(seed=2), lambda: random_cnn(seed=2)])
+def test_efficient_form_agrees_with_literal_formula(make):
+    """T10: the Stieltjes sum equals the per-unit-Jacobian formula of the paper."""
+    model = make()
+    torch.manual_seed(5)
+    shape = (5,) if isinstance(model[0], nn.Linear) else (2, 6, 6)
+    x = torch.randn(1, *shape)
+    base = torch.randn(1, *shape) * 0.2
+    ours = cd.layer_conductance(model, x, "1", baselines=base, target=1, n_steps=48, method="gausslegendre")
+    literal = cd.reference.layer_conductance(model, x[0], "1", baseline=base[0], target=1, n_steps=48,
+                                             rule="gausslegendre")
+    assert literal.abs().max() > 1e-3
+    assert ours.relative_error["1"].max() < 1e-4
+    torch.testing.assert_close(ours["1"][0], literal, rtol=2e-3, atol=2e-4)
+
+
+def test_adaptive_points_are_never_evaluated_twice():
+    inner = random_mlp(seed=6, act=nn.ReLU)
+    model = CountingModel(inner).eval()
+    x = torch.randn(4, 5) * 3
+    base = torch.randn(4, 5) * 0.1  # distinct per example, so every (example, a) is a distinct row
+    r = cd.layer_conductance(model, x, ["inner.1", "inner.3"], baselines=base, target=0, tolerance=1e-4,
+                             max_steps=120,
+                             internal_batch_size=6)
+    # call 0 settles the target; then one single-example cut check per layer; then the path
+    path_calls = model.calls[1 + 2:]
+    rows = torch.cat(path_calls)
+    assert rows.shape[0] == int(r.n_points.sum()) == r.extra["model_evaluations"]
+    assert torch.unique(rows, dim=0).shape[0] == rows.shape[0]
+    assert all(c.shape[0] <= 6 for c in path_calls)
+    assert r.n_points.min() < r.n_points.max() or r.n_points.min() > 5  # examples refine independently
+
+
+def test_adaptive_meets_tolerance_or_warns():
+    model = random_mlp(seed=7, act=nn.ReLU)
+    x = torch.randn(5, 5) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConductanceWarning)
+        r = cd.layer_conductance(model, x, ["1", "3"], tolerance=1e-3, max_steps=500)
+    for name in ("1", "3"):
+        assert (r.relative_error[name] <= 1e-3).all()
+    with pytest.warns(ConductanceWarning, match=r"examples \[.*\].*max_steps"):
+        cd.layer_conductance(model, x * 10, ["1", "3"], tolerance=1e-9, max_steps=6)
+
+
+def test_fixed_rule_warns_when_completeness_is_poor():
+    model = random_mlp(seed=7, act=nn.ReLU)
+    x = torch.randn(5, 5) * 3
+    with pytest.warns(ConductanceWarning, match="completeness error above 5%"):
+        cd.layer_conductance(model, x, "1", n_steps=1, method="uniform_left")
+
+
+def test_adaptive_converges_to_literal_reference():
+    model = random_cnn(seed=3, act=nn.Tanh)
+    torch.manual_seed(8)
+    x = torch.randn(1, 2, 6, 6) * 3
+    literal = cd.reference.layer_conductance(model, x[0], "3", target=0, n_steps=64, rule="gausslegendre")
+    far = near = None
+    for tol in (3e-2, 2e-4):
+        r = cd.layer_conductance(model, x, "3", target=0, tolerance=tol, max_steps=1000)
+        dist = ((r["3"][0] - literal).norm() / literal.norm()).item()
+        far, near = (dist, near) if far is None else (far, dist)
+    assert near < 2e-3
+    assert near <= far
+
+
+def test_branch_is_not_a_cut_and_adaptive_refines_on_the_input():
+    model = TwoBranch().eval()
+    x = torch.randn(3, 4) * 2
+    r = cd.layer_conductance(model, x, ["left", "right", "head"], tolerance=1e-4, max_steps=300)
+    assert r.is_cut == {"left": False, "right": False, "head": True}
+    # the branches together carry the whole change, each alone does not
+    torch.testing.assert_close(r["left"].sum(1) + r["right"].sum(1), r.output_diff, rtol=1e-3, atol=1e-3)
+    assert (r.relative_error["left"] > 1e-2).any()
+    only_branches = cd.layer_conductance(model, x, ["left", "right"], tolerance=1e-4, max_steps=300)
+    assert (only_branches.extra["input_relative_error"] <= 1e-4).all()
+    ig = only_branches.extra["input_integrated_gradients"]
+    torch.testing.assert_close(ig.sum(1), only_branches.output_diff, rtol=1e-3, atol=1e-4)
+
+
+def test_layer_input_and_tuple_outputs():
+    torch.manual_seed(0)
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)
+            return self.head(out[:, -1])
+
+    model = Recurrent().eval()
+    x = torch.randn(2, 5, 3)
+    r = cd.layer_conductance(model, x, ["lstm[0]", "head"], tolerance=1e-3, attribute_to_layer_input=False)
+    assert r["lstm[0]"].shape == (2, 5, 4)
+    torch.testing.assert_close(r["lstm[0]"].flatten(1).sum(1), r.output_diff, rtol=2e-3, atol=1e-3)
+    as_input = cd.layer_conductance(model, x, "head", n_steps=16, attribute_to_layer_input=True)
+    assert as_input["head"].shape == (2, 4)
+    torch.testing.assert_close(as_input["head"].sum(1), as_input.output_diff, rtol=5e-2, atol=5e-2)
+
+
+def test_additional_forward_args_follow_their_example():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, scale, *, shift):
+            return torch.tanh(self.lin(x)) * scale.unsqueeze(1) + shift.unsqueeze(1)
+
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    x = torch.randn(3, 3)
+    scale = torch.tensor([1.0, 2.0, -3.0])
+    r = cd.layer_conductance(model, x, "lin", target=0, additional_forward_args=(scale,),
+                             forward_kwargs={"shift": torch.tensor([0.5, 0.0, 1.0])}, n_steps=20)
+    for i in range(3):
+        single = cd.layer_conductance(model, x[i:i + 1], "lin", target=0, additional_forward_args=scale[i:i + 1],
+                                      forward_kwargs={"shift": torch.tensor([0.5, 0.0, 1.0])[i:i + 1]}, n_steps=20)
+        torch.testing.assert_close(r["lin"][i:i + 1], single["lin"])
