@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv (or $VENV) and install conductance with the extras named in $EXTRAS (default: demo,test).
+# Idempotent: a second run reuses what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+EXTRAS="${EXTRAS:-demo,test}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+# torch first, pinned: an unpinned request could pull a different multi-GB build
+"$VENV/bin/python" -m pip install --quiet -c scripts/constraints.txt torch torchvision
+"$VENV/bin/python" -m pip install --quiet -c scripts/constraints.txt -e ".[$EXTRAS]"
+echo "conductance installed in $VENV with extras [$EXTRAS]"
