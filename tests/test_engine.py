@@ -214,3 +214,15 @@ def test_additional_forward_args_follow_their_example():
         single = cd.layer_conductance(model, x[i:i + 1], "lin", target=0, additional_forward_args=scale[i:i + 1],
                                       forward_kwargs={"shift": torch.tensor([0.5, 0.0, 1.0])[i:i + 1]}, n_steps=20)
         torch.testing.assert_close(r["lin"][i:i + 1], single["lin"])
+
+
+def test_adaptive_memory_budget_stops_refinement_and_says_so(monkeypatch):
+    from conductance import engine
+    model = random_mlp(seed=7, act=nn.ReLU)
+    x = torch.randn(3, 5) * 3
+    # room for about 20 points of the two recorded layers (7 units each; y, g and one contribution)
+    monkeypatch.setattr(engine, "ADAPTIVE_STORE_BYTES", 20 * 2 * 7 * 4 * 3)
+    with pytest.warns(ConductanceWarning, match="memory budget"):
+        r = cd.layer_conductance(model, x, ["1", "3"], tolerance=1e-9, max_steps=500)
+    assert r.extra["memory_limited"]
+    assert int(r.n_points.sum()) <= 20

@@ -113,6 +113,7 @@ def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
         extra["alphas"] = integral.alphas
         extra["interval_residuals"] = integral.interval_residuals
     extra["model_evaluations"] = problem.n_evaluations
+    extra["memory_limited"] = integral.memory_limited
     result = LayerResult(attributions=attributions, delta=delta, relative_error=rel, output_diff=output_diff,
                          is_cut=is_cut, n_points=integral.n_points,
                          target=problem.target if isinstance(problem.target, torch.Tensor) else None,
@@ -129,6 +130,10 @@ def _warn_accuracy(result: LayerResult, max_steps: int) -> None:
         if not errors and "input_relative_error" in result.extra:
             errors = {"input (integrated gradients)": result.extra["input_relative_error"]}
         advice = f"raise max_steps (now {max_steps}) or loosen tolerance"
+        if result.extra.get("memory_limited"):
+            advice = ("refinement stopped at the memory budget for stored points "
+                      f"(conductance.engine.ADAPTIVE_STORE_BYTES = {engine.ADAPTIVE_STORE_BYTES}); request "
+                      "fewer layers or examples per call, raise the budget, or use a fixed rule")
     else:
         limit = WARN_RELATIVE_ERROR
         errors = {n: e for n, e in result.relative_error.items() if result.is_cut[n]}

@@ -36,6 +36,9 @@ INPUT = "<input>"
 #: Each refinement round bisects an example's worst intervals until they hold this share of
 #: its total absolute residual (measured on EfficientNet-Lite0: 0.3 beat 0.5 and 0.8).
 REFINE_SHARE = 0.3
+#: The adaptive rule keeps every point's layer values and gradients; it stops adding points when
+#: they would take more than this many bytes (and says so in the result).
+ADAPTIVE_STORE_BYTES = 3 * 2 ** 30
 
 IntervalMeasure = Callable[..., torch.Tensor]
 
@@ -201,6 +204,7 @@ class Integral:
     n_points: torch.Tensor
     interval_residuals: Optional[list] = None
     alphas: Optional[list] = None
+    memory_limited: bool = False
 
 
 def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, IntervalMeasure],
@@ -302,6 +306,7 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     init = np.concatenate([[0.0], gauss_legendre_nodes(initial_steps - 1), [1.0]]) if initial_steps > 1 \
         else np.array([0.0, 1.0])
     states = [_ExampleState() for _ in range(B)]
+    memory_limited = False
     store_F: list[float] = []
     store_y: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     store_g: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -344,7 +349,8 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                     residual[:, list(cut_layers).index(n)] = total - dF
                 contribs[mname][n] = reduce_units(c, units)
         for j, (e, id0, id1, _, _) in enumerate(pairs):
-            per = {m: {n: contribs[m][n][j] for n in names} for m in measures}
+            # cloned so that dropping a bisected interval frees its memory
+            per = {m: {n: contribs[m][n][j].clone() for n in names} for m in measures}
             states[e].intervals[(id0, id1)] = (per, residual[j])
 
     # initial grid for every example, batched together
@@ -387,7 +393,17 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                 chosen.append(kv[0])
                 covered += kv[1][1].abs().max().item()
             proposals[e] = chosen
+        point_bytes = sum(store_y[n][0].numel() * store_y[n][0].element_size() for n in names) \
+            * (2 + len(measures))
+        room = (ADAPTIVE_STORE_BYTES - point_bytes * len(store_F)) // max(point_bytes, 1)
         n_new = sum(len(v) for v in proposals.values())
+        if n_new > room:
+            memory_limited = True
+            scored = sorted(((states[e].intervals[k][1].abs().max().item(), e, k)
+                             for e, ks in proposals.items() for k in ks), key=lambda t: -t[0])
+            keep = {(e, k) for _, e, k in scored[:max(0, int(room))]}
+            proposals = {e: [k for k in ks if (e, k) in keep] for e, ks in proposals.items()}
+            n_new = sum(len(v) for v in proposals.values())
         if n_new == 0:
             break
         new_points, owners = [], []
@@ -424,7 +440,7 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     F_start = torch.tensor([store_F[s.point_ids[0]] for s in states], device=device)
     F_end = torch.tensor([store_F[s.point_ids[-1]] for s in states], device=device)
     n_points = torch.tensor([len(s.alphas) for s in states], dtype=torch.long)
-    return Integral(values, F_start, F_end, n_points, residuals, alphas)
+    return Integral(values, F_start, F_end, n_points, residuals, alphas, memory_limited)
 
 
 def _width(state: _ExampleState, key: tuple) -> float:
