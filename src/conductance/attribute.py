@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from . import engine
 from .engine import INPUT, PathProblem, integrate_adaptive, integrate_fixed, relative_error
-from .errors import ConductanceError, ConductanceWarning
+from .errors import ConductanceError, warn
 from .inputs import Target, build_problem, check_steps
 from .layers import LayerSpec
 from .measures import PATH_MEASURES
@@ -145,9 +144,8 @@ def _warn_accuracy(result: LayerResult, max_steps: int) -> None:
             idx = (e > limit).nonzero().flatten().tolist()
             parts.append(f"{n}: examples {idx[:10]}{'...' if len(idx) > 10 else ''} reach "
                          f"{', '.join(f'{100 * e[i]:.1f}%' for i in idx[:5])}")
-        warnings.warn(f"completeness error above {100 * limit:g}% ({result.method}, points per example "
-                      f"{result.n_points.tolist()}): " + "; ".join(parts) + f". {advice}",
-                      ConductanceWarning, stacklevel=3)
+        warn(f"completeness error above {100 * limit:g}% ({result.method}, points per example "
+                      f"{result.n_points.tolist()}): " + "; ".join(parts) + f". {advice}")
 
 
 def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .engine import PathProblem, logits_of
-from .errors import ConductanceError, ConductanceWarning
+from .errors import ConductanceError, warn
 from .layers import LayerSpec, resolve_layers
 
 Target = Union[None, int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
@@ -120,8 +119,8 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                                             or internal_batch_size < 1):
         raise ConductanceError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
     if model.training:
-        warnings.warn("the model is in training mode: dropout and batch-norm updates make conductance random "
-                      "and change the model; call model.eval() first", ConductanceWarning, stacklevel=3)
+        warn("the model is in training mode: dropout and batch-norm updates make conductance random "
+             "and change the model; call model.eval() first")
     extra = additional_forward_args
     if extra is None:
         extra = ()
