@@ -65,6 +65,9 @@ class PathProblem:
     refs: list[LayerRef]
     chunk_size: int
     track_input: bool = False
+    #: (layer name, value at the baseline, value at the input), each (batch, *layer_shape): when set,
+    #: the path runs straight in that layer's own space instead of the input's
+    layer_path: Optional[tuple] = None
     n_evaluations: int = 0
     n_forwards: int = 0
 
@@ -154,8 +157,15 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     alphas : Tensor (m,)
         Position of each point on its example's path.
     """
-    x = interpolate(problem, ex, alphas)
-    recorder = Recorder(problem.refs, cut_below=not problem.track_input)
+    replace = None
+    if problem.layer_path is not None:
+        name, start, end = problem.layer_path
+        shape = (-1,) + (1,) * (start.dim() - 1)
+        replace = {name: start[ex] + alphas.to(start.dtype).view(shape) * (end[ex] - start[ex])}
+        x = problem.inputs[ex]
+    else:
+        x = interpolate(problem, ex, alphas)
+    recorder = Recorder(problem.refs, cut_below=not problem.track_input, replace=replace)
     # the input is a recorded layer: autograd must run from it even inside a user's no_grad block
     grad_context = torch.enable_grad() if problem.track_input else contextlib.nullcontext()
     with recorder.attached(), grad_context:
@@ -446,6 +456,18 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
 def _width(state: _ExampleState, key: tuple) -> float:
     pos = state.point_ids.index(key[0]), state.point_ids.index(key[1])
     return state.alphas[pos[1]] - state.alphas[pos[0]]
+
+
+def record_values(problem: PathProblem, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each requested layer's value at ``x`` (batch, *input_shape), from one forward without autograd."""
+    ex = torch.arange(x.shape[0], device=x.device)
+    recorder = Recorder(problem.refs, cut_below=False)
+    with recorder.attached(), torch.no_grad():
+        model_output(problem, x, ex)
+    missing = [r.name for r in problem.refs if r.name not in recorder.values]
+    if missing:
+        raise never_reached(missing)
+    return {n: v.detach() for n, v in recorder.values.items()}
 
 
 def graph_reaches(root: torch.Tensor, leaf: torch.Tensor) -> bool:

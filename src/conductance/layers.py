@@ -12,7 +12,7 @@ import contextlib
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -147,10 +147,12 @@ class Recorder:
     whether a layer is a cut).
     """
 
-    def __init__(self, refs: Sequence[LayerRef], cut_below: bool, detach: Sequence[str] = ()):
+    def __init__(self, refs: Sequence[LayerRef], cut_below: bool, detach: Sequence[str] = (),
+                 replace: Optional[dict] = None):
         self.refs = list(refs)
         self.cut_below = cut_below
         self.detach = set(detach)
+        self.replace = dict(replace or {})
         self.values: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
 
@@ -166,7 +168,13 @@ class Recorder:
                                    "a floating-point layer (integer values cannot be differentiated)")
         if self.cut_below and not torch.is_grad_enabled():
             torch.set_grad_enabled(True)
-        if ref.name in self.detach or not tensor.requires_grad:
+        if ref.name in self.replace:
+            new = self.replace[ref.name]
+            if new.shape != tensor.shape:
+                raise ConductanceError(f"layer {ref.name!r}: a replacement of shape {tuple(new.shape)} cannot "
+                                       f"stand in for its value of shape {tuple(tensor.shape)}")
+            tensor = new.to(tensor.dtype).detach().requires_grad_(True)
+        elif ref.name in self.detach or not tensor.requires_grad:
             tensor = tensor.detach().requires_grad_(True)
         self.values[ref.name] = tensor
         return replace_element(ref, value, tensor.clone())

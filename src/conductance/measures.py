@@ -30,3 +30,9 @@ def internal_influence(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1:
 
 
 PATH_MEASURES = {"conductance": conductance, "internal_influence": internal_influence}
+
+#: Measures read at the input alone (a = 1): no path.
+POINT_MEASURES = ("activation", "gradient", "grad_x_activation")
+#: Integrated gradients on a straight line in the layer's own space: a path run per layer.
+LIG = "layer_integrated_gradients"
+MEASURES = tuple(PATH_MEASURES) + POINT_MEASURES + (LIG,)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import engine
-from .attribute import DEFAULT_MAX_STEPS, UNITS, path_attribution, resolve_method
+from .attribute import DEFAULT_MAX_STEPS, UNITS, _warn_accuracy, path_attribution, resolve_method
 import warnings
 
 from .errors import ConductanceError, never_reached, not_dependent
@@ -67,6 +67,7 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
             forward_kwargs=kwargs["forward_kwargs"], n_steps=n_steps, method="adaptive", tolerance=tolerance,
             max_steps=max_steps, units=units, internal_batch_size=problem.chunk_size,
             attribute_to_layer_input=kwargs["attribute_to_layer_input"])
+    _warn_accuracy(result, max_steps)
     alphas = [a.numpy() for a in result.extra["alphas"]]
     return alphas, [point_weights(a, "trapezoid") for a in alphas]
 
