@@ -1,4 +1,5 @@
-"""Command-line interface: ``conductance demo`` runs the method on a real network and photo."""
+"""Command-line interface: ``conductance demo`` runs the method on a real network and photo;
+``conductance aggregate`` computes per-class statistics over a data set; ``conductance show`` prints them."""
 
 from __future__ import annotations
 
@@ -57,6 +58,105 @@ def _layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_entry_point(spec: str, what: str):
+    """Call ``module:function`` (or ``path/to/file.py:function``) with no arguments and return its value."""
+    import importlib
+    import importlib.util
+    import os
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--{what} must be module:function (e.g. mypkg.models:build), got {spec!r}")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise FileNotFoundError(f"--{what}: no file {module_name}")
+        mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module_name))[0],
+                                                          module_name)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(module_name)
+    try:
+        fn = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"--{what}: module {module_name!r} has no attribute {attr!r}") from None
+    return fn() if callable(fn) else fn
+
+
+def _aggregate(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .aggregate import _write_results, aggregate, init_distributed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = 0
+    if distributed:
+        rank, _ = init_distributed("nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo")
+    try:
+        model = load_entry_point(args.model, "model")
+        data = load_entry_point(args.data, "data")
+        if args.device == "auto":
+            device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
+                      else torch.device("cpu"))
+        else:
+            device = torch.device(args.device)
+        model = model.to(device).eval()
+        target = args.target
+        if target not in ("label", "predicted"):
+            if not target.isdigit():
+                raise ValueError(f"--target must be label, predicted or a class index, got {target!r}")
+            target = int(target)
+        kwargs = {k: v for k, v in dict(n_steps=args.n_steps, tolerance=args.tolerance, method=args.method,
+                                        max_steps=args.max_steps, internal_batch_size=args.internal_batch_size
+                                        ).items() if v is not None}
+        start = time.perf_counter()
+        measure = args.measure[0] if len(args.measure) == 1 else args.measure
+        result = aggregate(model, data, args.layers, measure=measure, by=None if args.by == "none" else args.by,
+                           units=args.units, target=target, near_zero=args.near_zero, checkpoint=args.checkpoint,
+                           checkpoint_every=args.checkpoint_every, progress=False if args.no_progress else None,
+                           distributed=True if distributed else None, limit_batches=args.limit_batches, **kwargs)
+        seconds = time.perf_counter() - start
+        if rank == 0:
+            results = list(result.values()) if isinstance(result, dict) else [result]
+            _write_results(args.out, results, {})
+            n = results[0].n_examples
+            print(f"{n} examples in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} examples/s); wrote {args.out}")
+            for r in results:
+                print(r.summary())
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .aggregate import _read_results
+
+    results, _ = _read_results(args.file)
+    for measure, result in results.items():
+        layers = args.layers or result.layers
+        print(result.summary())
+        groups = result.groups if args.group is None else [int(args.group) if args.group != "all" else None]
+        for g in groups:
+            print(f"{result.group_name(g)}: {result.count(g)} examples, mean F(x) - F(x') "
+                  f"{result.mean_output_diff(g):+.4g}")
+            for layer in layers:
+                rows = result.top(args.top, g, layer, absolute=args.absolute)
+                print(f"  {layer}")
+                for r in rows:
+                    print(f"    unit {r.unit:>5}  mean {r.mean:+.4g}  std {r.std:.3g}  "
+                          f"positive {100 * r.positive:5.1f}%  negative {100 * r.negative:5.1f}%")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conductance",
@@ -84,6 +184,44 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--depth", type=int, default=1, help="show names with at most this many dots")
     layers.add_argument("--weights", default=None)
     layers.set_defaults(func=_layers)
+
+    agg = sub.add_parser(
+        "aggregate", help="per-class importance statistics of your model over your data set",
+        description="Mean, std and sign shares of every unit's importance per class over a whole data set, "
+                    "resumable from a checkpoint; under torchrun each process takes every N-th batch.")
+    agg.add_argument("--model", required=True, help="module:function (or file.py:function) returning the nn.Module")
+    agg.add_argument("--data", required=True,
+                     help="module:function returning the DataLoader (batches (inputs, labels) or inputs)")
+    agg.add_argument("--layers", nargs="+", required=True, help="dotted layer names")
+    agg.add_argument("--measure", nargs="+", default=["conductance"],
+                     help="conductance (default), internal_influence, activation, gradient, grad_x_activation or "
+                          "layer_integrated_gradients; several are computed in one pass and saved in one file")
+    agg.add_argument("--out", required=True, help="result file (.npz, or .safetensors with safetensors installed)")
+    agg.add_argument("--checkpoint", default=None, help="checkpoint file: resumes from it when it exists")
+    agg.add_argument("--checkpoint-every", type=int, default=10, help="batches between checkpoint writes")
+    agg.add_argument("--units", default="channel", choices=["channel", "neuron"])
+    agg.add_argument("--by", default="class", choices=["class", "label", "predicted", "none"])
+    agg.add_argument("--target", default="label", help="label (default), predicted, or a class index")
+    agg.add_argument("--near-zero", type=float, default=0.01, help="|value| <= this counts as near zero")
+    steps = agg.add_mutually_exclusive_group()
+    steps.add_argument("--n-steps", type=int, default=None, help="fixed rule with this many intervals")
+    steps.add_argument("--tolerance", type=float, default=None, help="adaptive rule to this completeness error")
+    agg.add_argument("--method", default=None, help="integration rule (see docs/maths.md)")
+    agg.add_argument("--max-steps", type=int, default=None, help="point budget per example (adaptive)")
+    agg.add_argument("--internal-batch-size", type=int, default=None, help="path points per forward/backward")
+    agg.add_argument("--limit-batches", type=int, default=None, help="use only the first N batches")
+    agg.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda:0, ...")
+    agg.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    agg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    agg.set_defaults(func=_aggregate)
+
+    show = sub.add_parser("show", help="print the top units per class of an aggregate result file")
+    show.add_argument("file", help="file written by `conductance aggregate` or AggregateResult.save")
+    show.add_argument("--top", type=int, default=5, help="units per class and layer")
+    show.add_argument("--layers", nargs="+", default=None, help="only these layers")
+    show.add_argument("--group", default=None, help="only this class index (or 'all' for all examples pooled)")
+    show.add_argument("--absolute", action="store_true", help="rank by |mean| instead of mean")
+    show.set_defaults(func=_show)
     return parser
 
 
