@@ -31,10 +31,14 @@ cost measure; wall times are noisy when the machine is shared.
 
 Usage::
 
-    python benchmarks/bench_accuracy.py             # full run, writes benchmarks/out/accuracy.json
-    python benchmarks/bench_accuracy.py --quick     # smoke run (2 photos, few points, small reference)
-    python benchmarks/bench_accuracy.py --report-only benchmarks/out/accuracy.json  # tables + figure
+    python benchmarks/bench_accuracy.py --threads 1   # full run -> benchmarks/out/accuracy.json, docs/accuracy.png
+    python benchmarks/bench_accuracy.py --long --threads 1   # GoogLeNet at 512/1024 points -> accuracy_long.json
+    python benchmarks/bench_accuracy.py --report-only benchmarks/out/accuracy.json benchmarks/out/accuracy_long.json
+    python benchmarks/bench_accuracy.py --quick       # smoke run (2 photos, 2 layers, few points, small reference)
     python benchmarks/bench_accuracy.py --models efficientnet
+
+``--threads 1`` is advisable on a machine shared with other jobs: two threads that must wait for each
+other were up to 8 times slower per point there.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ LABELS = {
     "captum_library": "Captum 0.9 LayerConductance (its default)",
 }
 TARGET_ERRORS = (0.01, 0.05)
+TITLES = {"efficientnet": "EfficientNet-Lite0 (ImageNet weights)",
+          "googlenet": "GoogLeNet (random, BatchNorm re-estimated)"}
 
 CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
@@ -556,10 +562,11 @@ def figure(data: dict, path: str) -> None:
             if key == "rel_error":
                 for t in TARGET_ERRORS:
                     ax.axhline(t, color="0.6", lw=0.8, ls="--")
-                ax.set_title(f"{model_name}: completeness error")
+                ax.set_title(f"{TITLES.get(model_name, model_name)}, {len(m['photos'])} photos:\n"
+                             f"completeness error, {len(m['layers'])} layers", fontsize=10.5)
                 ax.set_ylabel("median relative completeness error")
             else:
-                ax.set_title(f"{model_name}: distance to reference ({m['reference']['points']} pts)")
+                ax.set_title(f"channel conductance vs reference ({m['reference']['points']} points)", fontsize=10.5)
                 ax.set_ylabel("median relative L2 to reference")
             ax.set_xlabel("path points per example")
             ax.grid(True, which="major", alpha=0.3)
