@@ -72,7 +72,7 @@ ONE_LAYER = "inception4d"
 
 CONFIGS = {
     # (c) runs at a smaller size than (a)/(b): 32 Captum NeuronConductance calls at batch 4, n_steps 50
-    # would take about 15 minutes on their own on this machine.
+    # would take about 6 minutes on their own on this 2-core machine.
     "full": dict(batch=4, n_steps=50, repeats=3, captum_loop_repeats=2,
                  neuron_batch=2, neuron_steps=16, neurons=32, neuron_repeats=2, f64_neurons=3),
     "quick": dict(batch=2, n_steps=16, repeats=2, captum_loop_repeats=1,
@@ -519,6 +519,7 @@ def main() -> None:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     log(f"conductance {cd.__version__}, captum {captum.__version__}, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}, python {platform.python_version()}, {platform.machine()}")
+    log(f"conductance imported from {os.path.dirname(cd.__file__)}")
     log(f"config {cfg_name}: {cfg}")
     log(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY')}, load average at start {os.getloadavg()[0]:.2f}")

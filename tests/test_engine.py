@@ -226,3 +226,12 @@ def test_adaptive_memory_budget_stops_refinement_and_says_so(monkeypatch):
         r = cd.layer_conductance(model, x, ["1", "3"], tolerance=1e-9, max_steps=500)
     assert r.extra["memory_limited"]
     assert int(r.n_points.sum()) <= 20
+
+
+def test_float64_models_work_with_fixed_and_adaptive_rules():
+    model = random_mlp(seed=14).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    for kw in (dict(n_steps=20), dict(tolerance=1e-3)):
+        r = cd.layer_conductance(model, x, "3", **kw)
+        assert r["3"].dtype == torch.float64
+        assert (r.relative_error["3"] < 5e-2).all()

@@ -233,8 +233,8 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
     names = problem.layer_names
     acc: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
     carry: Optional[PointBatch] = None
-    F_start = torch.zeros(B, device=device)
-    F_end = torch.zeros(B, device=device)
+    F_start = torch.zeros(B, device=device, dtype=problem.inputs.dtype)
+    F_end = torch.zeros(B, device=device, dtype=problem.inputs.dtype)
     for start, stop in _chunks(n * B, problem.chunk_size):
         ex = flat_ex[start:stop]
         alpha = flat_alpha[start:stop]
