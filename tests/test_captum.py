@@ -27,15 +27,6 @@ N_STEPS = 24
 pytestmark = pytest.mark.filterwarnings("ignore::conductance.ConductanceWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- models
 
 

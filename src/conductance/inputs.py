@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .engine import PathProblem, logits_of
+from .engine import PathProblem, logits_of, model_output
 from .errors import ConductanceError, warn
 from .layers import LayerSpec, resolve_layers
 
@@ -131,7 +131,6 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                           refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),
                           track_input=track_input)
     with torch.no_grad():
-        from .engine import model_output
         ex = torch.arange(inputs.shape[0], device=inputs.device)
         output = model_output(problem, inputs, ex)
     problem.target = resolve_target(target, output, inputs.shape[0], inputs.device)
