@@ -235,3 +235,62 @@ def test_float64_models_work_with_fixed_and_adaptive_rules():
         r = cd.layer_conductance(model, x, "3", **kw)
         assert r["3"].dtype == torch.float64
         assert (r.relative_error["3"] < 5e-2).all()
+
+
+class _ViewingCNN(nn.Module):
+    """A CNN that flattens with .view(), which fails on channels-last activations."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.act = nn.Tanh()
+        self.fc = nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("make", [lambda: random_cnn(seed=3), _ViewingCNN])
+def test_channels_last_points_change_nothing_but_speed(make, monkeypatch):
+    from conductance import engine
+    model = make().eval()
+    x = torch.randn(3, 2, 6, 6)
+    layer = "0" if isinstance(model, nn.Sequential) else "conv"
+    assert engine.wants_channels_last(model, x)
+    runs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(engine, "CHANNELS_LAST", flag)
+        runs[flag] = cd.layer_conductance(model, x, layer, n_steps=24, units="channel")
+        assert no_hooks_left(model)
+    torch.testing.assert_close(runs[True][layer], runs[False][layer], rtol=1e-5, atol=1e-6)
+    # the model that .view()s fell back to the inputs' layout instead of failing
+    assert not runs[True].relative_error[layer].isnan().any()
+
+
+def test_adaptive_sums_intervals_one_at_a_time_and_frees_finished_examples(monkeypatch):
+    """Examples finish after different numbers of points; the finished ones' stored points are
+    dropped (refining them again would fail) and the results equal the reference."""
+    from conductance import engine
+    model = random_mlp(seed=7, act=nn.ReLU)
+    x = torch.randn(4, 5) * 3
+    free = cd.layer_conductance(model, x, ["1", "3"], tolerance=1e-4, max_steps=200)
+    assert len(set(free.n_points.tolist())) > 1
+    fine = cd.layer_conductance(model.double(), x.double(), ["1", "3"], target=free.target, n_steps=1000)
+    model.float()
+    for layer in ("1", "3"):
+        scale = fine[layer].abs().max()
+        assert (free[layer].double() - fine[layer]).abs().max() <= 2e-3 * scale
+    seen = []
+    original = engine.interval_contributions
+
+    def spy(*args, **kwargs):
+        seen.append(args[1].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "interval_contributions", spy)
+    again = cd.layer_conductance(model, x, ["1", "3"], tolerance=1e-4, max_steps=200)
+    # adaptive intervals are summed one at a time (no stacked copies of the stored points)
+    assert seen and set(seen) == {1}
+    torch.testing.assert_close(again["3"], free["3"])

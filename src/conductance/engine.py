@@ -68,6 +68,9 @@ class PathProblem:
     #: (layer name, value at the baseline, value at the input), each (batch, *layer_shape): when set,
     #: the path runs straight in that layer's own space instead of the input's
     layer_path: Optional[tuple] = None
+    #: send path points in channels-last layout (4-D inputs of convolutional models): oneDNN's
+    #: convolutions run faster on it; switched off for good if the model cannot take it
+    channels_last: bool = False
     n_evaluations: int = 0
     n_forwards: int = 0
 
@@ -144,7 +147,24 @@ def interpolate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) ->
     """Points ``x' + a (x - x')`` for examples ``ex`` (m,) at ``alphas`` (m,); (m, *input_shape)."""
     base = problem.baselines[ex]
     shape = (-1,) + (1,) * (base.dim() - 1)
-    return base + alphas.to(base.dtype).view(shape) * (problem.inputs[ex] - base)
+    return _layout(problem, base + alphas.to(base.dtype).view(shape) * (problem.inputs[ex] - base))
+
+
+def _layout(problem: PathProblem, x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if problem.channels_last and x.dim() == 4 else x
+
+
+def wants_channels_last(model: nn.Module, inputs: torch.Tensor) -> bool:
+    """Channels-last points pay off for 4-D floating inputs of a model with 2-D convolutions on the CPU."""
+    return (CHANNELS_LAST and inputs.dim() == 4 and inputs.device.type == "cpu" and inputs.is_floating_point()
+            and any(isinstance(m, nn.Conv2d) for m in model.modules()))
+
+
+#: Set to False to keep path points in the inputs' own layout (results then match Captum's
+#: arithmetic more closely; channels-last changes float32 results only by rounding).
+CHANNELS_LAST = True
+
+LAYOUT_ERRORS = ("view size is not compatible", "stride", "contiguous")
 
 
 def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
@@ -157,12 +177,25 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     alphas : Tensor (m,)
         Position of each point on its example's path.
     """
+    if not problem.channels_last:
+        return _evaluate(problem, ex, alphas)
+    try:
+        return _evaluate(problem, ex, alphas)
+    except RuntimeError as exc:
+        # a model that .view()s its activations cannot take channels-last points: fall back for good
+        if not any(k in str(exc) for k in LAYOUT_ERRORS):
+            raise
+        problem.channels_last = False
+        return _evaluate(problem, ex, alphas)
+
+
+def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
     replace = None
     if problem.layer_path is not None:
         name, start, end = problem.layer_path
         shape = (-1,) + (1,) * (start.dim() - 1)
         replace = {name: start[ex] + alphas.to(start.dtype).view(shape) * (end[ex] - start[ex])}
-        x = problem.inputs[ex]
+        x = _layout(problem, problem.inputs[ex])
     else:
         x = interpolate(problem, ex, alphas)
     recorder = Recorder(problem.refs, cut_below=not problem.track_input, replace=replace)
@@ -204,6 +237,59 @@ def _chunks(n: int, size: int):
         yield start, min(n, start + size)
 
 
+class Scratch:
+    """Two reusable flat buffers (gradient sums and measure outputs) shared by all layers.
+
+    Interval sums run layer after layer, so one buffer of each kind, as large as the largest
+    request, serves them all: the bookkeeping allocates no large temporaries and its memory
+    does not grow with the number of layers.
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def like(self, kind: str, t: torch.Tensor) -> torch.Tensor:
+        flat = self._flat.get(kind)
+        if flat is None or flat.numel() < t.numel() or flat.dtype != t.dtype or flat.device != t.device:
+            flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+            self._flat[kind] = flat
+        return flat[:t.numel()].view(t.shape)
+
+
+def interval_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tensor, g0: torch.Tensor,
+                           y1: torch.Tensor, g1: torch.Tensor, width: torch.Tensor, rule: str, units: Any,
+                           scratch: Scratch) -> dict[str, torch.Tensor]:
+    """Contributions of ``m`` path intervals of one layer, reduced to units.
+
+    Parameters
+    ----------
+    y0, g0, y1, g1 : Tensor (m, *layer_shape)
+        Layer values and gradients at the intervals' ends.
+    width : Tensor (m,)
+        ``a1 - a0`` per interval.
+    rule : "left" or "trapezoid"
+
+    Returns
+    -------
+    dict measure -> Tensor (m, *unit_shape), freshly allocated (never a scratch buffer).
+    """
+    if rule == "left":
+        gsum, weight = g0, 1.0
+    else:
+        gsum, weight = torch.add(g0, g1, out=scratch.like("g", g0)), 0.5
+    width = width.to(y0.dtype).view((-1,) + (1,) * (y0.dim() - 1))
+    out: dict[str, torch.Tensor] = {}
+    for mname, fn in measures.items():
+        full = fn(gsum, y0, y1, width, scratch.like("c", y0))
+        reduced = reduce_units(full, units)
+        if reduced.untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
+            reduced = reduced * weight   # still a view of the scratch buffer: copy out
+        else:
+            reduced.mul_(weight)
+        out[mname] = reduced
+    return out
+
+
 @dataclass
 class Integral:
     """What a driver returns. ``values[measure][layer]``: (batch, *unit_shape)."""
@@ -223,6 +309,7 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
 
     Points are ordered by position then example, so the interval ending at flat point
     ``p`` starts at ``p - batch``; the last ``batch`` points are carried between chunks.
+    Intervals are read as slices (views) of the chunk and of the carried points.
     """
     B = problem.batch_size
     n = grid.n_points
@@ -232,9 +319,23 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
     flat_ex = torch.arange(B, device=device).repeat(n)
     names = problem.layer_names
     acc: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
+    scratch = Scratch()
     carry: Optional[PointBatch] = None
     F_start = torch.zeros(B, device=device, dtype=problem.inputs.dtype)
     F_end = torch.zeros(B, device=device, dtype=problem.inputs.dtype)
+
+    def accumulate(lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
+        ex_int = hi_pts.ex[hi]
+        width = (hi_pts.alphas[hi] - lo_pts.alphas[lo]).to(torch.float64)
+        for name in names:
+            parts = interval_contributions(measures, lo_pts.ys[name][lo], lo_pts.gs[name][lo],
+                                           hi_pts.ys[name][hi], hi_pts.gs[name][hi], width,
+                                           grid.interval_rule, units, scratch)
+            for mname, contrib in parts.items():
+                if name not in acc[mname]:
+                    acc[mname][name] = torch.zeros((B,) + contrib.shape[1:], dtype=contrib.dtype, device=device)
+                acc[mname][name].index_add_(0, ex_int, contrib)
+
     for start, stop in _chunks(n * B, problem.chunk_size):
         ex = flat_ex[start:stop]
         alpha = flat_alpha[start:stop]
@@ -243,26 +344,20 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         last = torch.arange(start, stop, device=device) >= (n - 1) * B
         F_start[ex[first]] = pts.F[first]
         F_end[ex[last]] = pts.F[last]
-        window = pts if carry is None else _concat(carry, pts)
-        offset = 0 if carry is None else carry.ex.shape[0]
-        begin = max(B, offset)
-        if begin < window.ex.shape[0]:
-            lo = torch.arange(begin - B, window.ex.shape[0] - B, device=device)
-            hi = lo + B
-            a0 = window.alphas[lo].to(torch.float64)
-            a1 = window.alphas[hi].to(torch.float64)
-            ex_int = window.ex[hi]
-            for mname, fn in measures.items():
-                for name in names:
-                    contrib = fn(window.ys[name][lo], window.gs[name][lo], window.ys[name][hi],
-                                 window.gs[name][hi], a0, a1, grid.interval_rule)
-                    contrib = reduce_units(contrib, units)
-                    if name not in acc[mname]:
-                        acc[mname][name] = torch.zeros((B,) + contrib.shape[1:], dtype=contrib.dtype,
-                                                       device=device)
-                    acc[mname][name].index_add_(0, ex_int, contrib)
-        keep = min(B, window.ex.shape[0])
-        carry = _slice(window, slice(window.ex.shape[0] - keep, None))
+        m = stop - start
+        # intervals whose two ends are both in this chunk: local i-B -> i for i >= B
+        if m > B:
+            accumulate(pts, slice(0, m - B), pts, slice(B, m))
+        # intervals that start in the carried points: flat p-B -> p for p in [max(start, B), min(stop, start+B))
+        i0, i1 = max(0, B - start), min(m, B)
+        if carry is not None and i0 < i1:
+            shift = carry.ex.shape[0] - B
+            accumulate(carry, slice(i0 + shift, i1 + shift), pts, slice(i0, i1))
+        if m >= B:
+            carry = _slice(pts, slice(m - B, None))
+        else:
+            joined = pts if carry is None else _concat(carry, pts)
+            carry = _slice(joined, slice(max(0, joined.ex.shape[0] - B), None))
     n_points = torch.full((B,), n, dtype=torch.long)
     return Integral(acc, F_start, F_end, n_points)
 
@@ -334,34 +429,41 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                 for n in names:
                     store_y[n].append(pts.ys[n][j])
                     store_g[n].append(pts.gs[n][j])
+                    stored_bytes[0] += 2 * pts.ys[n][j].numel() * pts.ys[n][j].element_size()
         return ids
 
+    scratch = Scratch()
+    cut_index = {n: i for i, n in enumerate(cut_layers)}
+    stored_bytes = [0]   # layer values, gradients and interval contributions kept so far
+
     def add_intervals(pairs: list[tuple[int, int, int, float, float]]) -> None:
-        """pairs: (example, id0, id1, a0, a1); computes contributions and residuals in one go per layer."""
-        if not pairs:
-            return
-        i0 = [p[1] for p in pairs]
-        i1 = [p[2] for p in pairs]
-        a0 = torch.tensor([p[3] for p in pairs], dtype=torch.float64, device=device)
-        a1 = torch.tensor([p[4] for p in pairs], dtype=torch.float64, device=device)
-        dF = torch.tensor([store_F[b] - store_F[a] for a, b in zip(i0, i1)], dtype=torch.float64)
-        contribs: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
-        residual = torch.zeros(len(pairs), len(cut_layers), dtype=torch.float64)
-        for n in names:
-            y0 = torch.stack([store_y[n][i] for i in i0])
-            y1 = torch.stack([store_y[n][i] for i in i1])
-            g0 = torch.stack([store_g[n][i] for i in i0])
-            g1 = torch.stack([store_g[n][i] for i in i1])
-            for mname, fn in measures.items():
-                c = fn(y0, g0, y1, g1, a0, a1, "trapezoid")
-                if mname == "conductance" and n in cut_layers:
-                    total = c.flatten(1).sum(1).to(torch.float64).cpu()
-                    residual[:, list(cut_layers).index(n)] = total - dF
-                contribs[mname][n] = reduce_units(c, units)
-        for j, (e, id0, id1, _, _) in enumerate(pairs):
-            # cloned so that dropping a bisected interval frees its memory
-            per = {m: {n: contribs[m][n][j].clone() for n in names} for m in measures}
-            states[e].intervals[(id0, id1)] = (per, residual[j])
+        """pairs: (example, id0, id1, a0, a1). Each interval is summed on its own, from views of the
+        stored points into two scratch buffers: no stacked copies of the points."""
+        for e, id0, id1, a0, a1 in pairs:
+            width = torch.tensor([a1 - a0], dtype=torch.float64, device=device)
+            dF = store_F[id1] - store_F[id0]
+            per: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
+            residual = torch.zeros(len(cut_layers), dtype=torch.float64)
+            for n in names:
+                parts = interval_contributions(
+                    measures, store_y[n][id0].unsqueeze(0), store_g[n][id0].unsqueeze(0),
+                    store_y[n][id1].unsqueeze(0), store_g[n][id1].unsqueeze(0), width, "trapezoid", units, scratch)
+                for mname, c in parts.items():
+                    per[mname][n] = c[0]
+                    stored_bytes[0] += c.numel() * c.element_size()
+                if n in cut_index and "conductance" in parts:
+                    residual[cut_index[n]] = parts["conductance"].sum(dtype=torch.float64).item() - dF
+            states[e].intervals[(id0, id1)] = (per, residual)
+
+    def release(e: int) -> None:
+        """Drop the stored layer values of an example that will not be refined again."""
+        for pid in states[e].point_ids:
+            for n in names:
+                t = store_y[n][pid]
+                if t is not None:
+                    stored_bytes[0] -= 2 * t.numel() * t.element_size()
+                    store_y[n][pid] = None
+                    store_g[n][pid] = None
 
     # initial grid for every example, batched together
     initial = [(e, float(a)) for e in range(B) for a in init]
@@ -385,8 +487,12 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
             return max(signed, res.abs().sum(0).max().item() / denom)
         return signed
 
+    released: set[int] = set()
     while True:
         active = [e for e in range(B) if error_of(e) > tolerance and len(states[e].alphas) < max_points]
+        for e in set(range(B)) - set(active) - released:
+            release(e)
+            released.add(e)
         if not active:
             break
         proposals: dict[int, list] = {}
@@ -403,9 +509,14 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                 chosen.append(kv[0])
                 covered += kv[1][1].abs().max().item()
             proposals[e] = chosen
-        point_bytes = sum(store_y[n][0].numel() * store_y[n][0].element_size() for n in names) \
-            * (2 + len(measures))
-        room = (ADAPTIVE_STORE_BYTES - point_bytes * len(store_F)) // max(point_bytes, 1)
+        # a new point stores its layer values and gradients and adds one interval's contributions
+        first = states[active[0]].point_ids[0]
+        values_bytes = sum(2 * t.numel() * t.element_size() for t in (store_y[n][first] for n in names))
+        interval_bytes = sum(c.numel() * c.element_size()
+                             for c in (v for m in next(iter(states[active[0]].intervals.values()))[0].values()
+                                       for v in m.values()))
+        point_bytes = values_bytes + 2 * interval_bytes
+        room = (ADAPTIVE_STORE_BYTES - stored_bytes[0]) // max(point_bytes, 1)
         n_new = sum(len(v) for v in proposals.values())
         if n_new > room:
             memory_limited = True

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import engine
 from .engine import PathProblem, logits_of, model_output
 from .errors import ConductanceError, warn
 from .layers import LayerSpec, resolve_layers
@@ -130,9 +131,19 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                           additional_forward_args=extra, forward_kwargs=dict(forward_kwargs or {}),
                           refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),
                           track_input=track_input)
+    problem.channels_last = engine.wants_channels_last(model, inputs)
     with torch.no_grad():
         ex = torch.arange(inputs.shape[0], device=inputs.device)
-        output = model_output(problem, inputs, ex)
+        if problem.channels_last:
+            try:
+                output = model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
+            except RuntimeError as exc:
+                # the model cannot take channels-last activations (it .view()s them): keep the inputs' layout
+                if not any(k in str(exc) for k in engine.LAYOUT_ERRORS):
+                    raise
+                problem.channels_last = False
+        if not problem.channels_last:
+            output = model_output(problem, inputs, ex)
     problem.target = resolve_target(target, output, inputs.shape[0], inputs.device)
     return problem, output
 

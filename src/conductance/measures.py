@@ -1,9 +1,16 @@
 """Measures as small functions of what the engine recorded.
 
-A path measure maps the values at the two ends of a path interval,
-``y0, g0, y1, g1`` (each (m, *layer_shape)) and the interval's ends ``a0, a1``
-(each (m,)) to the interval's contribution (m, *layer_shape). The engine sums the
-contributions over the path; nothing here runs the model.
+A path measure maps one path interval to its contribution, from
+
+- ``gsum``: the interval's gradient ``dF/dy`` summed over the points the rule uses: ``g0 + g1``
+  for the trapezoid rule, ``g0`` for the left rule (the engine applies the rule's weight, 1/2 or
+  1, after the unit reduction, which is linear),
+- ``y0, y1``: the layer's values at the interval's ends,
+- ``width``: ``a1 - a0``, broadcastable against ``y0``,
+- ``out``: a scratch tensor of ``y0``'s shape that the measure may overwrite and return,
+
+each (m, *layer_shape) but ``width``. Writing into ``out`` keeps the adaptive rule's bookkeeping
+free of large temporary allocations. Nothing here runs the model.
 """
 
 from __future__ import annotations
@@ -11,22 +18,16 @@ from __future__ import annotations
 import torch
 
 
-def _widths(a0: torch.Tensor, a1: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return (a1 - a0).to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
-
-
-def conductance(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor,
-                a0: torch.Tensor, a1: torch.Tensor, rule: str) -> torch.Tensor:
+def conductance(gsum: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, width: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
     """Stieltjes sum of ``dF/dy`` against the change of ``y`` over one interval (the efficient form)."""
-    g = g0 if rule == "left" else 0.5 * (g0 + g1)
-    return g * (y1 - y0)
+    return torch.sub(y1, y0, out=out).mul_(gsum)
 
 
-def internal_influence(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor,
-                       a0: torch.Tensor, a1: torch.Tensor, rule: str) -> torch.Tensor:
+def internal_influence(gsum: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, width: torch.Tensor,
+                       out: torch.Tensor) -> torch.Tensor:
     """``integral dF/dy da`` over one interval (Leino et al. 2018), on the same straight path."""
-    g = g0 if rule == "left" else 0.5 * (g0 + g1)
-    return g * _widths(a0, a1, g)
+    return torch.mul(gsum, width, out=out)
 
 
 PATH_MEASURES = {"conductance": conductance, "internal_influence": internal_influence}
