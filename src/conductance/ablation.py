@@ -898,6 +898,32 @@ class AblationCurve:
             "unablated_logit": arr(self.unablated_logit), "target": arr(self.target),
         }
 
+    def plot(self, what: str = "logit", *, label: str = "ranking", random: bool = True, ax: Any = None,
+             title: Optional[str] = None) -> Any:
+        """The mean curve against k, with the random rankings' mean and min-max band over seeds.
+
+        ``what``: "logit" (the target score) or "agreement" (share keeping the unablated top-1
+        label). To compare rankings on one axes, call it for each curve with the same ``ax``,
+        a ``label`` per ranking and ``random=False`` after the first. Returns the Figure.
+        """
+        from .plots import curves
+
+        if what not in ("logit", "agreement"):
+            raise ConductanceError(f"what must be 'logit' or 'agreement', got {what!r}")
+        mine, rand = (self.logit, self.random_logit) if what == "logit" else (self.agreement, self.random_agreement)
+        area = self.auc_logit if what == "logit" else self.auc_agreement
+        series = {f"{label}, area {area:.3g}": (self.ks, mine.mean(0))}
+        if random and rand is not None:
+            rand_area = self.random_auc_logit if what == "logit" else self.random_auc_agreement
+            # one mean curve per seed: the band shows how much random rankings vary
+            series[f"random rankings, area {rand_area:.3g}"] = (self.ks, rand.mean(1))
+        verb = "removed" if self.kind == "deletion" else "kept"
+        if title is None:
+            title = f"{self.kind} curve of {self.layer!r} ({self.mode} ablation, {self.logit.shape[0]} examples)"
+        return curves(series, f"top-k {self.units}s {verb}",
+                      "mean target score" if what == "logit" else "share with unchanged top-1 label",
+                      ax=ax, title=title)
+
     def summary(self) -> str:
         """A short text: the areas of the ranking and of the random rankings."""
         ks = self.ks.tolist()
@@ -1038,6 +1064,16 @@ class AblationSummary:
         if any(not r["top_k_exact"] for r in self.rows.values()):
             lines.append(f"* estimated as flip count <= {self.k} (an upper bound: a label can flip back)")
         return "\n".join(lines)
+
+    def plot(self, ax: Any = None, title: Optional[str] = None) -> Any:
+        """Share of examples whose label has changed after removing up to n units, one step curve per
+        measure, with a line at ``k``. Returns the matplotlib Figure."""
+        from .plots import flip_share
+
+        if title is None:
+            title = "label changes under ablation" + (f" of {self.layer!r}" if self.layer else "") + (
+                f" ({self.mode})" if self.mode else "")
+        return flip_share(self.flip_counts, k=self.k, ax=ax, title=title)
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "mode": self.mode, "k": self.k, "rows": self.rows,

@@ -256,6 +256,20 @@ class AggregateResult:
                               is_cut=bool(self.is_cut.get(layer, False)))
         return out
 
+    def plot(self, layer: Optional[str] = None, group: Any = None, k: int = 10, ax: Any = None,
+             absolute: bool = True, title: Optional[str] = None) -> Any:
+        """Bar chart of the ``k`` units of ``layer`` with the largest |mean| (or mean, ``absolute=False``)
+        over ``group`` (a class index; None: all examples), with the standard deviation as error bars.
+        Returns the matplotlib Figure."""
+        from .plots import top_units
+
+        layer = self._layer(layer)
+        n = self.count(group)
+        if title is None:
+            title = f"{self.measure} of {layer!r}, {self.group_name(group)} ({n} examples): top {k} {self.units}s"
+        return top_units(self.mean(layer, group), k=k, ax=ax, title=title, absolute=absolute,
+                         errors=self.std(layer, group), ylabel=f"mean {self.measure} ± std", xlabel=self.units)
+
     def mean_output_diff(self, group: Any = None) -> float:
         """Mean of F(x) - F(x'), the total that a cut layer's conductances add up to."""
         return float(self._total(self.output_diff_sum, group)) / max(self.count(group), 1)

@@ -581,11 +581,12 @@ def record_values(problem: PathProblem, x: torch.Tensor) -> dict[str, torch.Tens
     return {n: v.detach() for n, v in recorder.values.items()}
 
 
-def graph_reaches(root: torch.Tensor, leaf: torch.Tensor) -> bool:
-    """Whether the autograd graph of ``root`` reaches the leaf tensor ``leaf`` (no backward is run)."""
+def graph_reaches(root: torch.Tensor, leaf: torch.Tensor, blocked: Sequence[Any] = ()) -> bool:
+    """Whether the autograd graph of ``root`` reaches the leaf tensor ``leaf`` without passing
+    through any of the ``blocked`` graph nodes (no backward is run)."""
     if root.grad_fn is None:
         return False
-    seen, stack = set(), [root.grad_fn]
+    seen, stack = set(blocked), [root.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -600,20 +601,19 @@ def graph_reaches(root: torch.Tensor, leaf: torch.Tensor) -> bool:
 def check_cuts(problem: PathProblem) -> dict[str, bool]:
     """For each requested layer, whether every path from the input to F passes through it.
 
-    One forward of one example per layer at the input, with that layer's value cut
-    from the graph; the layer is a cut when F's graph then no longer reaches the input.
-    The same forwards report layers the forward never reaches.
+    One forward of one example at the input, with every layer's value handed downstream
+    through its own clone; a layer is a cut when F's graph no longer reaches the input once
+    that clone's node is blocked. The same forward reports layers it never reaches.
     """
     ex = torch.zeros(1, dtype=torch.long, device=problem.inputs.device)
     alpha = torch.ones(1, dtype=torch.float64, device=problem.inputs.device)
-    result: dict[str, bool] = {}
-    for ref in problem.refs:
-        recorder = Recorder([ref], cut_below=False, detach=[ref.name])
-        x = interpolate(problem, ex, alpha).detach().requires_grad_(True)
-        with recorder.attached(), torch.enable_grad():
-            output = model_output(problem, x, ex)
-            F = scalar_output(problem, output, ex)
-        if ref.name not in recorder.values:
-            raise never_reached([ref.name])
-        result[ref.name] = not graph_reaches(F, x)
-    return result
+    recorder = Recorder(problem.refs, cut_below=False, keep_downstream=True)
+    x = interpolate(problem, ex, alpha).detach().requires_grad_(True)
+    with recorder.attached(), torch.enable_grad():
+        output = model_output(problem, x, ex)
+        F = scalar_output(problem, output, ex)
+    missing = [r.name for r in problem.refs if r.name not in recorder.values]
+    if missing:
+        raise never_reached(missing)
+    return {ref.name: not graph_reaches(F, x, blocked=[recorder.downstream[ref.name].grad_fn])
+            for ref in problem.refs}

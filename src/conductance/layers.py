@@ -148,8 +148,12 @@ class Recorder:
     """
 
     def __init__(self, refs: Sequence[LayerRef], cut_below: bool, detach: Sequence[str] = (),
-                 replace: Optional[dict] = None):
+                 replace: Optional[dict] = None, keep_downstream: bool = False):
         self.refs = list(refs)
+        self.keep_downstream = keep_downstream
+        #: with ``keep_downstream``, the clone handed to the rest of the model, per layer: its
+        #: autograd node is the single entry through which the layer's value flows downstream
+        self.downstream: dict[str, torch.Tensor] = {}
         self.cut_below = cut_below
         self.detach = set(detach)
         self.replace = dict(replace or {})
@@ -177,7 +181,10 @@ class Recorder:
         elif ref.name in self.detach or not tensor.requires_grad:
             tensor = tensor.detach().requires_grad_(True)
         self.values[ref.name] = tensor
-        return replace_element(ref, value, tensor.clone())
+        passed = tensor.clone()
+        if self.keep_downstream:
+            self.downstream[ref.name] = passed
+        return replace_element(ref, value, passed)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["Recorder"]:

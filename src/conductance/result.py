@@ -69,6 +69,37 @@ class LayerResult(Mapping):
         order = torch.argsort(values, descending=True)[:k]
         return [(int(i), float(values[i])) for i in order]
 
+    def plot(self, layer: Optional[str] = None, example: int = 0, k: int = 10, ax: Any = None, **options: Any
+             ) -> Any:
+        """Bar chart of the ``k`` units of ``layer`` with the largest |attribution| for one example.
+
+        The title names the measure, the example and the layer's completeness error (or that the
+        layer is not a cut). ``layer`` may be omitted when the result has one layer; ``options`` go
+        to :func:`conductance.plots.top_units`. Returns the matplotlib Figure (needs matplotlib).
+        """
+        from .errors import ConductanceError
+        from .plots import top_units
+
+        if layer is None:
+            if len(self.attributions) != 1:
+                raise ConductanceError(f"this result has several layers {list(self.attributions)}; name one, "
+                                       "e.g. result.plot('layer name')")
+            layer = next(iter(self.attributions))
+        values = self[layer]
+        if not -values.shape[0] <= example < values.shape[0]:
+            raise ConductanceError(f"example {example} is out of range: the result has {values.shape[0]} examples")
+        if self.is_cut.get(layer) and self.measure in ("conductance", "layer_integrated_gradients"):
+            err = f"completeness error {100 * float(self.relative_error[layer][example]):.2f}%"
+        elif self.measure in ("conductance", "layer_integrated_gradients"):
+            err = "not a cut: no completeness check"
+        else:
+            err = f"{self.measure} does not promise completeness"
+        title = options.pop("title", None)
+        if title is None:
+            title = f"{self.measure} of {layer!r}, example {example}: top {k} {self.units}s ({err})"
+        return top_units(values[example], k=k, ax=ax, title=title, ylabel=self.measure,
+                         xlabel=self.units, **options)
+
     def summary(self) -> str:
         """A short text table: per layer, shape, cut or not, worst relative completeness error."""
         lines = [f"{self.measure}: method={self.method}"
