@@ -34,6 +34,7 @@ Usage::
     python benchmarks/bench_accuracy.py --threads 1   # full run -> benchmarks/out/accuracy.json, docs/accuracy.png
     python benchmarks/bench_accuracy.py --long --threads 1   # GoogLeNet at 512/1024 points -> accuracy_long.json
     python benchmarks/bench_accuracy.py --report-only benchmarks/out/accuracy.json benchmarks/out/accuracy_long.json
+    python benchmarks/bench_accuracy.py --overhead --threads 1   # bookkeeping on GoogLeNet, 9 blocks
     python benchmarks/bench_accuracy.py --quick       # smoke run (2 photos, 2 layers, few points, small reference)
     python benchmarks/bench_accuracy.py --models efficientnet
 
@@ -106,6 +107,13 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             rules=["uniform", "gausslegendre", "captum", "adaptive"],
             points=[512], fixed_extra_points=[], captum_extend=[1024], reference_steps=1024,
             tolerances=[], tolerance_max_steps=256),
+    },
+    # bookkeeping check (--overhead): the refinement driver's own time on the 9 GoogLeNet blocks
+    "overhead": {
+        "googlenet": dict(
+            photos=["chelsea", "coffee"], layers=list(assets.GOOGLENET_LAYERS), captum_layers=[],
+            rules=["gausslegendre", "adaptive"], points=[64, 256], fixed_extra_points=[], captum_extend=[],
+            reference_steps=64, tolerances=[0.01], tolerance_max_steps=256),
     },
     "quick": {
         "efficientnet": dict(
@@ -588,6 +596,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 photos, 2 layers, points 16 and 32")
     ap.add_argument("--long", action="store_true", help="supplement: GoogLeNet at 512 (adaptive, fixed) "
                     "and 1024 (Captum-compatible) points; merge with --report-only main.json long.json")
+    ap.add_argument("--overhead", action="store_true",
+                    help="bookkeeping check only: GoogLeNet 9 blocks, 64 and 256 points, tolerance 0.01")
     ap.add_argument("--models", default="efficientnet,googlenet")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/accuracy[_quick].json)")
     ap.add_argument("--figure", default=None, help="figure path (default docs/accuracy.png; quick: out/)")
@@ -597,11 +607,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
 
-    mode = "quick" if args.quick else "long" if args.long else "full"
-    if args.long and args.models == "efficientnet,googlenet":
+    mode = "quick" if args.quick else "long" if args.long else "overhead" if args.overhead else "full"
+    if (args.long or args.overhead) and args.models == "efficientnet,googlenet":
         args.models = "googlenet"
     out_path = args.out or os.path.join(OUT_DIR, {"quick": "accuracy_quick.json", "long": "accuracy_long.json",
-                                                  "full": "accuracy.json"}[mode])
+                                                  "overhead": "accuracy_overhead.json", "full": "accuracy.json"}[mode])
     fig_path = args.figure or (os.path.join(OUT_DIR, f"accuracy_{mode}.png") if mode != "full"
                                else os.path.join(DOCS_DIR, "accuracy.png"))
     os.makedirs(OUT_DIR, exist_ok=True)

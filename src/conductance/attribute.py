@@ -55,6 +55,8 @@ def run_path(problem: PathProblem, measures: Sequence[str], units: str, method: 
              output_at_inputs: Any) -> tuple[engine.Integral, dict[str, bool], torch.Tensor]:
     """Run the path once for all measures; returns the integral, the cut map and F(x) - F(x')."""
     is_cut = engine.check_cuts(problem)
+    if method == "captum":
+        problem.channels_last = False   # Captum's arithmetic, layout included
     fns = {m: PATH_MEASURES[m] for m in measures}
     if "conductance" not in fns and method == "adaptive":
         fns = {"conductance": PATH_MEASURES["conductance"], **fns}

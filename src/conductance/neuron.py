@@ -114,6 +114,8 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
                                attribute_to_layer_input=attribute_to_layer_input, track_input=True)
     if len(problem.refs) != 1:
         raise ConductanceError("neuron_conductance takes one layer")
+    if method == "captum":
+        problem.channels_last = False   # Captum's arithmetic, layout included
     ref = problem.refs[0]
     kwargs = dict(inputs=inputs, baselines=baselines, additional_forward_args=additional_forward_args,
                   forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input)
