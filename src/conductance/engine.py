@@ -228,7 +228,7 @@ def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> P
 def reduce_units(t: torch.Tensor, units: str) -> torch.Tensor:
     """(m, C, ...) -> (m, C) for ``units="channel"``; unchanged for ``"neuron"``."""
     if units == "channel" and t.dim() > 2:
-        return t.flatten(2).sum(2)
+        return t.sum(dim=tuple(range(2, t.dim())))   # any memory layout, no copy
     return t
 
 
@@ -249,11 +249,26 @@ class Scratch:
         self._flat: dict[str, torch.Tensor] = {}
 
     def like(self, kind: str, t: torch.Tensor) -> torch.Tensor:
+        """A buffer of ``t``'s shape and, when dense, its strides (channels-last stays channels-last,
+        so elementwise work runs in one memory order)."""
         flat = self._flat.get(kind)
         if flat is None or flat.numel() < t.numel() or flat.dtype != t.dtype or flat.device != t.device:
             flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
             self._flat[kind] = flat
-        return flat[:t.numel()].view(t.shape)
+        if t.is_contiguous() or not _dense(t):
+            return flat[:t.numel()].view(t.shape)
+        return flat[:t.numel()].as_strided(t.shape, t.stride())
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s strides are a permutation of a contiguous layout (no gaps, no overlap)."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return False
+        expected *= n
+    return True
 
 
 def interval_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tensor, g0: torch.Tensor,
