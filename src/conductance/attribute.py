@@ -52,8 +52,12 @@ def resolve_method(method: Optional[str], n_steps: Optional[int], tolerance: Opt
 
 def run_path(problem: PathProblem, measures: Sequence[str], units: str, method: str,
              n_steps: Optional[int], tolerance: Optional[float], max_steps: int,
-             output_at_inputs: Any) -> tuple[engine.Integral, dict[str, bool], torch.Tensor]:
-    """Run the path once for all measures; returns the integral, the cut map and F(x) - F(x')."""
+             output_at_inputs: Any, refine_on_input: bool = False
+             ) -> tuple[engine.Integral, dict[str, bool], torch.Tensor]:
+    """Run the path once for all measures; returns the integral, the cut map and F(x) - F(x').
+
+    ``refine_on_input``: the adaptive rule also refines until the input's integrated gradients
+    meet the tolerance (neuron conductance integrates on the input side)."""
     is_cut = engine.check_cuts(problem)
     if method == "captum":
         problem.channels_last = False   # Captum's arithmetic, layout included
@@ -62,9 +66,9 @@ def run_path(problem: PathProblem, measures: Sequence[str], units: str, method: 
         fns = {"conductance": PATH_MEASURES["conductance"], **fns}
     if method == "adaptive":
         cuts = [n for n, c in is_cut.items() if c]
-        if not cuts:
+        if refine_on_input or not cuts:
             problem.track_input = True
-            cuts = [INPUT]
+            cuts = cuts + [INPUT]
         integral = integrate_adaptive(problem, fns, units, cuts, tolerance, max_steps,
                                       initial_steps=n_steps or ADAPTIVE_INITIAL_STEPS)
     else:
@@ -83,7 +87,8 @@ def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
                      measures: Sequence[str], *, baselines: Any, target: Target, additional_forward_args: Any,
                      forward_kwargs: Optional[dict], n_steps: Optional[int], method: Optional[str],
                      tolerance: Optional[float], max_steps: int, units: str,
-                     internal_batch_size: Optional[int], attribute_to_layer_input: bool) -> LayerResult:
+                     internal_batch_size: Optional[int], attribute_to_layer_input: bool,
+                     refine_on_input: bool = False) -> LayerResult:
     """Shared body of the path measures: validate, run the path once, package and check the result.
 
     The first of ``measures`` is the result's own; the others are in ``result.extra[measure]``.
@@ -92,7 +97,8 @@ def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
                                  additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
                                  n_steps=n_steps, method=method, tolerance=tolerance, max_steps=max_steps,
                                  units=units, internal_batch_size=internal_batch_size,
-                                 attribute_to_layer_input=attribute_to_layer_input)
+                                 attribute_to_layer_input=attribute_to_layer_input,
+                                 refine_on_input=refine_on_input)
     primary = results[measures[0]]
     for m in measures[1:]:
         primary.extra[m] = dict(results[m].attributions)
@@ -129,8 +135,8 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
                        measures: Sequence[str], *, baselines: Any, target: Target, additional_forward_args: Any,
                        forward_kwargs: Optional[dict], n_steps: Optional[int], method: Optional[str],
                        tolerance: Optional[float], max_steps: int, units: str,
-                       internal_batch_size: Optional[int], attribute_to_layer_input: bool
-                       ) -> dict[str, LayerResult]:
+                       internal_batch_size: Optional[int], attribute_to_layer_input: bool,
+                       refine_on_input: bool = False) -> dict[str, LayerResult]:
     """Every requested measure, each as a LayerResult; the path measures share one run of the path."""
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
@@ -151,7 +157,7 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
     path = [m for m in measures if m in PATH_MEASURES]
     if path:
         integral, is_cut, output_diff = run_path(problem, path, units, method, n_steps, tolerance, max_steps,
-                                                 output)
+                                                 output, refine_on_input=refine_on_input)
         for m in path:
             results[m] = _package(m, integral.values[m], integral=integral, is_cut=is_cut,
                                   output_diff=output_diff, **settings)
@@ -273,8 +279,8 @@ def _warn_accuracy(result: LayerResult, max_steps: int) -> None:
     if result.method == "adaptive":
         limit = result.tolerance
         errors = {n: e for n, e in result.relative_error.items() if result.is_cut[n]}
-        if not errors and "input_relative_error" in result.extra:
-            errors = {"input (integrated gradients)": result.extra["input_relative_error"]}
+        if "input_relative_error" in result.extra:
+            errors["input (integrated gradients)"] = result.extra["input_relative_error"]
         advice = f"raise max_steps (now {max_steps}) or loosen tolerance"
         if result.extra.get("memory_limited"):
             advice = ("refinement stopped at the memory budget for stored points "

@@ -58,7 +58,9 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
     if method != "adaptive":
         grid = fixed_grid(method, n_steps)
         return [grid.alphas] * B, [point_weights(grid.alphas, grid.interval_rule)] * B
-    # the grid is chosen by refining the layer's (or the input's) completeness, then reused
+    # The grid is refined on the layer's completeness and on the input's integrated gradients, then
+    # reused: the units' attributions are integrals on the input side, and a layer followed by a
+    # linear map meets its own completeness on a grid far too coarse for them.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="the model is in training mode")  # warned once already
         result = path_attribution(
@@ -66,7 +68,7 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
             target=problem.target, additional_forward_args=kwargs["additional_forward_args"],
             forward_kwargs=kwargs["forward_kwargs"], n_steps=n_steps, method="adaptive", tolerance=tolerance,
             max_steps=max_steps, units=units, internal_batch_size=problem.chunk_size,
-            attribute_to_layer_input=kwargs["attribute_to_layer_input"])
+            attribute_to_layer_input=kwargs["attribute_to_layer_input"], refine_on_input=True)
     _warn_accuracy(result, max_steps)
     alphas = [a.numpy() for a in result.extra["alphas"]]
     return alphas, [point_weights(a, "trapezoid") for a in alphas]
