@@ -4,7 +4,7 @@ Implements conductance (Dhamdhere, Sundararajan, Yan, "How Important Is a Neuron
 the flow of integrated-gradients attribution through a hidden unit.
 """
 
-from . import reference
+from . import hf, reference
 from .ablation import (AblationCurve, AblationSummary, ablate, ablation_summary, compare_rankings, deletion_curve,
                        flip_count, flipped_by_top_k, insertion_curve, layer_mean, layer_values)
 from .aggregate import AggregateResult, aggregate
@@ -17,6 +17,8 @@ from .selection import FeatureSelectionResult, feature_selection
 __all__ = [
     # attribution
     "layer_conductance", "layer_importance", "neuron_conductance", "LayerResult", "reference",
+    # transformers (token ids, heads, FFN neurons): cd.hf.layer_conductance, cd.hf.ablate_heads, ...
+    "hf",
     # data sets and selection
     "aggregate", "AggregateResult", "feature_selection", "FeatureSelectionResult",
     # ablation

@@ -292,7 +292,7 @@ def interval_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tenso
         gsum, weight = g0, 1.0
     else:
         gsum, weight = torch.add(g0, g1, out=scratch.like("g", g0)), 0.5
-    width = width.to(y0.dtype).view((-1,) + (1,) * (y0.dim() - 1))
+    width = width.to(device=y0.device, dtype=y0.dtype).view((-1,) + (1,) * (y0.dim() - 1))
     out: dict[str, torch.Tensor] = {}
     for mname, fn in measures.items():
         full = fn(gsum, y0, y1, width, scratch.like("c", y0))
@@ -347,6 +347,9 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
                                            hi_pts.ys[name][hi], hi_pts.gs[name][hi], width,
                                            grid.interval_rule, units, scratch)
             for mname, contrib in parts.items():
+                # a layer may live on another device (models split with device_map): its sums are
+                # gathered on the inputs' device once reduced to units
+                contrib = contrib.to(device)
                 if name not in acc[mname]:
                     acc[mname][name] = torch.zeros((B,) + contrib.shape[1:], dtype=contrib.dtype, device=device)
                 acc[mname][name].index_add_(0, ex_int, contrib)
@@ -567,7 +570,7 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     for m in measures:
         for n in names:
             values[m][n] = torch.stack([
-                torch.stack([v[0][m][n] for v in states[e].intervals.values()]).sum(0) for e in range(B)])
+                torch.stack([v[0][m][n] for v in states[e].intervals.values()]).sum(0) for e in range(B)]).to(device)
     for e in range(B):
         s = states[e]
         order = sorted(s.intervals, key=lambda k: s.alphas[s.point_ids.index(k[0])])

@@ -27,9 +27,10 @@ def check_inputs(inputs: Any) -> torch.Tensor:
     if not inputs.is_floating_point():
         raise TypeError(
             f"inputs have dtype {inputs.dtype}: integer inputs (such as token ids) cannot be interpolated "
-            "along a path. Attribute from the embedding layer instead: compute the embeddings, pass them "
-            "as inputs to a model that starts after the embedding layer (or use attribute_to_layer_input "
-            "on the first layer after it), with a zero or pad-token embedding as the baseline")
+            "along a path. Attribute from the embedding layer instead: for a model that takes token ids, "
+            "cd.hf.layer_conductance(model, input_ids, layers, ...) runs the path in word-embedding space "
+            "for you; otherwise compute the embeddings and pass them as inputs to a model that starts "
+            "after the embedding layer, with a zero or pad-token embedding as the baseline")
     if inputs.dim() < 1 or inputs.shape[0] == 0:
         raise ConductanceError(f"inputs must have a batch dimension with at least one example; got shape "
                                f"{tuple(inputs.shape)}")
