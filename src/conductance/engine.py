@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -247,17 +247,26 @@ class Scratch:
 
     def __init__(self) -> None:
         self._flat: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}
 
     def like(self, kind: str, t: torch.Tensor) -> torch.Tensor:
         """A buffer of ``t``'s shape and, when dense, its strides (channels-last stays channels-last,
         so elementwise work runs in one memory order)."""
+        key = (kind, t.shape, t.stride(), t.dtype, t.device)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         flat = self._flat.get(kind)
         if flat is None or flat.numel() < t.numel() or flat.dtype != t.dtype or flat.device != t.device:
             flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
             self._flat[kind] = flat
+            self._views = {k: v for k, v in self._views.items() if k[0] != kind}
         if t.is_contiguous() or not _dense(t):
-            return flat[:t.numel()].view(t.shape)
-        return flat[:t.numel()].as_strided(t.shape, t.stride())
+            view = flat[:t.numel()].view(t.shape)
+        else:
+            view = flat[:t.numel()].as_strided(t.shape, t.stride())
+        self._views[key] = view
+        return view
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -272,7 +281,8 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def interval_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tensor, g0: torch.Tensor,
-                           y1: torch.Tensor, g1: torch.Tensor, width: torch.Tensor, rule: str, units: Any,
+                           y1: torch.Tensor, g1: torch.Tensor, width: Union[torch.Tensor, float], rule: str,
+                           units: Any,
                            scratch: Scratch) -> dict[str, torch.Tensor]:
     """Contributions of ``m`` path intervals of one layer, reduced to units.
 
@@ -280,8 +290,8 @@ def interval_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tenso
     ----------
     y0, g0, y1, g1 : Tensor (m, *layer_shape)
         Layer values and gradients at the intervals' ends.
-    width : Tensor (m,)
-        ``a1 - a0`` per interval.
+    width : Tensor (m,) or float
+        ``a1 - a0`` per interval (a float when all intervals share it).
     rule : "left" or "trapezoid"
 
     Returns
@@ -292,7 +302,8 @@ def interval_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tenso
         gsum, weight = g0, 1.0
     else:
         gsum, weight = torch.add(g0, g1, out=scratch.like("g", g0)), 0.5
-    width = width.to(device=y0.device, dtype=y0.dtype).view((-1,) + (1,) * (y0.dim() - 1))
+    if isinstance(width, torch.Tensor):
+        width = width.to(device=y0.device, dtype=y0.dtype).view((-1,) + (1,) * (y0.dim() - 1))
     out: dict[str, torch.Tensor] = {}
     for mname, fn in measures.items():
         full = fn(gsum, y0, y1, width, scratch.like("c", y0))
@@ -444,9 +455,9 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
             for j in range(len(part)):
                 ids.append(len(store_F))
                 store_F.append(float(pts.F[j]))
-                for n in names:
-                    store_y[n].append(pts.ys[n][j])
-                    store_g[n].append(pts.gs[n][j])
+                for n in names:   # kept as (1, *layer_shape) views of the chunk
+                    store_y[n].append(pts.ys[n][j:j + 1])
+                    store_g[n].append(pts.gs[n][j:j + 1])
                     stored_bytes[0] += 2 * pts.ys[n][j].numel() * pts.ys[n][j].element_size()
         return ids
 
@@ -458,14 +469,12 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
         """pairs: (example, id0, id1, a0, a1). Each interval is summed on its own, from views of the
         stored points into two scratch buffers: no stacked copies of the points."""
         for e, id0, id1, a0, a1 in pairs:
-            width = torch.tensor([a1 - a0], dtype=torch.float64, device=device)
             dF = store_F[id1] - store_F[id0]
             per: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
             residual = torch.zeros(len(cut_layers), dtype=torch.float64)
             for n in names:
-                parts = interval_contributions(
-                    measures, store_y[n][id0].unsqueeze(0), store_g[n][id0].unsqueeze(0),
-                    store_y[n][id1].unsqueeze(0), store_g[n][id1].unsqueeze(0), width, "trapezoid", units, scratch)
+                parts = interval_contributions(measures, store_y[n][id0], store_g[n][id0], store_y[n][id1],
+                                               store_g[n][id1], a1 - a0, "trapezoid", units, scratch)
                 for mname, c in parts.items():
                     per[mname][n] = c[0]
                     stored_bytes[0] += c.numel() * c.element_size()
