@@ -221,8 +221,8 @@ def test_adaptive_memory_budget_stops_refinement_and_says_so(monkeypatch):
     from conductance import engine
     model = random_mlp(seed=7, act=nn.ReLU)
     x = torch.randn(3, 5) * 3
-    # room for about 20 points of the two recorded layers (7 units each; y, g and one contribution)
-    monkeypatch.setattr(engine, "ADAPTIVE_STORE_BYTES", 20 * 2 * 7 * 4 * 3)
+    # room for 20 points of the two recorded layers (7 float32 units each; y and g per point)
+    monkeypatch.setattr(engine, "ADAPTIVE_STORE_BYTES", 20 * 2 * 7 * 4 * 2)
     with pytest.warns(ConductanceWarning, match="memory budget"):
         r = cd.layer_conductance(model, x, ["1", "3"], tolerance=1e-9, max_steps=500)
     assert r.extra["memory_limited"]
@@ -295,3 +295,28 @@ def test_adaptive_sums_intervals_one_at_a_time_and_frees_finished_examples(monke
     # adaptive intervals are summed one at a time (no stacked copies of the stored points)
     assert seen and set(seen) == {1}
     torch.testing.assert_close(again["3"], free["3"])
+
+
+def test_every_cut_layer_meets_the_tolerance_not_only_the_driver(monkeypatch):
+    """Refinement follows one driver layer per example; the final check must bring in any other cut
+    layer that still misses the tolerance (counted here by spying on the drivers' growth)."""
+    from conductance import engine
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 9), nn.Softplus(beta=4), nn.Linear(9, 9),
+                          nn.Tanh(), nn.Linear(9, 3)).eval()
+    x = torch.randn(6, 5) * 3
+    layers = ["1", "3", "5"]
+    states = []
+    make_state = engine._ExampleState
+    monkeypatch.setattr(engine, "_ExampleState", lambda: states.append(make_state()) or states[-1])
+    r = cd.layer_conductance(model, x, layers, tolerance=2e-4, max_steps=1000)
+    assert any(len(s.drivers) > 1 for s in states)   # the final check did add a layer somewhere
+    for name in layers:
+        assert r.is_cut[name]
+        assert (r.relative_error[name] <= 2e-4 * (1 + 1e-6)).all(), name
+    # the reported residuals are the final grid's, for every cut layer, and add up to delta
+    for e in range(x.shape[0]):
+        res = r.extra["interval_residuals"][e]
+        assert res.shape == (int(r.n_points[e]) - 1, len(layers))
+        for j, name in enumerate(layers):
+            assert abs(res[:, j].sum().item() - r.delta[name][e].item()) < 1e-4 * abs(r.output_diff[e].item()) + 1e-6

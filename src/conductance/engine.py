@@ -414,7 +414,10 @@ def relative_error(delta: torch.Tensor, output_diff: torch.Tensor, F_end: torch.
 class _ExampleState:
     alphas: list = field(default_factory=list)          # sorted positions
     point_ids: list = field(default_factory=list)       # store index of each position
-    intervals: dict = field(default_factory=dict)       # (id0, id1) -> (contribs, score, residual)
+    intervals: dict = field(default_factory=dict)       # (id0, id1) -> {driver layer: residual}
+    drivers: list = field(default_factory=list)         # cut layers whose residuals steer refinement
+    final: Optional[dict] = None                         # per-unit values once finished
+    residuals: Optional[torch.Tensor] = None             # (intervals, cuts) once finished
 
 
 def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure], units: str,
@@ -433,17 +436,28 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
 
     Every point is evaluated exactly once; each refinement round sends the midpoints of
     the worst intervals of all unfinished examples through the model together.
+
+    Refinement is steered by the residuals of each example's *driver* layers: at first the cut
+    layer with the largest error on the starting grid. When the drivers meet the tolerance, the
+    per-unit values of every layer are summed over the final grid (one interval per point) and
+    the completeness of every cut layer is checked; a cut layer that still misses the tolerance
+    becomes a driver too and refinement goes on. So interval residuals are computed for one or a
+    few layers, not for all of them, and every layer's units are summed once per point.
     """
     B = problem.batch_size
     device = problem.inputs.device
     names = problem.layer_names
+    cut_layers = list(cut_layers)
     init = np.concatenate([[0.0], gauss_legendre_nodes(initial_steps - 1), [1.0]]) if initial_steps > 1 \
         else np.array([0.0, 1.0])
     states = [_ExampleState() for _ in range(B)]
     memory_limited = False
     store_F: list[float] = []
-    store_y: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    store_g: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    store_y: dict[str, list[Optional[torch.Tensor]]] = {n: [] for n in names}
+    store_g: dict[str, list[Optional[torch.Tensor]]] = {n: [] for n in names}
+    scratch = Scratch()
+    conductance_only = {"conductance": measures["conductance"]}
+    stored_bytes = [0]   # layer values and gradients kept so far
 
     def run(points: list[tuple[int, float]]) -> list[int]:
         ids = []
@@ -461,26 +475,60 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                     stored_bytes[0] += 2 * pts.ys[n][j].numel() * pts.ys[n][j].element_size()
         return ids
 
-    scratch = Scratch()
-    cut_index = {n: i for i, n in enumerate(cut_layers)}
-    stored_bytes = [0]   # layer values, gradients and interval contributions kept so far
+    def residual(layer: str, id0: int, id1: int, a0: float, a1: float) -> float:
+        """Completeness residual of one interval on one cut layer: its units' sum minus the change of F."""
+        c = interval_contributions(conductance_only, store_y[layer][id0], store_g[layer][id0],
+                                   store_y[layer][id1], store_g[layer][id1], a1 - a0, "trapezoid", units,
+                                   scratch)["conductance"]
+        return c.sum(dtype=torch.float64).item() - (store_F[id1] - store_F[id0])
 
     def add_intervals(pairs: list[tuple[int, int, int, float, float]]) -> None:
-        """pairs: (example, id0, id1, a0, a1). Each interval is summed on its own, from views of the
-        stored points into two scratch buffers: no stacked copies of the points."""
+        """pairs: (example, id0, id1, a0, a1); residuals of the example's drivers only."""
         for e, id0, id1, a0, a1 in pairs:
+            states[e].intervals[(id0, id1)] = {L: residual(L, id0, id1, a0, a1) for L in states[e].drivers}
+
+    def intervals_of(e: int) -> list[tuple[int, int, float, float]]:
+        s = states[e]
+        return [(s.point_ids[j], s.point_ids[j + 1], s.alphas[j], s.alphas[j + 1]) for j in range(len(s.alphas) - 1)]
+
+    def scale_of(e: int) -> tuple[float, float]:
+        s = states[e]
+        F0, F1 = store_F[s.point_ids[0]], store_F[s.point_ids[-1]]
+        return F1 - F0, max(abs(F1 - F0), 1e-6 * max(abs(F1), abs(F0), 1.0))
+
+    def error_of(e: int) -> float:
+        s = states[e]
+        _, denom = scale_of(e)
+        worst = 0.0
+        for L in s.drivers:
+            r = [v[L] for v in s.intervals.values()]
+            worst = max(worst, abs(sum(r)) / denom)
+            if strict:
+                worst = max(worst, sum(abs(x) for x in r) / denom)
+        return worst
+
+    def finish(e: int) -> list[str]:
+        """Sum every layer's units over the final grid; return the cut layers that miss the tolerance
+        and are not drivers yet (none when the example is done)."""
+        s = states[e]
+        total: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
+        res = torch.zeros(len(s.alphas) - 1, len(cut_layers), dtype=torch.float64)
+        for k, (id0, id1, a0, a1) in enumerate(intervals_of(e)):
             dF = store_F[id1] - store_F[id0]
-            per: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
-            residual = torch.zeros(len(cut_layers), dtype=torch.float64)
             for n in names:
                 parts = interval_contributions(measures, store_y[n][id0], store_g[n][id0], store_y[n][id1],
                                                store_g[n][id1], a1 - a0, "trapezoid", units, scratch)
                 for mname, c in parts.items():
-                    per[mname][n] = c[0]
-                    stored_bytes[0] += c.numel() * c.element_size()
-                if n in cut_index and "conductance" in parts:
-                    residual[cut_index[n]] = parts["conductance"].sum(dtype=torch.float64).item() - dF
-            states[e].intervals[(id0, id1)] = (per, residual)
+                    acc = total[mname].get(n)
+                    total[mname][n] = c[0].clone() if acc is None else acc.add_(c[0])
+                if n in cut_layers:
+                    res[k, cut_layers.index(n)] = parts["conductance"].sum(dtype=torch.float64).item() - dF
+        s.final, s.residuals = total, res
+        _, denom = scale_of(e)
+        errors = res.sum(0).abs() / denom
+        if strict:
+            errors = torch.maximum(errors, res.abs().sum(0) / denom)
+        return [L for j, L in enumerate(cut_layers) if errors[j] > tolerance and L not in s.drivers]
 
     def release(e: int) -> None:
         """Drop the stored layer values of an example that will not be refined again."""
@@ -492,68 +540,77 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                     store_y[n][pid] = None
                     store_g[n][pid] = None
 
-    # initial grid for every example, batched together
+    # initial grid for every example, batched together; the starting driver is the worst cut layer
     initial = [(e, float(a)) for e in range(B) for a in init]
     ids = run(initial)
     k = 0
     for e in range(B):
-        states[e].alphas = [float(a) for a in init]
-        states[e].point_ids = ids[k:k + len(init)]
-        k += len(init)
-    add_intervals([(e, s.point_ids[j], s.point_ids[j + 1], s.alphas[j], s.alphas[j + 1])
-                   for e, s in enumerate(states) for j in range(len(s.alphas) - 1)])
-
-    def error_of(e: int) -> float:
         s = states[e]
-        res = torch.stack([v[1] for v in s.intervals.values()])  # (intervals, cuts)
-        dF = store_F[s.point_ids[-1]] - store_F[s.point_ids[0]]
-        scale = max(abs(store_F[s.point_ids[-1]]), abs(store_F[s.point_ids[0]]), 1.0)
-        denom = max(abs(dF), 1e-6 * scale)
-        signed = res.sum(0).abs().max().item() / denom
-        if strict:
-            return max(signed, res.abs().sum(0).max().item() / denom)
-        return signed
+        s.alphas = [float(a) for a in init]
+        s.point_ids = ids[k:k + len(init)]
+        k += len(init)
+        _, denom = scale_of(e)
+        first = {L: abs(sum(residual(L, *iv) for iv in intervals_of(e))) for L in cut_layers}
+        s.drivers = [max(first, key=first.get)]
+    add_intervals([(e, *iv) for e in range(B) for iv in intervals_of(e)])
 
-    released: set[int] = set()
+    done: set[int] = set()
+    stuck: set[int] = set()   # no interval left that can be bisected
     while True:
-        active = [e for e in range(B) if error_of(e) > tolerance and len(states[e].alphas) < max_points]
-        for e in set(range(B)) - set(active) - released:
+        active = []
+        for e in range(B):
+            if e in done:
+                continue
+            budget_left = len(states[e].alphas) < max_points and not memory_limited and e not in stuck
+            if budget_left and error_of(e) > tolerance:
+                active.append(e)
+                continue
+            missing = finish(e)
+            if missing and budget_left:
+                # the final pass computed every cut layer's interval residuals: reuse them
+                s = states[e]
+                s.drivers.extend(missing)
+                for k, (id0, id1, _, _) in enumerate(intervals_of(e)):
+                    for L in missing:
+                        s.intervals[(id0, id1)][L] = float(s.residuals[k, cut_layers.index(L)])
+                if error_of(e) > tolerance:
+                    active.append(e)
+                    continue
+            done.add(e)
             release(e)
-            released.add(e)
         if not active:
             break
         proposals: dict[int, list] = {}
         for e in active:
             s = states[e]
-            items = sorted(s.intervals.items(), key=lambda kv: -kv[1][1].abs().max().item())
+            worst = lambda kv: max(abs(v) for v in kv[1].values())  # noqa: E731
+            items = sorted(s.intervals.items(), key=lambda kv: -worst(kv))
             items = [kv for kv in items if _width(s, kv[0]) > 1e-7]
-            total = sum(kv[1][1].abs().max().item() for kv in items)
+            total = sum(worst(kv) for kv in items)
             budget = max_points - len(s.alphas)
             chosen, covered = [], 0.0
             for kv in items:
                 if len(chosen) >= budget or (chosen and covered >= REFINE_SHARE * total):
                     break
                 chosen.append(kv[0])
-                covered += kv[1][1].abs().max().item()
+                covered += worst(kv)
             proposals[e] = chosen
-        # a new point stores its layer values and gradients and adds one interval's contributions
+            if not chosen:
+                stuck.add(e)
+        # a new point stores its layer values and gradients (interval residuals are scalars)
         first = states[active[0]].point_ids[0]
-        values_bytes = sum(2 * t.numel() * t.element_size() for t in (store_y[n][first] for n in names))
-        interval_bytes = sum(c.numel() * c.element_size()
-                             for c in (v for m in next(iter(states[active[0]].intervals.values()))[0].values()
-                                       for v in m.values()))
-        point_bytes = values_bytes + 2 * interval_bytes
+        point_bytes = sum(2 * t.numel() * t.element_size() for t in (store_y[n][first] for n in names))
         room = (ADAPTIVE_STORE_BYTES - stored_bytes[0]) // max(point_bytes, 1)
         n_new = sum(len(v) for v in proposals.values())
         if n_new > room:
             memory_limited = True
-            scored = sorted(((states[e].intervals[k][1].abs().max().item(), e, k)
+            scored = sorted(((max(abs(v) for v in states[e].intervals[k].values()), e, k)
                              for e, ks in proposals.items() for k in ks), key=lambda t: -t[0])
             keep = {(e, k) for _, e, k in scored[:max(0, int(room))]}
             proposals = {e: [k for k in ks if (e, k) in keep] for e, ks in proposals.items()}
             n_new = sum(len(v) for v in proposals.values())
         if n_new == 0:
-            break
+            continue   # the examples that cannot go on are summed up by the next pass
         new_points, owners = [], []
         for e, chosen in proposals.items():
             s = states[e]
@@ -574,17 +631,10 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
             pairs.append((e, nid, id1, mid, s.alphas[j + 1]))
         add_intervals(pairs)
 
-    values: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
-    residuals, alphas = [], []
-    for m in measures:
-        for n in names:
-            values[m][n] = torch.stack([
-                torch.stack([v[0][m][n] for v in states[e].intervals.values()]).sum(0) for e in range(B)]).to(device)
-    for e in range(B):
-        s = states[e]
-        order = sorted(s.intervals, key=lambda k: s.alphas[s.point_ids.index(k[0])])
-        residuals.append(torch.stack([s.intervals[k][1] for k in order]))
-        alphas.append(torch.tensor(s.alphas, dtype=torch.float64))
+    values: dict[str, dict[str, torch.Tensor]] = {
+        m: {n: torch.stack([states[e].final[m][n] for e in range(B)]).to(device) for n in names} for m in measures}
+    residuals = [s.residuals for s in states]
+    alphas = [torch.tensor(s.alphas, dtype=torch.float64) for s in states]
     F_start = torch.tensor([store_F[s.point_ids[0]] for s in states], device=device)
     F_end = torch.tensor([store_F[s.point_ids[-1]] for s in states], device=device)
     n_points = torch.tensor([len(s.alphas) for s in states], dtype=torch.long)
