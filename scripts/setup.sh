@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 EXTRAS="${EXTRAS:-demo,test}"
 PYTHON="${PYTHON:-python3}"
+# Debian packages for the reproduction and the tests (best effort; see the script)
+case ",$EXTRAS," in
+    *,test,*|*,reproduce,*) bash scripts/system-packages.sh ;;
+esac
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi

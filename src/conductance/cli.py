@@ -26,10 +26,13 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # pixels are normalised as (p - 0.5) / 0.5: a black photo is -1, zero is mid-grey
+        baseline = -1.0 if args.baseline == "black" else 0.0
         result = layer_conductance(model, x, layers, units="channel", tolerance=args.tolerance,
-                                   n_steps=args.n_steps, method=args.method, max_steps=args.max_steps)
+                                   n_steps=args.n_steps, method=args.method, max_steps=args.max_steps,
+                                   baselines=baseline)
     seconds = time.perf_counter() - start
-    print(f"EfficientNet-Lite0 (real ImageNet weights), black baseline, top-logit target; "
+    print(f"EfficientNet-Lite0 (real ImageNet weights), {args.baseline} baseline, top-logit target; "
           f"{result.method} rule" + (f", tolerance {result.tolerance:g}" if result.tolerance else
                                      f", n_steps {result.n_steps}") + f"; {seconds:.1f} s")
     for i, name in enumerate(args.photo):
@@ -207,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "grace_hopper) or image file paths")
     demo.add_argument("--layers", nargs="+", default=None, help="dotted layer names (default: six block outputs)")
     demo.add_argument("--top", type=int, default=5, help="filters to show per layer")
+    demo.add_argument("--baseline", choices=["black", "grey"], default="black",
+                      help="the photo every path starts from (default black, as in the paper)")
     demo.add_argument("--tolerance", type=float, default=None,
                       help="relative completeness error to reach (default 0.01 when --n-steps is not given)")
     demo.add_argument("--n-steps", type=int, default=None, help="use a fixed rule with this many intervals")
@@ -261,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--weights", default=None,
                      help="local file of torchvision's pretrained GoogLeNet weights (image experiment)")
     rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    rep.add_argument("--threads", type=int, default=1,
+                     help="torch CPU threads (default 1: on a shared 2-core machine two threads that wait "
+                          "for each other were many times slower)")
     rep.set_defaults(func=_reproduce)
 
     show = sub.add_parser("show", help="print the top units per class of an aggregate result file")
