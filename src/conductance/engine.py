@@ -475,11 +475,26 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                     stored_bytes[0] += 2 * pts.ys[n][j].numel() * pts.ys[n][j].element_size()
         return ids
 
+    # Interval sums already computed, kept when units shrink the layer (channels): the final pass
+    # then only sums intervals it has not seen. Key (id0, id1, layer) -> {measure: (*unit_shape)}.
+    sums: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def interval_sums(layer: str, id0: int, id1: int, a0: float, a1: float,
+                      wanted: dict[str, IntervalMeasure]) -> dict[str, torch.Tensor]:
+        known = sums.get((id0, id1, layer), {})
+        missing = {m: fn for m, fn in wanted.items() if m not in known}
+        if not missing:
+            return known
+        parts = interval_contributions(missing, store_y[layer][id0], store_g[layer][id0], store_y[layer][id1],
+                                       store_g[layer][id1], a1 - a0, "trapezoid", units, scratch)
+        merged = {**known, **{m: c[0] for m, c in parts.items()}}
+        if 8 * next(iter(parts.values())).numel() <= store_y[layer][id0].numel():
+            sums[(id0, id1, layer)] = merged
+        return merged
+
     def residual(layer: str, id0: int, id1: int, a0: float, a1: float) -> float:
         """Completeness residual of one interval on one cut layer: its units' sum minus the change of F."""
-        c = interval_contributions(conductance_only, store_y[layer][id0], store_g[layer][id0],
-                                   store_y[layer][id1], store_g[layer][id1], a1 - a0, "trapezoid", units,
-                                   scratch)["conductance"]
+        c = interval_sums(layer, id0, id1, a0, a1, conductance_only)["conductance"]
         return c.sum(dtype=torch.float64).item() - (store_F[id1] - store_F[id0])
 
     def add_intervals(pairs: list[tuple[int, int, int, float, float]]) -> None:
@@ -516,11 +531,10 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
         for k, (id0, id1, a0, a1) in enumerate(intervals_of(e)):
             dF = store_F[id1] - store_F[id0]
             for n in names:
-                parts = interval_contributions(measures, store_y[n][id0], store_g[n][id0], store_y[n][id1],
-                                               store_g[n][id1], a1 - a0, "trapezoid", units, scratch)
+                parts = interval_sums(n, id0, id1, a0, a1, measures)
                 for mname, c in parts.items():
                     acc = total[mname].get(n)
-                    total[mname][n] = c[0].clone() if acc is None else acc.add_(c[0])
+                    total[mname][n] = c.clone() if acc is None else acc.add_(c)
                 if n in cut_layers:
                     res[k, cut_layers.index(n)] = parts["conductance"].sum(dtype=torch.float64).item() - dF
         s.final, s.residuals = total, res
@@ -532,6 +546,9 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
 
     def release(e: int) -> None:
         """Drop the stored layer values of an example that will not be refined again."""
+        for id0, id1, _, _ in intervals_of(e):
+            for n in names:
+                sums.pop((id0, id1, n), None)
         for pid in states[e].point_ids:
             for n in names:
                 t = store_y[n][pid]
@@ -624,6 +641,8 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
         for (e, id0, id1, mid), nid in zip(owners, new_ids):
             s = states[e]
             del s.intervals[(id0, id1)]
+            for n in names:
+                sums.pop((id0, id1, n), None)
             j = s.point_ids.index(id1)
             s.point_ids.insert(j, nid)
             s.alphas.insert(j, mid)
