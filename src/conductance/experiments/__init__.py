@@ -7,4 +7,13 @@ tables and numbers to a shared :class:`~conductance.experiments.report.Report`. 
 long run never loses a finished experiment.
 """
 
+import os
+
 EXPERIMENTS = ("image", "text", "transformer")
+
+
+def cache_dir() -> str:
+    """Where trained networks are cached: ``$CONDUCTANCE_CACHE`` or ``~/.cache/conductance`` (created)."""
+    root = os.environ.get("CONDUCTANCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "conductance")
+    os.makedirs(root, exist_ok=True)
+    return root

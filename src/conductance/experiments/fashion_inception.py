@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import cache_dir  # noqa: F401  (shared cache folder; re-exported)
 from ..errors import ConductanceError
 
 __all__ = ["BasicConv", "InceptionModule", "FashionInception", "TrainConfig", "TrainedModel", "QUICK_CONFIG",
@@ -147,13 +148,6 @@ class TrainedModel:
     trained_now: bool
     train_seconds: Optional[float] = None
     history: list = field(default_factory=list)
-
-
-def cache_dir() -> str:
-    """``$CONDUCTANCE_CACHE`` or ``~/.cache/conductance`` (created if missing)."""
-    root = os.environ.get("CONDUCTANCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "conductance")
-    os.makedirs(root, exist_ok=True)
-    return root
 
 
 def cache_path(config: TrainConfig) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import cache_dir  # noqa: F401  (shared cache folder; re-exported)
 from ..errors import ConductanceError
 
 __all__ = ["NEGATION_WORDS", "tokenize", "has_negation", "negation_tokens", "Vocabulary", "TextCNN",
@@ -342,13 +343,6 @@ def train(texts: Sequence[str], labels: np.ndarray, config: TrainConfig = TrainC
             log(f"epoch {epoch + 1}/{config.epochs}: loss {total / seen:.4f} ({info['epoch_seconds'][-1]:.1f} s)")
     model.eval()
     return model, info
-
-
-def cache_dir() -> str:
-    """``$CONDUCTANCE_CACHE`` or ``~/.cache/conductance`` (created if missing)."""
-    root = os.environ.get("CONDUCTANCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "conductance")
-    os.makedirs(root, exist_ok=True)
-    return root
 
 
 def cache_path(config: TrainConfig) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import cache_dir
 from .. import hf
 from .report import Report
 
@@ -88,12 +89,6 @@ class SentimentModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         s = self.head(self.pool(input_ids, attention_mask)).squeeze(-1)
         return torch.stack([-0.5 * s, 0.5 * s], 1)
-
-
-def cache_dir() -> str:
-    path = os.environ.get("CONDUCTANCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "conductance")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def encode(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
