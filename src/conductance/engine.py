@@ -164,7 +164,12 @@ def wants_channels_last(model: nn.Module, inputs: torch.Tensor) -> bool:
 #: arithmetic more closely; channels-last changes float32 results only by rounding).
 CHANNELS_LAST = True
 
-LAYOUT_ERRORS = ("view size is not compatible", "stride", "contiguous")
+_LAYOUT_ERRORS = ("view size is not compatible", "stride", "contiguous")
+
+
+def is_layout_error(exc: RuntimeError) -> bool:
+    """Whether a model failed because it cannot take channels-last activations (it ``.view()``s them)."""
+    return any(k in str(exc) for k in _LAYOUT_ERRORS)
 
 
 def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
@@ -183,7 +188,7 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
         return _evaluate(problem, ex, alphas)
     except RuntimeError as exc:
         # a model that .view()s its activations cannot take channels-last points: fall back for good
-        if not any(k in str(exc) for k in LAYOUT_ERRORS):
+        if not is_layout_error(exc):
             raise
         problem.channels_last = False
         return _evaluate(problem, ex, alphas)
@@ -448,6 +453,7 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     device = problem.inputs.device
     names = problem.layer_names
     cut_layers = list(cut_layers)
+    cut_index = {n: j for j, n in enumerate(cut_layers)}
     init = np.concatenate([[0.0], gauss_legendre_nodes(initial_steps - 1), [1.0]]) if initial_steps > 1 \
         else np.array([0.0, 1.0])
     states = [_ExampleState() for _ in range(B)]
@@ -506,14 +512,15 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
         s = states[e]
         return [(s.point_ids[j], s.point_ids[j + 1], s.alphas[j], s.alphas[j + 1]) for j in range(len(s.alphas) - 1)]
 
-    def scale_of(e: int) -> tuple[float, float]:
+    def denominator(e: int) -> float:
+        """|F(x) - F(x')| of example e, guarded as in :func:`relative_error`."""
         s = states[e]
         F0, F1 = store_F[s.point_ids[0]], store_F[s.point_ids[-1]]
-        return F1 - F0, max(abs(F1 - F0), 1e-6 * max(abs(F1), abs(F0), 1.0))
+        return max(abs(F1 - F0), 1e-6 * max(abs(F1), abs(F0), 1.0))
 
     def error_of(e: int) -> float:
         s = states[e]
-        _, denom = scale_of(e)
+        denom = denominator(e)
         worst = 0.0
         for L in s.drivers:
             r = [v[L] for v in s.intervals.values()]
@@ -535,10 +542,10 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                 for mname, c in parts.items():
                     acc = total[mname].get(n)
                     total[mname][n] = c.clone() if acc is None else acc.add_(c)
-                if n in cut_layers:
-                    res[k, cut_layers.index(n)] = parts["conductance"].sum(dtype=torch.float64).item() - dF
+                if n in cut_index:
+                    res[k, cut_index[n]] = parts["conductance"].sum(dtype=torch.float64).item() - dF
         s.final, s.residuals = total, res
-        _, denom = scale_of(e)
+        denom = denominator(e)
         errors = res.sum(0).abs() / denom
         if strict:
             errors = torch.maximum(errors, res.abs().sum(0) / denom)
@@ -566,10 +573,12 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
         s.alphas = [float(a) for a in init]
         s.point_ids = ids[k:k + len(init)]
         k += len(init)
-        _, denom = scale_of(e)
-        first = {L: abs(sum(residual(L, *iv) for iv in intervals_of(e))) for L in cut_layers}
-        s.drivers = [max(first, key=first.get)]
-    add_intervals([(e, *iv) for e in range(B) for iv in intervals_of(e)])
+        # every cut layer's residuals on the few starting intervals; the worst layer steers
+        start = {(id0, id1): {L: residual(L, id0, id1, a0, a1) for L in cut_layers}
+                 for id0, id1, a0, a1 in intervals_of(e)}
+        worst = max(cut_layers, key=lambda L: abs(sum(r[L] for r in start.values())))
+        s.drivers = [worst]
+        s.intervals = {key: {worst: r[worst]} for key, r in start.items()}
 
     done: set[int] = set()
     stuck: set[int] = set()   # no interval left that can be bisected
@@ -589,7 +598,7 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                 s.drivers.extend(missing)
                 for k, (id0, id1, _, _) in enumerate(intervals_of(e)):
                     for L in missing:
-                        s.intervals[(id0, id1)][L] = float(s.residuals[k, cut_layers.index(L)])
+                        s.intervals[(id0, id1)][L] = float(s.residuals[k, cut_index[L]])
                 if error_of(e) > tolerance:
                     active.append(e)
                     continue

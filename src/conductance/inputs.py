@@ -140,7 +140,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                 output = model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
             except RuntimeError as exc:
                 # the model cannot take channels-last activations (it .view()s them): keep the inputs' layout
-                if not any(k in str(exc) for k in engine.LAYOUT_ERRORS):
+                if not engine.is_layout_error(exc):
                     raise
                 problem.channels_last = False
         if not problem.channels_last:
