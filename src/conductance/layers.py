@@ -142,20 +142,16 @@ class Recorder:
     tensor that requires grad, so the backward stops at the lowest requested layer.
     Each observed value is handed downstream as a clone, so in-place operations after
     the layer cannot change what was recorded.
-
-    ``detach`` names layers whose value is cut from everything below it (used to test
-    whether a layer is a cut).
     """
 
-    def __init__(self, refs: Sequence[LayerRef], cut_below: bool, detach: Sequence[str] = (),
-                 replace: Optional[dict] = None, keep_downstream: bool = False):
+    def __init__(self, refs: Sequence[LayerRef], cut_below: bool, replace: Optional[dict] = None,
+                 keep_downstream: bool = False):
         self.refs = list(refs)
         self.keep_downstream = keep_downstream
         #: with ``keep_downstream``, the clone handed to the rest of the model, per layer: its
         #: autograd node is the single entry through which the layer's value flows downstream
         self.downstream: dict[str, torch.Tensor] = {}
         self.cut_below = cut_below
-        self.detach = set(detach)
         self.replace = dict(replace or {})
         self.values: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
@@ -178,7 +174,7 @@ class Recorder:
                 raise ConductanceError(f"layer {ref.name!r}: a replacement of shape {tuple(new.shape)} cannot "
                                        f"stand in for its value of shape {tuple(tensor.shape)}")
             tensor = new.to(tensor.dtype).detach().requires_grad_(True)
-        elif ref.name in self.detach or not tensor.requires_grad:
+        elif not tensor.requires_grad:
             tensor = tensor.detach().requires_grad_(True)
         self.values[ref.name] = tensor
         passed = tensor.clone()
