@@ -320,3 +320,20 @@ def test_every_cut_layer_meets_the_tolerance_not_only_the_driver(monkeypatch):
         assert res.shape == (int(r.n_points[e]) - 1, len(layers))
         for j, name in enumerate(layers):
             assert abs(res[:, j].sum().item() - r.delta[name][e].item()) < 1e-4 * abs(r.output_diff[e].item()) + 1e-6
+
+
+def test_captum_rule_keeps_the_inputs_layout():
+    """method='captum' reproduces Captum's arithmetic, so its points keep the inputs' memory layout;
+    the other rules send channels-last points to a convolutional model."""
+    from conductance.inputs import build_problem
+    model = random_cnn(seed=2)
+    x = torch.randn(2, 2, 6, 6)
+    common = dict(baselines=None, target=None, additional_forward_args=None, forward_kwargs=None,
+                  internal_batch_size=None, attribute_to_layer_input=False)
+    captum, _ = build_problem(model, x, "0", method="captum", **common)
+    default, _ = build_problem(model, x, "0", method="gausslegendre", **common)
+    assert not captum.channels_last and default.channels_last
+    ex, a = torch.tensor([0, 1]), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    from conductance import engine
+    assert engine.interpolate(captum, ex, a).is_contiguous()
+    assert engine.interpolate(default, ex, a).is_contiguous(memory_format=torch.channels_last)

@@ -59,8 +59,6 @@ def run_path(problem: PathProblem, measures: Sequence[str], units: str, method: 
     ``refine_on_input``: the adaptive rule also refines until the input's integrated gradients
     meet the tolerance (neuron conductance integrates on the input side)."""
     is_cut = engine.check_cuts(problem)
-    if method == "captum":
-        problem.channels_last = False   # Captum's arithmetic, layout included
     fns = {m: PATH_MEASURES[m] for m in measures}
     if "conductance" not in fns and method == "adaptive":
         fns = {"conductance": PATH_MEASURES["conductance"], **fns}
@@ -151,7 +149,7 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
     problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target,
                                     additional_forward_args=additional_forward_args,
                                     forward_kwargs=forward_kwargs, internal_batch_size=internal_batch_size,
-                                    attribute_to_layer_input=attribute_to_layer_input)
+                                    attribute_to_layer_input=attribute_to_layer_input, method=method)
     settings = dict(problem=problem, method=method, n_steps=n_steps, tolerance=tolerance, units=units)
     results: dict[str, LayerResult] = {}
     path = [m for m in measures if m in PATH_MEASURES]

@@ -109,8 +109,12 @@ def resolve_target(target: Target, output: Any, batch: int, device: torch.device
 def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
                   *, baselines: Any, target: Target, additional_forward_args: Any,
                   forward_kwargs: Optional[dict], internal_batch_size: Optional[int],
-                  attribute_to_layer_input: bool, track_input: bool = False) -> tuple[PathProblem, Any]:
-    """Validate everything and return the problem plus the model's output at the inputs."""
+                  attribute_to_layer_input: bool, track_input: bool = False, method: Optional[str] = None
+                  ) -> tuple[PathProblem, Any]:
+    """Validate everything and return the problem plus the model's output at the inputs.
+
+    ``method="captum"`` keeps the inputs' memory layout (Captum's arithmetic, layout included);
+    otherwise convolutional models get channels-last path points when they can take them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
                         f"{type(model).__name__}")
@@ -132,7 +136,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                           additional_forward_args=extra, forward_kwargs=dict(forward_kwargs or {}),
                           refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),
                           track_input=track_input)
-    problem.channels_last = engine.wants_channels_last(model, inputs)
+    problem.channels_last = method != "captum" and engine.wants_channels_last(model, inputs)
     with torch.no_grad():
         ex = torch.arange(inputs.shape[0], device=inputs.device)
         if problem.channels_last:

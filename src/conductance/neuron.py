@@ -113,11 +113,10 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
     problem, _ = build_problem(model, inputs, layer, baselines=baselines, target=target,
                                additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
                                internal_batch_size=internal_batch_size,
-                               attribute_to_layer_input=attribute_to_layer_input, track_input=True)
+                               attribute_to_layer_input=attribute_to_layer_input, track_input=True,
+                               method=method)
     if len(problem.refs) != 1:
         raise ConductanceError("neuron_conductance takes one layer")
-    if method == "captum":
-        problem.channels_last = False   # Captum's arithmetic, layout included
     ref = problem.refs[0]
     kwargs = dict(inputs=inputs, baselines=baselines, additional_forward_args=additional_forward_args,
                   forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input)
