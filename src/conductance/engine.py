@@ -15,7 +15,7 @@ point's layer values ``y`` and gradients ``g = dF/dy`` to small measure function
 
 from __future__ import annotations
 
-import math
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -71,6 +71,9 @@ class PathProblem:
     #: send path points in channels-last layout (4-D inputs of convolutional models): oneDNN's
     #: convolutions run faster on it; switched off for good if the model cannot take it
     channels_last: bool = False
+    #: hand each recorded layer's value downstream as a copy: needed when the model changes a layer's
+    #: output in place (an in-place ReLU after it); switched on for good when that is seen
+    copy_layer_outputs: bool = False
     n_evaluations: int = 0
     n_forwards: int = 0
 
@@ -172,6 +175,14 @@ def is_layout_error(exc: RuntimeError) -> bool:
     return any(k in str(exc) for k in _LAYOUT_ERRORS)
 
 
+class ModifiedInPlace(RuntimeError):
+    """The model changed a recorded layer's output in place during a forward pass."""
+
+
+#: what autograd says when a model changes a leaf or a saved tensor in place
+_IN_PLACE_ERRORS = ("in-place operation", "inplace operation")
+
+
 def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
     """Forward and backward at ``m`` path points; every recorded tensor is detached.
 
@@ -182,16 +193,20 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     alphas : Tensor (m,)
         Position of each point on its example's path.
     """
-    if not problem.channels_last:
-        return _evaluate(problem, ex, alphas)
-    try:
-        return _evaluate(problem, ex, alphas)
-    except RuntimeError as exc:
-        # a model that .view()s its activations cannot take channels-last points: fall back for good
-        if not is_layout_error(exc):
-            raise
-        problem.channels_last = False
-        return _evaluate(problem, ex, alphas)
+    while True:
+        try:
+            return _evaluate(problem, ex, alphas)
+        except RuntimeError as exc:
+            # Two fast paths fall back for good when a model cannot take them: a model that .view()s
+            # its activations gets points in its own layout; a model that changes a recorded layer's
+            # output in place gets a copy of each recorded value.
+            if problem.channels_last and is_layout_error(exc):
+                problem.channels_last = False
+            elif not problem.copy_layer_outputs and (isinstance(exc, ModifiedInPlace)
+                                                     or any(k in str(exc) for k in _IN_PLACE_ERRORS)):
+                problem.copy_layer_outputs = True
+            else:
+                raise
 
 
 def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
@@ -203,7 +218,8 @@ def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> P
         x = _layout(problem, problem.inputs[ex])
     else:
         x = interpolate(problem, ex, alphas)
-    recorder = Recorder(problem.refs, cut_below=not problem.track_input, replace=replace)
+    recorder = Recorder(problem.refs, cut_below=not problem.track_input, replace=replace,
+                        copy=problem.copy_layer_outputs)
     # the input is a recorded layer: autograd must run from it even inside a user's no_grad block
     grad_context = torch.enable_grad() if problem.track_input else contextlib.nullcontext()
     with recorder.attached(), grad_context:
@@ -221,6 +237,9 @@ def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> P
             tensors.append(x)
         if not F.requires_grad:
             raise not_dependent(names)
+        changed = recorder.modified_in_place()
+        if changed:
+            raise ModifiedInPlace(f"layers {changed} were modified by an in-place operation")
         grads = torch.autograd.grad(F.sum(), tensors, allow_unused=True)
     problem.n_evaluations += int(ex.shape[0])
     unused = [n for n, g in zip(names, grads) if g is None]
@@ -243,7 +262,8 @@ def _chunks(n: int, size: int):
 
 
 class Scratch:
-    """Two reusable flat buffers (gradient sums and measure outputs) shared by all layers.
+    """Reusable flat buffers, one per kind (the rule's gradient, each measure's output), shared by all
+    layers.
 
     Interval sums run layer after layer, so one buffer of each kind, as large as the largest
     request, serves them all: the bookkeeping allocates no large temporaries and its memory
@@ -301,24 +321,26 @@ def interval_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tenso
 
     Returns
     -------
-    dict measure -> Tensor (m, *unit_shape), freshly allocated (never a scratch buffer).
+    dict measure -> Tensor (m, *unit_shape). Where the units are the layer's own (no reduction)
+    the tensors are views of ``scratch``'s buffers: read them before the next call.
     """
-    if rule == "left":
-        gsum, weight = g0, 1.0
-    else:
-        gsum, weight = torch.add(g0, g1, out=scratch.like("g", g0)), 0.5
+    # the rule's gradient for each interval: its left end, or the mean of both ends
+    gbar = g0 if rule == "left" else torch.lerp(g0, g1, 0.5, out=scratch.like("g", g0))
     if isinstance(width, torch.Tensor):
         width = width.to(device=y0.device, dtype=y0.dtype).view((-1,) + (1,) * (y0.dim() - 1))
-    out: dict[str, torch.Tensor] = {}
-    for mname, fn in measures.items():
-        full = fn(gsum, y0, y1, width, scratch.like("c", y0))
-        reduced = reduce_units(full, units)
-        if reduced.untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
-            reduced = reduced * weight   # still a view of the scratch buffer: copy out
-        else:
-            reduced.mul_(weight)
-        out[mname] = reduced
-    return out
+    return {mname: reduce_units(fn(gbar, y0, y1, width, scratch.like(mname, y0)), units)
+            for mname, fn in measures.items()}
+
+
+def trapezoid_total(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor,
+                    scratch: Scratch) -> Optional[torch.Tensor]:
+    """``sum((g0 + g1) / 2 * (y1 - y0))`` over all elements as two dot products, a 0-dim float64 tensor;
+    None when the four tensors do not share one dense memory layout."""
+    d = torch.sub(y1, y0, out=scratch.like("dy", y0))
+    if not (_dense(d) and g0.stride() == d.stride() == g1.stride()):
+        return None
+    flat = [t.as_strided((t.numel(),), (1,)) for t in (g0, g1, d)]   # same element order in all three
+    return (0.5 * (torch.dot(flat[0], flat[2]) + torch.dot(flat[1], flat[2]))).double()
 
 
 @dataclass
@@ -367,7 +389,7 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
                 # gathered on the inputs' device once reduced to units
                 contrib = contrib.to(device)
                 if name not in acc[mname]:
-                    acc[mname][name] = torch.zeros((B,) + contrib.shape[1:], dtype=contrib.dtype, device=device)
+                    acc[mname][name] = _zeros_in_layout((B,) + contrib.shape[1:], contrib)
                 acc[mname][name].index_add_(0, ex_int, contrib)
 
     for start, stop in _chunks(n * B, problem.chunk_size):
@@ -393,7 +415,17 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
             joined = pts if carry is None else _concat(carry, pts)
             carry = _slice(joined, slice(max(0, joined.ex.shape[0] - B), None))
     n_points = torch.full((B,), n, dtype=torch.long)
-    return Integral(acc, F_start, F_end, n_points)
+    values = {m: {name: v.contiguous() for name, v in per.items()} for m, per in acc.items()}
+    return Integral(values, F_start, F_end, n_points)
+
+
+def _zeros_in_layout(shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``shape`` on ``like``'s device, in its memory layout (adding channels-last tensors
+    into a contiguous one is several times slower)."""
+    channels_last = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
+        memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout).zero_()
 
 
 def _concat(a: PointBatch, b: PointBatch) -> PointBatch:
@@ -416,11 +448,12 @@ def relative_error(delta: torch.Tensor, output_diff: torch.Tensor, F_end: torch.
 
 
 @dataclass
-class _ExampleState:
-    alphas: list = field(default_factory=list)          # sorted positions
-    point_ids: list = field(default_factory=list)       # store index of each position
-    intervals: dict = field(default_factory=dict)       # (id0, id1) -> {driver layer: residual}
-    drivers: list = field(default_factory=list)         # cut layers whose residuals steer refinement
+class _Path:
+    """One example's refined grid in the adaptive rule."""
+
+    ids: list                                            # store index of each point, in path order
+    alphas: list                                         # their positions, increasing
+    intervals: dict = field(default_factory=dict)        # (id0, id1) -> residual per cut layer, (n_cuts,)
     final: Optional[dict] = None                         # per-unit values once finished
     residuals: Optional[torch.Tensor] = None             # (intervals, cuts) once finished
 
@@ -442,236 +475,185 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     Every point is evaluated exactly once; each refinement round sends the midpoints of
     the worst intervals of all unfinished examples through the model together.
 
-    Refinement is steered by the residuals of each example's *driver* layers: at first the cut
-    layer with the largest error on the starting grid. When the drivers meet the tolerance, the
-    per-unit values of every layer are summed over the final grid (one interval per point) and
-    the completeness of every cut layer is checked; a cut layer that still misses the tolerance
-    becomes a driver too and refinement goes on. So interval residuals are computed for one or a
-    few layers, not for all of them, and every layer's units are summed once per point.
+    Each new interval's completeness residual is measured on every cut layer, and an interval's
+    score is its largest absolute residual: refinement goes where any cut layer is wrong. With
+    units that shrink the layer (channels), an interval's per-unit sums are kept, so the final
+    pass over the grid only sums the layers that are not cuts and the other measures.
     """
     B = problem.batch_size
     device = problem.inputs.device
     names = problem.layer_names
     cut_layers = list(cut_layers)
-    cut_index = {n: j for j, n in enumerate(cut_layers)}
     init = np.concatenate([[0.0], gauss_legendre_nodes(initial_steps - 1), [1.0]]) if initial_steps > 1 \
         else np.array([0.0, 1.0])
-    states = [_ExampleState() for _ in range(B)]
     memory_limited = False
+    # every evaluated point, by store index: its position, F, and each layer's value and gradient
+    # (kept as (1, *layer_shape) views of the evaluated chunk)
+    store_alpha: list[float] = []
     store_F: list[float] = []
     store_y: dict[str, list[Optional[torch.Tensor]]] = {n: [] for n in names}
     store_g: dict[str, list[Optional[torch.Tensor]]] = {n: [] for n in names}
+    stored_bytes = 0
     scratch = Scratch()
     conductance_only = {"conductance": measures["conductance"]}
-    stored_bytes = [0]   # layer values and gradients kept so far
 
     def run(points: list[tuple[int, float]]) -> list[int]:
+        nonlocal stored_bytes
         ids = []
         for start, stop in _chunks(len(points), problem.chunk_size):
             part = points[start:stop]
             ex = torch.tensor([p[0] for p in part], device=device)
             al = torch.tensor([p[1] for p in part], dtype=torch.float64, device=device)
             pts = evaluate(problem, ex, al)
-            for j in range(len(part)):
-                ids.append(len(store_F))
-                store_F.append(float(pts.F[j]))
-                for n in names:   # kept as (1, *layer_shape) views of the chunk
+            store_F.extend(pts.F.tolist())
+            for j, (_, a) in enumerate(part):
+                ids.append(len(store_alpha))
+                store_alpha.append(a)
+                for n in names:
                     store_y[n].append(pts.ys[n][j:j + 1])
                     store_g[n].append(pts.gs[n][j:j + 1])
-                    stored_bytes[0] += 2 * pts.ys[n][j].numel() * pts.ys[n][j].element_size()
+            stored_bytes += sum(2 * pts.ys[n].numel() * pts.ys[n].element_size() for n in names)
         return ids
 
-    # Interval sums already computed, kept when units shrink the layer (channels): the final pass
-    # then only sums intervals it has not seen. Key (id0, id1, layer) -> {measure: (*unit_shape)}.
+    # Interval sums already computed, kept when units shrink the layer (channels of 8 or more
+    # elements): the final pass then only sums intervals it has not seen.
+    # Key (id0, id1, layer) -> {measure: (*unit_shape)}.
     sums: dict[tuple, dict[str, torch.Tensor]] = {}
 
-    def interval_sums(layer: str, id0: int, id1: int, a0: float, a1: float,
-                      wanted: dict[str, IntervalMeasure]) -> dict[str, torch.Tensor]:
+    def keeps_sums(y: torch.Tensor) -> bool:
+        return units == "channel" and y.dim() > 2 and y[0, 0].numel() >= 8
+
+    def interval_sums(layer: str, id0: int, id1: int, wanted: dict[str, IntervalMeasure]) -> dict[str, torch.Tensor]:
         known = sums.get((id0, id1, layer), {})
         missing = {m: fn for m, fn in wanted.items() if m not in known}
         if not missing:
             return known
         parts = interval_contributions(missing, store_y[layer][id0], store_g[layer][id0], store_y[layer][id1],
-                                       store_g[layer][id1], a1 - a0, "trapezoid", units, scratch)
+                                       store_g[layer][id1], store_alpha[id1] - store_alpha[id0], "trapezoid",
+                                       units, scratch)
         merged = {**known, **{m: c[0] for m, c in parts.items()}}
-        if 8 * next(iter(parts.values())).numel() <= store_y[layer][id0].numel():
+        if keeps_sums(store_y[layer][id0]):
             sums[(id0, id1, layer)] = merged
         return merged
 
-    def residual(layer: str, id0: int, id1: int, a0: float, a1: float) -> float:
-        """Completeness residual of one interval on one cut layer: its units' sum minus the change of F."""
-        c = interval_sums(layer, id0, id1, a0, a1, conductance_only)["conductance"]
-        return c.sum(dtype=torch.float64).item() - (store_F[id1] - store_F[id0])
+    def layer_total(layer: str, id0: int, id1: int) -> torch.Tensor:
+        """Sum over a layer's units of one interval's conductance, a 0-dim tensor."""
+        y0, g0, y1, g1 = store_y[layer][id0], store_g[layer][id0], store_y[layer][id1], store_g[layer][id1]
+        if not keeps_sums(y0):
+            # per-unit sums that are not kept: only their total is needed, from two dot products
+            total = trapezoid_total(y0, g0, y1, g1, scratch)
+            if total is not None:
+                return total
+        return interval_sums(layer, id0, id1, conductance_only)["conductance"].sum(dtype=torch.float64)
 
-    def add_intervals(pairs: list[tuple[int, int, int, float, float]]) -> None:
-        """pairs: (example, id0, id1, a0, a1); residuals of the example's drivers only."""
-        for e, id0, id1, a0, a1 in pairs:
-            states[e].intervals[(id0, id1)] = {L: residual(L, id0, id1, a0, a1) for L in states[e].drivers}
+    def residuals(id0: int, id1: int) -> np.ndarray:
+        """Completeness residual of one interval on every cut layer: its units' sum minus the change of F."""
+        totals = [layer_total(L, id0, id1) for L in cut_layers]
+        return np.asarray(torch.stack(totals).tolist(), dtype=np.float64) - (store_F[id1] - store_F[id0])
 
-    def intervals_of(e: int) -> list[tuple[int, int, float, float]]:
-        s = states[e]
-        return [(s.point_ids[j], s.point_ids[j + 1], s.alphas[j], s.alphas[j + 1]) for j in range(len(s.alphas) - 1)]
-
-    def denominator(e: int) -> float:
-        """|F(x) - F(x')| of example e, guarded as in :func:`relative_error`."""
-        s = states[e]
-        F0, F1 = store_F[s.point_ids[0]], store_F[s.point_ids[-1]]
+    def denominator(p: _Path) -> float:
+        """|F(x) - F(x')| of one example, guarded as in :func:`relative_error`."""
+        F0, F1 = store_F[p.ids[0]], store_F[p.ids[-1]]
         return max(abs(F1 - F0), 1e-6 * max(abs(F1), abs(F0), 1.0))
 
-    def error_of(e: int) -> float:
-        s = states[e]
-        denom = denominator(e)
-        worst = 0.0
-        for L in s.drivers:
-            r = [v[L] for v in s.intervals.values()]
-            worst = max(worst, abs(sum(r)) / denom)
-            if strict:
-                worst = max(worst, sum(abs(x) for x in r) / denom)
-        return worst
+    def error_of(p: _Path) -> float:
+        """The worst relative completeness error over the cut layers."""
+        r = np.stack(list(p.intervals.values()))
+        err = np.abs(r.sum(0))
+        if strict:
+            err = np.maximum(err, np.abs(r).sum(0))
+        return float(err.max()) / denominator(p)
 
-    def finish(e: int) -> list[str]:
-        """Sum every layer's units over the final grid; return the cut layers that miss the tolerance
-        and are not drivers yet (none when the example is done)."""
-        s = states[e]
+    def finish(p: _Path) -> None:
+        """Sum every layer's units over the final grid, then drop the example's stored points."""
         total: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
-        res = torch.zeros(len(s.alphas) - 1, len(cut_layers), dtype=torch.float64)
-        for k, (id0, id1, a0, a1) in enumerate(intervals_of(e)):
-            dF = store_F[id1] - store_F[id0]
+        keys = list(zip(p.ids[:-1], p.ids[1:]))
+        for id0, id1 in keys:
             for n in names:
-                parts = interval_sums(n, id0, id1, a0, a1, measures)
-                for mname, c in parts.items():
+                for mname, c in interval_sums(n, id0, id1, measures).items():
                     acc = total[mname].get(n)
                     total[mname][n] = c.clone() if acc is None else acc.add_(c)
-                if n in cut_index:
-                    res[k, cut_index[n]] = parts["conductance"].sum(dtype=torch.float64).item() - dF
-        s.final, s.residuals = total, res
-        denom = denominator(e)
-        errors = res.sum(0).abs() / denom
-        if strict:
-            errors = torch.maximum(errors, res.abs().sum(0) / denom)
-        return [L for j, L in enumerate(cut_layers) if errors[j] > tolerance and L not in s.drivers]
-
-    def release(e: int) -> None:
-        """Drop the stored layer values of an example that will not be refined again."""
-        for id0, id1, _, _ in intervals_of(e):
-            for n in names:
                 sums.pop((id0, id1, n), None)
-        for pid in states[e].point_ids:
+        p.final = total
+        p.residuals = torch.tensor(np.stack([p.intervals[k] for k in keys]), dtype=torch.float64)
+        nonlocal stored_bytes
+        for pid in p.ids:
             for n in names:
-                t = store_y[n][pid]
-                if t is not None:
-                    stored_bytes[0] -= 2 * t.numel() * t.element_size()
-                    store_y[n][pid] = None
-                    store_g[n][pid] = None
+                stored_bytes -= 2 * store_y[n][pid].numel() * store_y[n][pid].element_size()
+                store_y[n][pid] = store_g[n][pid] = None
 
-    # initial grid for every example, batched together; the starting driver is the worst cut layer
-    initial = [(e, float(a)) for e in range(B) for a in init]
-    ids = run(initial)
-    k = 0
-    for e in range(B):
-        s = states[e]
-        s.alphas = [float(a) for a in init]
-        s.point_ids = ids[k:k + len(init)]
-        k += len(init)
-        # every cut layer's residuals on the few starting intervals; the worst layer steers
-        start = {(id0, id1): {L: residual(L, id0, id1, a0, a1) for L in cut_layers}
-                 for id0, id1, a0, a1 in intervals_of(e)}
-        worst = max(cut_layers, key=lambda L: abs(sum(r[L] for r in start.values())))
-        s.drivers = [worst]
-        s.intervals = {key: {worst: r[worst]} for key, r in start.items()}
+    # the starting grid of every example, batched together
+    ids = run([(e, float(a)) for e in range(B) for a in init])
+    paths = [_Path(ids=ids[e * len(init):(e + 1) * len(init)], alphas=[float(a) for a in init]) for e in range(B)]
+    for p in paths:
+        p.intervals = {(i0, i1): residuals(i0, i1) for i0, i1 in zip(p.ids[:-1], p.ids[1:])}
 
-    done: set[int] = set()
-    stuck: set[int] = set()   # no interval left that can be bisected
+    active = list(range(B))
+    stuck: set[int] = set()   # examples with no interval left that can be bisected
     while True:
-        active = []
-        for e in range(B):
-            if e in done:
-                continue
-            budget_left = len(states[e].alphas) < max_points and not memory_limited and e not in stuck
-            if budget_left and error_of(e) > tolerance:
-                active.append(e)
-                continue
-            missing = finish(e)
-            if missing and budget_left:
-                # the final pass computed every cut layer's interval residuals: reuse them
-                s = states[e]
-                s.drivers.extend(missing)
-                for k, (id0, id1, _, _) in enumerate(intervals_of(e)):
-                    for L in missing:
-                        s.intervals[(id0, id1)][L] = float(s.residuals[k, cut_index[L]])
-                if error_of(e) > tolerance:
-                    active.append(e)
-                    continue
-            done.add(e)
-            release(e)
+        still = []
+        for e in active:
+            p = paths[e]
+            if len(p.ids) < max_points and not memory_limited and e not in stuck and error_of(p) > tolerance:
+                still.append(e)
+            else:
+                finish(p)
+        active = still
         if not active:
             break
-        proposals: dict[int, list] = {}
+        # each example bisects its worst intervals until they hold REFINE_SHARE of its residuals
+        proposals: dict[int, list[tuple[int, int]]] = {}
         for e in active:
-            s = states[e]
-            worst = lambda kv: max(abs(v) for v in kv[1].values())  # noqa: E731
-            items = sorted(s.intervals.items(), key=lambda kv: -worst(kv))
-            items = [kv for kv in items if _width(s, kv[0]) > 1e-7]
-            total = sum(worst(kv) for kv in items)
-            budget = max_points - len(s.alphas)
+            p = paths[e]
+            scored = sorted(((float(np.abs(r).max()), k) for k, r in p.intervals.items()
+                             if store_alpha[k[1]] - store_alpha[k[0]] > 1e-7), key=lambda t: -t[0])
+            total = sum(s for s, _ in scored)
+            budget = max_points - len(p.ids)
             chosen, covered = [], 0.0
-            for kv in items:
+            for s, k in scored:
                 if len(chosen) >= budget or (chosen and covered >= REFINE_SHARE * total):
                     break
-                chosen.append(kv[0])
-                covered += worst(kv)
+                chosen.append(k)
+                covered += s
             proposals[e] = chosen
             if not chosen:
                 stuck.add(e)
         # a new point stores its layer values and gradients (interval residuals are scalars)
-        first = states[active[0]].point_ids[0]
-        point_bytes = sum(2 * t.numel() * t.element_size() for t in (store_y[n][first] for n in names))
-        room = (ADAPTIVE_STORE_BYTES - stored_bytes[0]) // max(point_bytes, 1)
+        first = paths[active[0]].ids[0]
+        point_bytes = sum(2 * store_y[n][first].numel() * store_y[n][first].element_size() for n in names)
+        room = (ADAPTIVE_STORE_BYTES - stored_bytes) // max(point_bytes, 1)
         n_new = sum(len(v) for v in proposals.values())
         if n_new > room:
             memory_limited = True
-            scored = sorted(((max(abs(v) for v in states[e].intervals[k].values()), e, k)
+            ranked = sorted(((float(np.abs(paths[e].intervals[k]).max()), e, k)
                              for e, ks in proposals.items() for k in ks), key=lambda t: -t[0])
-            keep = {(e, k) for _, e, k in scored[:max(0, int(room))]}
+            keep = {(e, k) for _, e, k in ranked[:max(0, int(room))]}
             proposals = {e: [k for k in ks if (e, k) in keep] for e, ks in proposals.items()}
-            n_new = sum(len(v) for v in proposals.values())
-        if n_new == 0:
+        new_points = [(e, 0.5 * (store_alpha[i0] + store_alpha[i1])) for e, ks in proposals.items() for i0, i1 in ks]
+        if not new_points:
             continue   # the examples that cannot go on are summed up by the next pass
-        new_points, owners = [], []
-        for e, chosen in proposals.items():
-            s = states[e]
-            pos = {pid: j for j, pid in enumerate(s.point_ids)}
-            for (id0, id1) in chosen:
-                mid = 0.5 * (s.alphas[pos[id0]] + s.alphas[pos[id1]])
-                new_points.append((e, mid))
-                owners.append((e, id0, id1, mid))
-        new_ids = run(new_points)
-        pairs = []
-        for (e, id0, id1, mid), nid in zip(owners, new_ids):
-            s = states[e]
-            del s.intervals[(id0, id1)]
-            for n in names:
-                sums.pop((id0, id1, n), None)
-            j = s.point_ids.index(id1)
-            s.point_ids.insert(j, nid)
-            s.alphas.insert(j, mid)
-            pairs.append((e, id0, nid, s.alphas[j - 1], mid))
-            pairs.append((e, nid, id1, mid, s.alphas[j + 1]))
-        add_intervals(pairs)
+        new_ids = iter(run(new_points))
+        for e, ks in proposals.items():
+            p = paths[e]
+            for i0, i1 in ks:
+                mid = next(new_ids)
+                del p.intervals[(i0, i1)]
+                for n in names:
+                    sums.pop((i0, i1, n), None)
+                j = bisect.bisect_left(p.alphas, store_alpha[mid])
+                p.ids.insert(j, mid)
+                p.alphas.insert(j, store_alpha[mid])
+                p.intervals[(i0, mid)] = residuals(i0, mid)
+                p.intervals[(mid, i1)] = residuals(mid, i1)
 
     values: dict[str, dict[str, torch.Tensor]] = {
-        m: {n: torch.stack([states[e].final[m][n] for e in range(B)]).to(device) for n in names} for m in measures}
-    residuals = [s.residuals for s in states]
-    alphas = [torch.tensor(s.alphas, dtype=torch.float64) for s in states]
-    F_start = torch.tensor([store_F[s.point_ids[0]] for s in states], device=device)
-    F_end = torch.tensor([store_F[s.point_ids[-1]] for s in states], device=device)
-    n_points = torch.tensor([len(s.alphas) for s in states], dtype=torch.long)
-    return Integral(values, F_start, F_end, n_points, residuals, alphas, memory_limited)
-
-
-def _width(state: _ExampleState, key: tuple) -> float:
-    pos = state.point_ids.index(key[0]), state.point_ids.index(key[1])
-    return state.alphas[pos[1]] - state.alphas[pos[0]]
+        m: {n: torch.stack([p.final[m][n] for p in paths]).to(device).contiguous() for n in names}
+        for m in measures}
+    F_start = torch.tensor([store_F[p.ids[0]] for p in paths], device=device)
+    F_end = torch.tensor([store_F[p.ids[-1]] for p in paths], device=device)
+    n_points = torch.tensor([len(p.ids) for p in paths], dtype=torch.long)
+    return Integral(values, F_start, F_end, n_points, [p.residuals for p in paths],
+                    [torch.tensor(p.alphas, dtype=torch.float64) for p in paths], memory_limited)
 
 
 def record_values(problem: PathProblem, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -708,7 +690,8 @@ def check_cuts(problem: PathProblem) -> dict[str, bool]:
 
     One forward of one example at the input, with every layer's value handed downstream
     through its own clone; a layer is a cut when F's graph no longer reaches the input once
-    that clone's node is blocked. The same forward reports layers it never reaches.
+    that clone's node is blocked. The same forward reports layers it never reaches, and sets
+    ``problem.copy_layer_outputs`` when the model changes a layer's output in place.
     """
     ex = torch.zeros(1, dtype=torch.long, device=problem.inputs.device)
     alpha = torch.ones(1, dtype=torch.float64, device=problem.inputs.device)
@@ -720,5 +703,7 @@ def check_cuts(problem: PathProblem) -> dict[str, bool]:
     missing = [r.name for r in problem.refs if r.name not in recorder.values]
     if missing:
         raise never_reached(missing)
-    return {ref.name: not graph_reaches(F, x, blocked=[recorder.downstream[ref.name].grad_fn])
+    if recorder.modified_in_place():
+        problem.copy_layer_outputs = True
+    return {ref.name: not graph_reaches(F, x, blocked=[recorder.downstream_node[ref.name]])
             for ref in problem.refs}

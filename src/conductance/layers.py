@@ -140,17 +140,22 @@ class Recorder:
     With ``cut_below=True`` the forward runs without autograd until the first
     requested layer fires; from there on autograd is on and each layer's value is a
     tensor that requires grad, so the backward stops at the lowest requested layer.
-    Each observed value is handed downstream as a clone, so in-place operations after
-    the layer cannot change what was recorded.
+    With ``copy=True`` each observed value is handed downstream as a clone, so in-place
+    operations after the layer cannot change what was recorded. With ``copy=False`` the
+    value itself goes on (a copy less per layer and point) and :meth:`modified_in_place`
+    tells afterwards whether the model changed it.
     """
 
     def __init__(self, refs: Sequence[LayerRef], cut_below: bool, replace: Optional[dict] = None,
-                 keep_downstream: bool = False):
+                 keep_downstream: bool = False, copy: bool = True):
         self.refs = list(refs)
         self.keep_downstream = keep_downstream
+        self.copy = copy or keep_downstream
+        self._versions: dict[str, int] = {}
         #: with ``keep_downstream``, the clone handed to the rest of the model, per layer: its
         #: autograd node is the single entry through which the layer's value flows downstream
         self.downstream: dict[str, torch.Tensor] = {}
+        self.downstream_node: dict[str, Any] = {}
         self.cut_below = cut_below
         self.replace = dict(replace or {})
         self.values: dict[str, torch.Tensor] = {}
@@ -162,7 +167,7 @@ class Recorder:
             raise ConductanceError(
                 f"layer {ref.name!r} ran {self.calls[ref.name]} times in one forward pass (a shared or "
                 "recurrent module); conductance needs one value per forward: hook a module that runs once")
-        tensor = select_element(ref, value)
+        tensor = original = select_element(ref, value)
         if not tensor.is_floating_point():
             raise ConductanceError(f"layer {ref.name!r} produces a {tensor.dtype} tensor; conductance needs "
                                    "a floating-point layer (integer values cannot be differentiated)")
@@ -177,10 +182,21 @@ class Recorder:
         elif not tensor.requires_grad:
             tensor = tensor.detach().requires_grad_(True)
         self.values[ref.name] = tensor
+        if not self.copy:
+            self._versions[ref.name] = tensor._version
+            return value if tensor is original else replace_element(ref, value, tensor)
         passed = tensor.clone()
         if self.keep_downstream:
             self.downstream[ref.name] = passed
+            self.downstream_node[ref.name] = passed.grad_fn   # an in-place op later would replace it
         return replace_element(ref, value, passed)
+
+    def modified_in_place(self) -> list[str]:
+        """Layers whose recorded value (handed on without a copy) the model has since changed in place,
+        or, with ``keep_downstream``, whose copy handed downstream it changed."""
+        if self.keep_downstream:
+            return [n for n, t in self.downstream.items() if t._version != 0]
+        return [n for n, v in self._versions.items() if self.values[n]._version != v]
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["Recorder"]:

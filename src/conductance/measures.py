@@ -2,9 +2,8 @@
 
 A path measure maps one path interval to its contribution, from
 
-- ``gsum``: the interval's gradient ``dF/dy`` summed over the points the rule uses: ``g0 + g1``
-  for the trapezoid rule, ``g0`` for the left rule (the engine applies the rule's weight, 1/2 or
-  1, after the unit reduction, which is linear),
+- ``gbar``: the interval's gradient ``dF/dy`` as the rule takes it: ``(g0 + g1) / 2`` for the
+  trapezoid rule, ``g0`` for the left rule,
 - ``y0, y1``: the layer's values at the interval's ends,
 - ``width``: ``a1 - a0``, broadcastable against ``y0``,
 - ``out``: a scratch tensor of ``y0``'s shape that the measure may overwrite and return,
@@ -18,16 +17,16 @@ from __future__ import annotations
 import torch
 
 
-def conductance(gsum: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, width: torch.Tensor,
+def conductance(gbar: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, width: torch.Tensor,
                 out: torch.Tensor) -> torch.Tensor:
     """Stieltjes sum of ``dF/dy`` against the change of ``y`` over one interval (the efficient form)."""
-    return torch.sub(y1, y0, out=out).mul_(gsum)
+    return torch.sub(y1, y0, out=out).mul_(gbar)
 
 
-def internal_influence(gsum: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, width: torch.Tensor,
+def internal_influence(gbar: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, width: torch.Tensor,
                        out: torch.Tensor) -> torch.Tensor:
     """``integral dF/dy da`` over one interval (Leino et al. 2018), on the same straight path."""
-    return torch.mul(gsum, width, out=out)
+    return torch.mul(gbar, width, out=out)
 
 
 PATH_MEASURES = {"conductance": conductance, "internal_influence": internal_influence}
