@@ -151,19 +151,20 @@ class Clock:
         self.reset()
 
     def reset(self) -> None:
-        self.evaluate_s = 0.0
+        self.evaluate_s = self.evaluate_cpu_s = 0.0
         self.evaluate_calls = 0
-        self.driver_s = 0.0
+        self.driver_s = self.driver_cpu_s = 0.0
 
     def install(self) -> None:
         original_evaluate = cd_engine.evaluate
 
         def timed_evaluate(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return original_evaluate(*args, **kwargs)
             finally:
                 self.evaluate_s += time.perf_counter() - t0
+                self.evaluate_cpu_s += time.process_time() - c0
                 self.evaluate_calls += 1
 
         cd_engine.evaluate = timed_evaluate  # the drivers look the name up in the module at call time
@@ -171,11 +172,12 @@ class Clock:
             original = getattr(cd_attribute, name)
 
             def timed_driver(*args, __original=original, **kwargs):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 try:
                     return __original(*args, **kwargs)
                 finally:
                     self.driver_s += time.perf_counter() - t0
+                    self.driver_cpu_s += time.process_time() - c0
 
             setattr(cd_attribute, name, timed_driver)
 
@@ -253,7 +255,7 @@ def ours(model, x, layers, top, counter, *, method: str, points: Optional[int] =
         evaluations=int(r.extra["model_evaluations"]),
         forward_examples=counter.count - forwards0,
         time_s=elapsed, evaluate_s=CLOCK.evaluate_s, evaluate_calls=CLOCK.evaluate_calls,
-        driver_s=CLOCK.driver_s,
+        driver_s=CLOCK.driver_s, evaluate_cpu_s=CLOCK.evaluate_cpu_s, driver_cpu_s=CLOCK.driver_cpu_s,
         rel_error={n: r.relative_error[n].double().tolist() for n in layers},
         output_diff=r.output_diff.double().tolist(),
     )
@@ -415,13 +417,21 @@ def overhead_rows(model_out: dict) -> list[dict]:
         if r["rule"] not in ("adaptive", "gausslegendre") or "evaluate_s" not in r:
             continue
         book = r["driver_s"] - r["evaluate_s"]
+        # CPU time (all threads of this process) is less disturbed than wall time by other jobs
+        book_cpu = r["driver_cpu_s"] - r["evaluate_cpu_s"] if "driver_cpu_s" in r else None
         rows.append(dict(rule=r["rule"], points=r["points"], tolerance=r.get("tolerance"),
                          evaluations=r["evaluations"], evaluate_calls=r["evaluate_calls"],
                          time_s=r["time_s"], evaluate_s=r["evaluate_s"], driver_s=r["driver_s"],
                          bookkeeping_s=book, bookkeeping_pct=100 * book / max(r["evaluate_s"], 1e-9),
+                         bookkeeping_cpu_pct=None if book_cpu is None
+                         else 100 * book_cpu / max(r["evaluate_cpu_s"], 1e-9),
                          outside_pct=100 * (r["time_s"] - r["evaluate_s"]) / max(r["evaluate_s"], 1e-9),
                          evaluate_ms_per_point=1000 * r["evaluate_s"] / max(r["evaluations"], 1)))
     return rows
+
+
+def _opt_pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.1f}%"
 
 
 def summarise(data: dict) -> dict:
@@ -454,7 +464,6 @@ def tables_markdown(data: dict, summary: dict) -> str:
     lines: list[str] = []
     for model_name, m in data["models"].items():
         s = summary[model_name]
-        n_ex, n_layers = len(m["photos"]), len(m["layers"])
         lines += [f"### {model_name}", "",
                   f"Photos: {', '.join(m['photos'])} (top classes: {', '.join(m['top_names'])}); layers: "
                   f"{', '.join(m['layers'])}. Captum's own LayerConductance on: {', '.join(m['captum_layers'])}.",
@@ -526,16 +535,18 @@ def tables_markdown(data: dict, summary: dict) -> str:
                          f"{_pct(np.median(_flat(r['unit_distance'])))} | "
                          f"{'yes' if r.get('memory_limited') else 'no'} | {r['time_s']:.1f} s |")
         lines += ["", "Bookkeeping (time in the integration driver outside `engine.evaluate`) as a share of the "
-                  "evaluation time; the last column also counts the per-call set-up (one forward at the inputs, "
-                  "one per layer for the cut check, and for the 'captum' rule the end-point forwards):", "",
+                  "evaluation time, in wall time and in CPU time of the process (less disturbed by other jobs); "
+                  "the last column also counts the per-call set-up (one forward at the inputs, one for the cut "
+                  "check, and for the 'captum' rule the end-point forwards):", "",
                   "| run | evaluations | evaluate calls | evaluation time | ms per point | bookkeeping | "
-                  "bookkeeping / evaluation | whole call minus evaluation, / evaluation |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "bookkeeping / evaluation | same, CPU time | whole call minus evaluation, / evaluation |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for o in s["overhead"]:
             run = (f"{o['rule']} P={o['points']}" if o["points"] else f"adaptive tolerance={o['tolerance']}")
             lines.append(f"| {run} | {o['evaluations']} | {o['evaluate_calls']} | {o['evaluate_s']:.1f} s | "
                          f"{o['evaluate_ms_per_point']:.0f} | {o['bookkeeping_s']:.2f} s | "
-                         f"{o['bookkeeping_pct']:.1f}% | {o['outside_pct']:.1f}% |")
+                         f"{o['bookkeeping_pct']:.1f}% | {_opt_pct(o.get('bookkeeping_cpu_pct'))} | "
+                         f"{o['outside_pct']:.1f}% |")
         lines.append("")
     return "\n".join(lines)
 
@@ -578,7 +589,7 @@ def figure(data: dict, path: str) -> None:
                 ax.set_ylabel("median relative L2 to reference")
             ax.set_xlabel("path points per example")
             ax.grid(True, which="major", alpha=0.3)
-    handles, labels = {}, {}
+    handles: dict = {}
     for ax in axes.flat:  # one legend for the figure, below the panels
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)

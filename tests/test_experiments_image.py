@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import conductance as cd
+from conductance import assets
 from conductance.datasets import fashion_mnist_available
 from conductance.experiments import fashion_inception as fi
 from conductance.experiments import image
@@ -158,6 +159,9 @@ def test_googlenet_weights_file_mismatch(tmp_path):
         image.load_googlenet(str(a_list))
     with pytest.raises(cd.ConductanceError, match="does not exist"):
         image.load_googlenet(str(tmp_path / "missing.pth"))
+    # the library's own loader gives the same errors (image.load_googlenet is a name for it)
+    with pytest.raises(cd.ConductanceError, match=r"wrong shape \(e.g. fc\.(weight|bias)"):
+        assets.googlenet(weights_path=str(ten_classes))
 
 
 def test_split_per_class():
@@ -175,7 +179,6 @@ def test_split_per_class():
 def test_quick_run_records_every_number(tmp_path, monkeypatch):
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("matplotlib")
-    from conductance import assets
     from conductance.experiments.report import Report
 
     monkeypatch.setenv("CONDUCTANCE_CACHE", str(tmp_path / "cache"))  # trains from an empty cache

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import ConductanceError
+
 #: Real photos of ImageNet classes, by short name: (package, path inside the package).
 PHOTOS = {
     "chelsea": ("skimage", "data/chelsea.png"),          # tabby cat
@@ -108,26 +110,78 @@ def googlenet(weights_path: Optional[str] = None, calibration: Optional[torch.Te
               seed: int = 0) -> nn.Module:
     """torchvision GoogLeNet (Inception v1, the paper's network) in eval mode.
 
-    With ``weights_path`` (a torchvision ``googlenet`` state dict), the real weights are
-    loaded. Without, the weights are random (no download here) and the BatchNorm
-    statistics are re-estimated on ``calibration`` inputs (batch, 3, 224, 224): a
-    random-init GoogLeNet in eval mode otherwise has vanishing activations and logits
-    equal to the fc bias, which makes every attribution zero.
+    With ``weights_path``, the real weights are loaded from a file such as
+    ``torch.save(googlenet(weights="IMAGENET1K_V1").state_dict(), path)`` writes (auxiliary
+    classifiers are ignored; a dict holding the state dict under ``"state_dict"`` or ``"model"``
+    works too). The model is built with ``transform_input=False``: feed photos normalised with
+    mean 0.5 and std 0.5 (:func:`photo_batch`'s default), which is what the pretrained weights
+    see after torchvision's own input transform.
+
+    Without, the weights are random (no download here) and the BatchNorm statistics are
+    re-estimated on ``calibration`` inputs (batch, 3, 224, 224): a random-init GoogLeNet in
+    eval mode otherwise has vanishing activations and logits equal to the fc bias, which makes
+    every attribution zero.
+
+    Raises
+    ------
+    ConductanceError
+        The weights file is missing, is not a state dict, or does not fit GoogLeNet.
     """
     from torchvision.models import googlenet as tv_googlenet
 
-    torch.manual_seed(seed)
-    model = tv_googlenet(weights=None, aux_logits=False, init_weights=True)
     if weights_path is not None:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("aux")}
+        state = _googlenet_state(weights_path)
+        model = tv_googlenet(weights=None, aux_logits=False, init_weights=False)
+        _check_state(model, state, weights_path)
         model.load_state_dict(state)
         return model.eval()
+    torch.manual_seed(seed)
+    model = tv_googlenet(weights=None, aux_logits=False, init_weights=True)
     if calibration is None:
         generator = torch.Generator().manual_seed(seed)
         calibration = torch.randn(16, 3, 224, 224, generator=generator)
     recalibrate_batchnorm(model, [calibration])
     return model.eval()
+
+
+def _googlenet_state(path: str) -> dict:
+    """The state dict in ``path``, without auxiliary-classifier entries."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise ConductanceError(f"GoogLeNet weights file {path!r} does not exist; pass the path of a torchvision "
+                               "googlenet state dict (torch.save(model.state_dict(), path))")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip or format errors all mean the same thing to the user
+        raise ConductanceError(f"could not read {path!r} as a PyTorch state dict ({type(exc).__name__}: {exc}); "
+                               "save the weights with torch.save(model.state_dict(), path)") from exc
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConductanceError(f"{path!r} holds a {type(state).__name__}, not a state dict of tensors; save the "
+                               "weights with torch.save(model.state_dict(), path)")
+    return {k: v for k, v in state.items() if not k.startswith("aux")}
+
+
+def _check_state(model: nn.Module, state: dict, path: str) -> None:
+    """Raise a ConductanceError naming what does not fit when ``state`` is not ``model``'s."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if not (missing or unexpected or wrong):
+        return
+    detail = []
+    if missing:
+        detail.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if wrong:
+        detail.append(f"{len(wrong)} of the wrong shape (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)}, "
+                      f"GoogLeNet {tuple(own[wrong[0]].shape)})")
+    raise ConductanceError(f"{path!r} is not a torchvision GoogLeNet state dict: entries " + "; ".join(detail)
+                           + ". Pass the weights of torchvision.models.googlenet (Inception v1, 1000 classes)")
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:

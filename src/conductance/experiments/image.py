@@ -110,57 +110,12 @@ def _rule_text(rule: dict) -> str:
 
 
 def load_googlenet(path: str) -> nn.Module:
-    """torchvision GoogLeNet (Inception v1) with the pretrained weights in the state-dict file ``path``.
+    """torchvision GoogLeNet with the pretrained weights in the state-dict file ``path``:
+    :func:`conductance.assets.googlenet` with ``weights_path`` (see there for the file format and
+    the errors)."""
+    from .. import assets
 
-    The file is what ``torch.save(googlenet(weights="IMAGENET1K_V1").state_dict(), path)`` writes
-    (auxiliary-classifier entries are ignored; a dict holding it under ``"state_dict"`` or ``"model"``
-    works too). The model is built with ``transform_input=False``: feed photos normalised with
-    mean 0.5 and std 0.5 (:func:`conductance.assets.photo_batch`'s default), which is what the
-    pretrained weights see after torchvision's own input transform.
-
-    Raises
-    ------
-    ConductanceError
-        The file is missing, is not a state dict, or does not fit GoogLeNet's architecture.
-    """
-    import os
-
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        raise ConductanceError(f"GoogLeNet weights file {path!r} does not exist; pass the path of a torchvision "
-                               "googlenet state dict (torch.save(model.state_dict(), path))")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip or format errors all mean the same thing to the user
-        raise ConductanceError(f"could not read {path!r} as a PyTorch state dict ({type(exc).__name__}: {exc}); "
-                               "save the weights with torch.save(model.state_dict(), path)") from exc
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConductanceError(f"{path!r} holds a {type(state).__name__}, not a state dict of tensors; save the "
-                               "weights with torch.save(model.state_dict(), path)")
-    from torchvision.models import googlenet as tv_googlenet
-
-    model = tv_googlenet(weights=None, aux_logits=False, init_weights=False)
-    own = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith("aux")}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            detail.append(f"{len(wrong)} of the wrong shape (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)}, "
-                          f"GoogLeNet {tuple(own[wrong[0]].shape)})")
-        raise ConductanceError(f"{path!r} is not a torchvision GoogLeNet state dict: entries " + "; ".join(detail)
-                               + ". Pass the weights of torchvision.models.googlenet (Inception v1, 1000 classes)")
-    model.load_state_dict(state)
-    return model.eval()
+    return assets.googlenet(weights_path=path)
 
 
 # --------------------------------------------------------------------------------------------------
