@@ -508,7 +508,7 @@ def summary(results: dict) -> None:
         row("(d) peak RSS: ours, 9 blocks, defaults", None if ours is None else ours["peak_mb"] / 1024,
             TARGETS["d_ours_gb"], "{:.2f}", le=False, unit=" GB")
         cap = d.get("mem-captum")
-        info(f"(d) peak RSS: Captum, 1 block, defaults", "n/a" if cap is None else f"{cap['peak_mb'] / 1024:.2f} GB")
+        info("(d) peak RSS: Captum, 1 block, defaults", "n/a" if cap is None else f"{cap['peak_mb'] / 1024:.2f} GB")
     widths = [max(len(r[i]) for r in rows + [("measure", "value", "CPU-time", "target", "result")])
               for i in range(5)]
     log("\n=== summary (value: ratio of median wall times; CPU-time: same ratio of process CPU times) ===")

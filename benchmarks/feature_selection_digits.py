@@ -29,7 +29,6 @@ import argparse
 import json
 import time
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 import torch

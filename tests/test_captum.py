@@ -8,7 +8,6 @@ is a different computation); ours must not depend on ``internal_batch_size``.
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

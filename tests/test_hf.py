@@ -86,7 +86,6 @@ def test_input_probe_equals_self_attention_output(tiny):
 
 def _literal_ig(model, embeds, base, mask, target, n=600, chunk=200):
     """Integrated gradients of the word embeddings with a midpoint Riemann sum, through inputs_embeds."""
-    B = embeds.shape[0]
     total = torch.zeros_like(embeds)
     alphas = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     for a in alphas.split(chunk):

@@ -1042,7 +1042,7 @@ class AblationSummary:
     mode: Optional[str] = None
 
     def format_table(self) -> str:
-        head = [f"measure", "flipped", "mean flips", "median", f"> {self.k}", "never", "max",
+        head = ["measure", "flipped", "mean flips", "median", f"> {self.k}", "never", "max",
                 f"top-{self.k} removal flips"]
         body = []
         for name, r in self.rows.items():

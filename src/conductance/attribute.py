@@ -15,7 +15,7 @@ from .errors import ConductanceError, warn
 from .inputs import Target, build_problem, check_steps
 from .layers import LayerSpec
 from .measures import LIG, MEASURES, PATH_MEASURES, POINT_MEASURES
-from .paths import FIXED_METHODS, METHODS, fixed_grid
+from .paths import METHODS, fixed_grid
 from .result import LayerResult
 
 #: Completeness error the adaptive default aims for.
