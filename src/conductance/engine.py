@@ -548,8 +548,9 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
 
     def residuals(id0: int, id1: int) -> np.ndarray:
         """Completeness residual of one interval on every cut layer: its units' sum minus the change of F."""
-        totals = [layer_total(L, id0, id1) for L in cut_layers]
-        return np.asarray(torch.stack(totals).tolist(), dtype=np.float64) - (store_F[id1] - store_F[id0])
+        # one value per layer (layers of a model split over devices live on different devices)
+        totals = [layer_total(L, id0, id1).item() for L in cut_layers]
+        return np.asarray(totals, dtype=np.float64) - (store_F[id1] - store_F[id0])
 
     def denominator(p: _Path) -> float:
         """|F(x) - F(x')| of one example, guarded as in :func:`relative_error`."""
