@@ -1,6 +1,8 @@
 """Conductance of Hugging Face transformers through the word-embedding path (conductance.hf)."""
 
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -289,11 +291,18 @@ def test_reproduce_transformer_quick(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CONDUCTANCE_CACHE", str(tmp_path / "cache"))
     report = Report("t", {})
-    transformer.run(report, quick=True, weights=None, seed=0)
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always", cd.ConductanceWarning)
+        transformer.run(report, quick=True, weights=None, seed=0)
     report.write(str(tmp_path / "out"))
     data = json.load(open(tmp_path / "out" / "results.json"))
     assert data["transformer-model"]["test_accuracy"] > 0.65
-    pooled = data["transformer-completeness"]["pooled_relative_error"]
+    # the fixed rule's completeness warnings go to the report, one per batch with a layer above 5%
+    completeness = data["transformer-completeness"]
+    worst = max(e["max"] for e in completeness["relative_error"].values())
+    assert (len(completeness["warnings"]) > 0) == (worst > 0.05)
+    assert not [w for w in escaped if issubclass(w.category, cd.ConductanceWarning)]
+    pooled = completeness["pooled_relative_error"]
     assert len(pooled) == 7
     for name, e in pooled.items():
         # the last block feeds linear pooling + head: exact; the others: the 32-step rule's error
