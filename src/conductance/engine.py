@@ -452,7 +452,6 @@ class _Path:
     """One example's refined grid in the adaptive rule."""
 
     ids: list                                            # store index of each point, in path order
-    alphas: list                                         # their positions, increasing
     intervals: dict = field(default_factory=dict)        # (id0, id1) -> residual per cut layer, (n_cuts,)
     final: Optional[dict] = None                         # per-unit values once finished
     residuals: Optional[torch.Tensor] = None             # (intervals, cuts) once finished
@@ -585,7 +584,7 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
 
     # the starting grid of every example, batched together
     ids = run([(e, float(a)) for e in range(B) for a in init])
-    paths = [_Path(ids=ids[e * len(init):(e + 1) * len(init)], alphas=[float(a) for a in init]) for e in range(B)]
+    paths = [_Path(ids=ids[e * len(init):(e + 1) * len(init)]) for e in range(B)]
     for p in paths:
         p.intervals = {(i0, i1): residuals(i0, i1) for i0, i1 in zip(p.ids[:-1], p.ids[1:])}
 
@@ -641,9 +640,7 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
                 del p.intervals[(i0, i1)]
                 for n in names:
                     sums.pop((i0, i1, n), None)
-                j = bisect.bisect_left(p.alphas, store_alpha[mid])
-                p.ids.insert(j, mid)
-                p.alphas.insert(j, store_alpha[mid])
+                p.ids.insert(bisect.bisect_left(p.ids, store_alpha[mid], key=store_alpha.__getitem__), mid)
                 p.intervals[(i0, mid)] = residuals(i0, mid)
                 p.intervals[(mid, i1)] = residuals(mid, i1)
 
@@ -654,7 +651,8 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     F_end = torch.tensor([store_F[p.ids[-1]] for p in paths], device=device)
     n_points = torch.tensor([len(p.ids) for p in paths], dtype=torch.long)
     return Integral(values, F_start, F_end, n_points, [p.residuals for p in paths],
-                    [torch.tensor(p.alphas, dtype=torch.float64) for p in paths], memory_limited)
+                    [torch.tensor([store_alpha[i] for i in p.ids], dtype=torch.float64) for p in paths],
+                    memory_limited)
 
 
 def record_values(problem: PathProblem, x: torch.Tensor) -> dict[str, torch.Tensor]:
