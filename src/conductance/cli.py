@@ -44,8 +44,8 @@ def _demo(args: argparse.Namespace) -> int:
             values = result[layer][i]
             top = torch.argsort(values, descending=True)[:args.top]
             shown = ", ".join(f"{int(c)} ({values[c]:+.3f})" for c in top)
-            print(f"  {layer:<11} {values.numel():>4} filters, completeness error "
-                  f"{100 * result.relative_error[layer][i]:6.3f}%   top filters: {shown}")
+            print(f"  {layer:<11} {values.numel():>4} filters, per-unit error {100 * result.unit_error[layer][i]:5.2f}%, "
+                  f"completeness error {100 * result.relative_error[layer][i]:5.2f}%   top filters: {shown}")
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return 0
