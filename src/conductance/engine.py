@@ -245,8 +245,52 @@ def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> P
     unused = [n for n, g in zip(names, grads) if g is None]
     if unused:
         raise not_dependent(unused)
-    return PointBatch(ex, alphas, F.detach(), {n: t.detach() for n, t in zip(names, tensors)},
-                      {n: g.detach() for n, g in zip(names, grads)})
+    batch = PointBatch(ex, alphas, F.detach(), {n: t.detach() for n, t in zip(names, tensors)},
+                       {n: g.detach() for n, g in zip(names, grads)})
+    check_finite(batch, [n for n in recorder.values if n in batch.ys] + ([INPUT] if problem.track_input else []))
+    return batch
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # one reduction and no tensor-sized temporary in the common case; a sum can overflow to Inf from
+    # finite values, so only an exact element check decides
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_finite(batch: PointBatch, order: Sequence[str]) -> None:
+    """Raise a ConductanceError when the model produced NaN or Inf at any of the batch's points.
+
+    ``order``: the recorded layers in the order the forward pass reached them. The message names the
+    first layer whose value (else gradient) is not finite, or the output, and the path positions
+    (example, alpha) of the first points affected.
+    """
+    def where(bad: torch.Tensor) -> str:
+        idx = bad.nonzero().flatten()[:5].tolist()
+        return ", ".join(f"example {int(batch.ex[i])} at alpha={float(batch.alphas[i]):.6g}" for i in idx)
+
+    def bad_points(t: torch.Tensor) -> torch.Tensor:
+        return ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+
+    for name in order:
+        if not _finite(batch.ys[name]):
+            raise ConductanceError(
+                f"the model produced NaN or Inf: layer {name!r} is the first recorded layer with non-finite "
+                f"values (at {where(bad_points(batch.ys[name]))}). "
+                "Something at or below this layer overflows or leaves its domain (log or sqrt of a "
+                "non-positive value, a division by zero) somewhere on the path between baseline and input; "
+                "fix the model, or choose a baseline and inputs for which it stays finite")
+    if not _finite(batch.F):
+        raise ConductanceError(
+            f"the model produced NaN or Inf in the explained output F (at {where(~torch.isfinite(batch.F))}) "
+            f"although the recorded layers {list(order)} are finite: the problem lies above them; fix the model, or "
+            "choose a baseline and inputs for which it stays finite")
+    for name in order:
+        if not _finite(batch.gs[name]):
+            raise ConductanceError(
+                f"the gradient of the output with respect to layer {name!r} is NaN or Inf "
+                f"(at {where(bad_points(batch.gs[name]))}) while the values are finite: an operation above the "
+                "layer has an infinite derivative there (sqrt or log at 0, abs-like kinks in a custom "
+                "function); conductance is not defined on such a path: fix the model or the baseline")
 
 
 def reduce_units(t: torch.Tensor, units: str) -> torch.Tensor:
