@@ -303,3 +303,26 @@ def test_timeout_must_be_positive_minutes():
     for bad in (0, -1, float("nan"), "5", True):
         with pytest.raises(cd.ConductanceError, match="timeout must be a positive number of minutes"):
             cd.aggregate(agg_entry.model(), agg_entry.data(), LAYERS, timeout=bad, **FIXED)
+
+
+def test_a_frozen_peer_makes_the_other_rank_fail_with_its_name_after_the_timeout():
+    import socket
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", FROZEN_SECONDS="60",
+               PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [torchrun, "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+           os.path.join(here, "dist_entry.py"), "0.05"]             # 3 seconds
+    # rank 1 sleeps 60 s: without the timeout rank 0 would wait for it (30 minutes by default)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "RANK0-ERROR: rank 0 of 2: the collective" in out, out
+    assert "RANK1-WOKE" not in out, out       # rank 0 gave up while its peer was still frozen

@@ -573,6 +573,9 @@ def _describe(value: Any) -> Any:
         return f"tensor{tuple(value.shape)}:{h.hexdigest()}"
     if isinstance(value, numbers.Number):
         return float(value)
+    from .engine import Shared
+    if isinstance(value, Shared):
+        return {"shared": _describe(value.value)}
     if isinstance(value, (list, tuple)):
         return [_describe(v) for v in value]
     if isinstance(value, dict):
@@ -1396,10 +1399,12 @@ def _other_world(base: str, path: str, world: int) -> Optional[str]:
 def _predicted(model: nn.Module, x: torch.Tensor, kwargs: dict, index: int) -> torch.Tensor:
     from .engine import logits_of
 
+    from .engine import unwrap_shared
+
     extra = kwargs.get("additional_forward_args")
     extra = () if extra is None else extra if isinstance(extra, tuple) else (extra,)
     with torch.no_grad():
-        scores = logits_of(model(x, *extra, **dict(kwargs.get("forward_kwargs") or {})))
+        scores = logits_of(model(x, *unwrap_shared(extra), **unwrap_shared(dict(kwargs.get("forward_kwargs") or {}))))
     if scores.dim() != 2:
         raise ConductanceError(f"batch {index}: grouping by predicted class needs outputs (batch, classes), got "
                                f"{tuple(scores.shape)}; give labels or use by=None")

@@ -97,8 +97,64 @@ class PointBatch:
     gs: dict[str, torch.Tensor]
 
 
+class Shared:
+    """A forward argument given to every path point unchanged, whatever its shape.
+
+    Without it, a tensor in ``additional_forward_args`` or ``forward_kwargs`` whose first
+    dimension equals the batch size is per example (see :func:`_index_args`)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        shape = tuple(self.value.shape) if isinstance(self.value, torch.Tensor) else type(self.value).__name__
+        return f"shared({shape})"
+
+
+def shared(value: Any) -> Shared:
+    """Mark a forward argument as shared by all examples: passed unchanged to every path point.
+
+    Use it for a tensor whose first dimension happens to equal the batch size but does not index
+    the examples (a weight matrix, a lookup table)."""
+    return Shared(value)
+
+
+def unwrap_shared(args: Any) -> Any:
+    """``args`` with every :class:`Shared` replaced by its value (nothing indexed)."""
+    if isinstance(args, Shared):
+        return args.value
+    if isinstance(args, tuple):
+        return tuple(unwrap_shared(a) for a in args)
+    if isinstance(args, list):
+        return [unwrap_shared(a) for a in args]
+    if isinstance(args, dict):
+        return {k: unwrap_shared(v) for k, v in args.items()}
+    return args
+
+
+def ambiguous_args(args: Any, batch: int, where: str) -> list[str]:
+    """Per-example forward arguments that may be shared ones whose first dimension equals the batch
+    size by coincidence: parameters, and tensors with another dimension of the same size."""
+    if isinstance(args, torch.Tensor):
+        if args.dim() > 0 and args.shape[0] == batch and (
+                isinstance(args, nn.Parameter) or args.requires_grad or batch in tuple(args.shape[1:])):
+            return [f"{where} of shape {tuple(args.shape)}"]
+        return []
+    if isinstance(args, (tuple, list)):
+        return [w for i, a in enumerate(args) for w in ambiguous_args(a, batch, f"{where}[{i}]")]
+    if isinstance(args, dict):
+        return [w for k, v in args.items() for w in ambiguous_args(v, batch, f"{where}[{k!r}]")]
+    return []
+
+
 def _index_args(args: Any, ex: torch.Tensor, batch: int) -> Any:
-    """Expand per-example tensors (first dimension == batch) to the points; leave the rest."""
+    """Expand per-example tensors (first dimension == batch) to the points; leave the rest.
+
+    The rule: a tensor (also inside a tuple, list or dict) whose first dimension equals the batch
+    size is per example, and point k of example i gets its row i; anything else, and anything
+    wrapped in :func:`shared`, is passed unchanged to every point."""
+    if isinstance(args, Shared):
+        return args.value
     if isinstance(args, torch.Tensor):
         return args[ex] if args.dim() > 0 and args.shape[0] == batch else args
     if isinstance(args, tuple):
@@ -139,6 +195,10 @@ def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ConductanceError(f"the target callable must return a tensor of shape (points,) = "
                                    f"({ex.shape[0]},) for a model output batch; it returned {got}")
+        if not value.is_floating_point():
+            raise ConductanceError(f"the target callable returned a {value.dtype} tensor: it must return the "
+                                   "explained scores (floats, one per point, e.g. lambda out: out[:, 3]), not "
+                                   "class indices; to explain a class pass target=<class index> instead")
         return value
     scores = logits_of(output)
     if target is None:
