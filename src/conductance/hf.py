@@ -378,8 +378,10 @@ def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: 
         if baseline == "zeros":
             return torch.zeros_like(embeds)
         if baseline == "pad":
+            pads = torch.full_like(input_ids, pad_id())
+            _check_vocabulary(pads, embedding, "word embedding", "the pad token id (baseline='pad')")
             with torch.no_grad():
-                return embedding(torch.full_like(input_ids, pad_id())).detach()
+                return embedding(pads).detach()
         raise ConductanceError(f"unknown baseline {baseline!r}; use 'pad', 'zeros', token ids (batch, tokens) "
                                "or embeddings (batch, tokens, hidden)")
     if isinstance(baseline, torch.Tensor):
