@@ -326,3 +326,12 @@ def test_a_frozen_peer_makes_the_other_rank_fail_with_its_name_after_the_timeout
     out = done.stdout + done.stderr
     assert done.returncode != 0 and "RANK0-ERROR: rank 0 of 2: the collective" in out, out
     assert "RANK1-WOKE" not in out, out       # rank 0 gave up while its peer was still frozen
+
+
+def test_aggregate_checks_the_path_settings_before_any_batch():
+    model = _Counting(agg_entry.model()).eval()
+    for kw, message in ((dict(tolerance=2.0), "tolerance must be"), (dict(n_steps=8, max_steps=40), "max_steps=40"),
+                        (dict(n_steps=0), "n_steps must be")):
+        with pytest.raises(cd.ConductanceError, match=message):
+            cd.aggregate(model, agg_entry.data(), ["inner.0"], **kw)
+    assert model.calls == 0

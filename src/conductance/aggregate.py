@@ -1097,7 +1097,8 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
     -------
     AggregateResult, or dict measure -> AggregateResult for a list of measures.
     """
-    from .attribute import UNITS, WARN_RELATIVE_ERROR, layer_importance, resolve_method
+    from .attribute import DEFAULT_MAX_STEPS, UNITS, WARN_RELATIVE_ERROR, layer_importance, resolve_method
+    from .inputs import check_budget, check_steps
 
     # ---- check the request --------------------------------------------------------------------
     measures = [measure] if isinstance(measure, str) else list(measure)
@@ -1126,8 +1127,11 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
                         f"got a {type(data).__name__}. For one batch of tensors pass [(inputs, labels)]")
     refs = resolve_layers(model, layers, use_input=bool(importance_kwargs.get("attribute_to_layer_input")))
     names = [r.name for r in refs]
+    check_steps(importance_kwargs.get("n_steps"), importance_kwargs.get("tolerance"),
+                importance_kwargs.get("max_steps", DEFAULT_MAX_STEPS))
     method, n_steps, tolerance = resolve_method(importance_kwargs.get("method"), importance_kwargs.get("n_steps"),
                                                 importance_kwargs.get("tolerance"))
+    check_budget(method, n_steps, importance_kwargs.get("max_steps", DEFAULT_MAX_STEPS), DEFAULT_MAX_STEPS)
     error_threshold = tolerance if method == "adaptive" else WARN_RELATIVE_ERROR
     _check_timeout(timeout)
     active, rank, world = _dist_state(distributed, timeout)
