@@ -355,3 +355,25 @@ def test_a_model_that_may_make_nan_never_gives_a_nan_result_without_an_error(B, 
     assert no_hooks(model)
     for t in (r["hidden"], r.delta["hidden"], r.relative_error["hidden"], r.output_diff):
         assert torch.isfinite(t).all()
+
+
+def test_integer_per_example_arguments_never_warn_even_when_square():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x, mask):
+            return self.head(torch.tanh(self.hidden(x)) * mask)
+
+    torch.manual_seed(3)
+    model = Masked().eval()
+    x = torch.randn(4, 4)
+    mask = (torch.rand(4, 4) > 0.3).long()                   # (batch, features) with features == batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.ConductanceWarning)
+        r = L(model, x, "hidden", additional_forward_args=(mask,), n_steps=32)
+    for i in range(4):
+        alone = L(model, x[i:i + 1], "hidden", additional_forward_args=(mask[i:i + 1],), n_steps=32)
+        torch.testing.assert_close(r["hidden"][i], alone["hidden"][0])

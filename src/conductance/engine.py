@@ -134,10 +134,12 @@ def unwrap_shared(args: Any) -> Any:
 
 def ambiguous_args(args: Any, batch: int, where: str) -> list[str]:
     """Per-example forward arguments that may be shared ones whose first dimension equals the batch
-    size by coincidence: parameters, and tensors with another dimension of the same size."""
+    size by coincidence: parameters (or tensors that require grad), and square floating-point
+    matrices (batch, batch). Integer tensors (token ids, masks) are taken as per example."""
     if isinstance(args, torch.Tensor):
         if args.dim() > 0 and args.shape[0] == batch and (
-                isinstance(args, nn.Parameter) or args.requires_grad or batch in tuple(args.shape[1:])):
+                isinstance(args, nn.Parameter) or args.requires_grad
+                or (batch > 1 and args.is_floating_point() and tuple(args.shape) == (batch, batch))):
             return [f"{where} of shape {tuple(args.shape)}"]
         return []
     if isinstance(args, (tuple, list)):
@@ -307,7 +309,7 @@ def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> P
         raise not_dependent(unused)
     batch = PointBatch(ex, alphas, F.detach(), {n: t.detach() for n, t in zip(names, tensors)},
                        {n: g.detach() for n, g in zip(names, grads)})
-    check_finite(batch, [n for n in recorder.values if n in batch.ys] + ([INPUT] if problem.track_input else []))
+    check_finite(batch, ([INPUT] if problem.track_input else []) + [n for n in recorder.values if n in batch.ys])
     return batch
 
 
@@ -321,8 +323,9 @@ def check_finite(batch: PointBatch, order: Sequence[str]) -> None:
     """Raise a ConductanceError when the model produced NaN or Inf at any of the batch's points.
 
     ``order``: the recorded layers in the order the forward pass reached them. The message names the
-    first layer whose value (else gradient) is not finite, or the output, and the path positions
-    (example, alpha) of the first points affected.
+    first layer whose value is not finite, else the output, else the last layer (nearest the output,
+    where a bad derivative enters the backward pass) whose gradient is not finite, and the path
+    positions (example, alpha) of the first points affected.
     """
     def where(bad: torch.Tensor) -> str:
         idx = bad.nonzero().flatten()[:5].tolist()
@@ -344,7 +347,7 @@ def check_finite(batch: PointBatch, order: Sequence[str]) -> None:
             f"the model produced NaN or Inf in the explained output F (at {where(~torch.isfinite(batch.F))}) "
             f"although the recorded layers {list(order)} are finite: the problem lies above them; fix the model, or "
             "choose a baseline and inputs for which it stays finite")
-    for name in order:
+    for name in reversed(order):
         if not _finite(batch.gs[name]):
             raise ConductanceError(
                 f"the gradient of the output with respect to layer {name!r} is NaN or Inf "

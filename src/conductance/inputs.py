@@ -183,8 +183,8 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
         engine.ambiguous_args(kwargs, inputs.shape[0], "forward_kwargs")
     if unclear:
         warn(f"{', '.join(unclear)}: the first dimension equals the batch size ({inputs.shape[0]}), so each row goes "
-             "with one example (the per-example rule), but it looks like a shared tensor (a parameter, or another "
-             "dimension of the same size). If it is shared by all examples, pass conductance.shared(tensor)")
+             "with one example (the per-example rule), but it looks like a shared tensor (a parameter, or a square "
+             "float matrix). If it is shared by all examples, pass conductance.shared(tensor)")
     refs = resolve_layers(model, layers, use_input=attribute_to_layer_input)
     if internal_batch_size is not None and (not isinstance(internal_batch_size, numbers.Integral)
                                             or isinstance(internal_batch_size, bool) or internal_batch_size < 1):
