@@ -607,6 +607,9 @@ def _hash_value(h: Any, value: Any, depth: int) -> None:
             _hash_value(h, value[k], depth + 1)
     elif isinstance(value, (set, frozenset)):
         h.update(repr(sorted(repr(v) for v in value)).encode())
+    elif isinstance(value, np.ndarray):
+        h.update(f"ndarray{value.dtype.str}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
     elif isinstance(value, types.ModuleType):
         h.update(f"module {value.__name__}".encode())
     else:
@@ -1386,7 +1389,7 @@ def _other_world(base: str, path: str, world: int) -> Optional[str]:
     if os.path.exists(path):
         return None
     if world == 1:
-        found = sorted(glob.glob(glob.escape(base) + ".rank*"))
+        found = sorted(p for p in glob.glob(glob.escape(base) + ".rank*") if p[len(base) + 5:].isdigit())
     else:
         found = [base] if os.path.exists(base) else []
     if not found:
