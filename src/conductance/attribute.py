@@ -13,7 +13,7 @@ from . import engine
 from .adaptive import integrate_adaptive
 from .engine import INPUT, PathProblem, integrate_fixed, relative_error, unit_error
 from .errors import ConductanceError, warn
-from .inputs import Target, build_problem, check_steps
+from .inputs import Target, build_problem, check_budget, check_steps
 from .layers import LayerSpec
 from .measures import LIG, MEASURES, PATH_MEASURES, POINT_MEASURES
 from .paths import METHODS, fixed_grid
@@ -180,6 +180,7 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
                                "'channel' (summed over every dimension after the channel dimension)")
     check_steps(n_steps, tolerance, max_steps)
     method, n_steps, tolerance = resolve_method(method, n_steps, tolerance)
+    check_budget(method, n_steps, max_steps, DEFAULT_MAX_STEPS)
     problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target,
                                     additional_forward_args=additional_forward_args,
                                     forward_kwargs=forward_kwargs, internal_batch_size=internal_batch_size,

@@ -102,8 +102,66 @@ class PointBatch:
     gs: dict[str, torch.Tensor]
 
 
+class Shared:
+    """A forward argument given to every path point unchanged, whatever its shape.
+
+    Without it, a tensor in ``additional_forward_args`` or ``forward_kwargs`` whose first
+    dimension equals the batch size is per example (see :func:`_index_args`)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        shape = tuple(self.value.shape) if isinstance(self.value, torch.Tensor) else type(self.value).__name__
+        return f"shared({shape})"
+
+
+def shared(value: Any) -> Shared:
+    """Mark a forward argument as shared by all examples: passed unchanged to every path point.
+
+    Use it for a tensor whose first dimension happens to equal the batch size but does not index
+    the examples (a weight matrix, a lookup table)."""
+    return Shared(value)
+
+
+def unwrap_shared(args: Any) -> Any:
+    """``args`` with every :class:`Shared` replaced by its value (nothing indexed)."""
+    if isinstance(args, Shared):
+        return args.value
+    if isinstance(args, tuple):
+        return tuple(unwrap_shared(a) for a in args)
+    if isinstance(args, list):
+        return [unwrap_shared(a) for a in args]
+    if isinstance(args, dict):
+        return {k: unwrap_shared(v) for k, v in args.items()}
+    return args
+
+
+def ambiguous_args(args: Any, batch: int, where: str) -> list[str]:
+    """Per-example forward arguments that may be shared ones whose first dimension equals the batch
+    size by coincidence: parameters (or tensors that require grad), and square floating-point
+    matrices (batch, batch). Integer tensors (token ids, masks) are taken as per example."""
+    if isinstance(args, torch.Tensor):
+        if args.dim() > 0 and args.shape[0] == batch and (
+                isinstance(args, nn.Parameter) or args.requires_grad
+                or (batch > 1 and args.is_floating_point() and tuple(args.shape) == (batch, batch))):
+            return [f"{where} of shape {tuple(args.shape)}"]
+        return []
+    if isinstance(args, (tuple, list)):
+        return [w for i, a in enumerate(args) for w in ambiguous_args(a, batch, f"{where}[{i}]")]
+    if isinstance(args, dict):
+        return [w for k, v in args.items() for w in ambiguous_args(v, batch, f"{where}[{k!r}]")]
+    return []
+
+
 def _index_args(args: Any, ex: torch.Tensor, batch: int) -> Any:
-    """Expand per-example tensors (first dimension == batch) to the points; leave the rest."""
+    """Expand per-example tensors (first dimension == batch) to the points; leave the rest.
+
+    The rule: a tensor (also inside a tuple, list or dict) whose first dimension equals the batch
+    size is per example, and point k of example i gets its row i; anything else, and anything
+    wrapped in :func:`shared`, is passed unchanged to every point."""
+    if isinstance(args, Shared):
+        return args.value
     if isinstance(args, torch.Tensor):
         return args[ex] if args.dim() > 0 and args.shape[0] == batch else args
     if isinstance(args, tuple):
@@ -144,6 +202,10 @@ def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ConductanceError(f"the target callable must return a tensor of shape (points,) = "
                                    f"({ex.shape[0]},) for a model output batch; it returned {got}")
+        if not value.is_floating_point():
+            raise ConductanceError(f"the target callable returned a {value.dtype} tensor: it must return the "
+                                   "explained scores (floats, one per point, e.g. lambda out: out[:, 3]), not "
+                                   "class indices; to explain a class pass target=<class index> instead")
         return value
     scores = logits_of(output)
     if target is None:
@@ -252,8 +314,53 @@ def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> P
         raise not_dependent(unused)
     if any(t.dtype in _LOW_PRECISION for t in tensors):
         problem.low_precision = True
-    return PointBatch(ex, alphas, _upcast(F.detach()), {n: _upcast(t.detach()) for n, t in zip(names, tensors)},
-                      {n: _upcast(g.detach()) for n, g in zip(names, grads)})
+    batch = PointBatch(ex, alphas, _upcast(F.detach()), {n: _upcast(t.detach()) for n, t in zip(names, tensors)},
+                       {n: _upcast(g.detach()) for n, g in zip(names, grads)})
+    check_finite(batch, ([INPUT] if problem.track_input else []) + [n for n in recorder.values if n in batch.ys])
+    return batch
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # one reduction and no tensor-sized temporary in the common case; a sum can overflow to Inf from
+    # finite values, so only an exact element check decides
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_finite(batch: PointBatch, order: Sequence[str]) -> None:
+    """Raise a ConductanceError when the model produced NaN or Inf at any of the batch's points.
+
+    ``order``: the recorded layers in the order the forward pass reached them. The message names the
+    first layer whose value is not finite, else the output, else the last layer (nearest the output,
+    where a bad derivative enters the backward pass) whose gradient is not finite, and the path
+    positions (example, alpha) of the first points affected.
+    """
+    def where(bad: torch.Tensor) -> str:
+        idx = bad.nonzero().flatten()[:5].tolist()
+        return ", ".join(f"example {int(batch.ex[i])} at alpha={float(batch.alphas[i]):.6g}" for i in idx)
+
+    def bad_points(t: torch.Tensor) -> torch.Tensor:
+        return ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+
+    for name in order:
+        if not _finite(batch.ys[name]):
+            raise ConductanceError(
+                f"the model produced NaN or Inf: layer {name!r} is the first recorded layer with non-finite "
+                f"values (at {where(bad_points(batch.ys[name]))}). "
+                "Something at or below this layer overflows or leaves its domain (log or sqrt of a "
+                "non-positive value, a division by zero) somewhere on the path between baseline and input; "
+                "fix the model, or choose a baseline and inputs for which it stays finite")
+    if not _finite(batch.F):
+        raise ConductanceError(
+            f"the model produced NaN or Inf in the explained output F (at {where(~torch.isfinite(batch.F))}) "
+            f"although the recorded layers {list(order)} are finite: the problem lies above them; fix the model, or "
+            "choose a baseline and inputs for which it stays finite")
+    for name in reversed(order):
+        if not _finite(batch.gs[name]):
+            raise ConductanceError(
+                f"the gradient of the output with respect to layer {name!r} is NaN or Inf "
+                f"(at {where(bad_points(batch.gs[name]))}) while the values are finite: an operation above the "
+                "layer has an infinite derivative there (sqrt or log at 0, abs-like kinks in a custom "
+                "function); conductance is not defined on such a path: fix the model or the baseline")
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -356,14 +356,32 @@ def _pad_id(model: nn.Module, pad_token_id: Optional[int]) -> int:
                            "pad_token_id=... or baseline='zeros'")
 
 
+def _check_vocabulary(ids: torch.Tensor, embedding: nn.Module, name: str, what: str) -> None:
+    """Token ids must index rows of the embedding table; checked before the model runs."""
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        weight = getattr(embedding, "weight", None)
+        rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    if rows is None or ids.numel() == 0 or ids.device.type == "meta":
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= rows:
+        bad = ((ids < 0) | (ids >= rows)).nonzero()[:5].tolist()
+        raise ConductanceError(f"{what} hold ids outside the vocabulary: the embedding {name!r} has {rows} rows "
+                               f"(valid ids 0..{rows - 1}), got ids from {low} to {high} (at [example, token] "
+                               f"{bad}). Tokenize with this model's own tokenizer")
+
+
 def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor, baseline: Any,
                          pad_id: Any) -> torch.Tensor:
     if isinstance(baseline, str):
         if baseline == "zeros":
             return torch.zeros_like(embeds)
         if baseline == "pad":
+            pads = torch.full_like(input_ids, pad_id())
+            _check_vocabulary(pads, embedding, "word embedding", "the pad token id (baseline='pad')")
             with torch.no_grad():
-                return embedding(torch.full_like(input_ids, pad_id())).detach()
+                return embedding(pads).detach()
         raise ConductanceError(f"unknown baseline {baseline!r}; use 'pad', 'zeros', token ids (batch, tokens) "
                                "or embeddings (batch, tokens, hidden)")
     if isinstance(baseline, torch.Tensor):
@@ -374,6 +392,7 @@ def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: 
             if ids.shape != input_ids.shape:
                 raise ConductanceError(f"baseline token ids of shape {tuple(baseline.shape)} do not match input_ids "
                                        f"{tuple(input_ids.shape)}; give one baseline id per token")
+            _check_vocabulary(ids, embedding, "word embedding", "the baseline token ids")
             with torch.no_grad():
                 return embedding(ids).detach()
         if baseline.dim() == 2 and baseline.shape == input_ids.shape and embeds.shape[-1] != input_ids.shape[-1]:
@@ -648,6 +667,7 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
     heads = num_heads if num_heads is not None else num_heads_of(model)
     if num_heads is not None and (not isinstance(num_heads, numbers.Integral) or num_heads < 1):
         raise ConductanceError(f"num_heads must be a positive integer, got {num_heads!r}")
+    _check_vocabulary(input_ids, emb_module, emb_name, "input_ids")
     with torch.no_grad():
         embeds = emb_module(input_ids)
     if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or not embeds.is_floating_point():

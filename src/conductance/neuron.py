@@ -21,12 +21,18 @@ from .attribute import (DEFAULT_MAX_STEPS, UNITS, WARN_RELATIVE_ERROR, _warn_acc
 import warnings
 
 from .errors import ConductanceError, never_reached, not_dependent, warn
-from .inputs import Target, build_problem, check_steps
+from .inputs import Target, build_problem, check_budget, check_steps
 from .layers import LayerSpec, Recorder
 from .engine import coarse_positions
 from .paths import captum_neuron_grid, fixed_grid, point_weights
 
 Neuron = Union[int, Sequence[int]]
+
+
+def _is_index(n: Any) -> bool:
+    def one(i: Any) -> bool:
+        return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+    return one(n) or (isinstance(n, tuple) and all(one(i) for i in n))
 
 
 def _unit_index(neuron: Neuron, layer_shape: tuple, units: str, layer: str) -> tuple:
@@ -132,12 +138,19 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
     """
     if units not in UNITS:
         raise ConductanceError(f"unknown units {units!r}; choose 'neuron' or 'channel'")
-    if isinstance(neurons, (numbers.Integral, tuple)) and not isinstance(neurons, list):
+    if isinstance(neurons, (numbers.Integral, tuple)) and not isinstance(neurons, (list, bool)):
         neurons = [neurons]
+    if not isinstance(neurons, list) or not all(_is_index(n) for n in neurons):
+        shown = type(neurons).__name__ if not isinstance(neurons, list) else \
+            next(f"{type(n).__name__} {n!r}" for n in neurons if not _is_index(n))
+        raise ConductanceError(f"neurons must be an int, a tuple of ints (one index per dimension of the layer) or "
+                               f"a list of them; got {shown}" + (". For a tensor of indices pass t.tolist()"
+                                                                 if isinstance(neurons, torch.Tensor) else ""))
     if len(neurons) == 0:
         raise ConductanceError("no neurons given: pass a list of unit indices")
     check_steps(n_steps, tolerance, max_steps)
     method, n_steps, tolerance = resolve_method(method, n_steps, tolerance)
+    check_budget(method, n_steps, max_steps, DEFAULT_MAX_STEPS)
     problem, _ = build_problem(model, inputs, layer, baselines=baselines, target=target,
                                additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
                                internal_batch_size=internal_batch_size,
