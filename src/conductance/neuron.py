@@ -22,7 +22,7 @@ import warnings
 from .errors import ConductanceError, never_reached, not_dependent
 from .inputs import Target, build_problem, check_steps
 from .layers import LayerSpec, Recorder
-from .paths import captum_neuron_grid, fixed_grid, point_weights
+from .paths import CAPTUM_RULES, captum_point_rule, fixed_grid, point_weights
 
 Neuron = Union[int, Sequence[int]]
 
@@ -52,8 +52,8 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per example, the path positions and their quadrature weights."""
     B = problem.batch_size
-    if method == "captum":
-        alphas, weights = captum_neuron_grid(n_steps)
+    if method in CAPTUM_RULES:
+        alphas, weights = captum_point_rule(method, n_steps, "neuron_conductance")
         return [alphas] * B, [weights] * B
     if method != "adaptive":
         grid = fixed_grid(method, n_steps)
@@ -89,9 +89,11 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
         With ``units="neuron"``, index tuples into the layer's shape (without the batch
         dimension; an int for a one-dimensional layer). With ``units="channel"``, channel
         indices: the unit is the whole channel (a convolution filter).
-    method : {"gausslegendre", "uniform", "uniform_left", "captum", "adaptive"}, optional
+    method : {"gausslegendre", "uniform", "uniform_left", "captum", "riemann_left", "riemann_right", \
+"riemann_middle", "riemann_trapezoid", "adaptive"}, optional
         As in :func:`conductance.layer_conductance`; ``"captum"`` reproduces Captum 0.9's
-        NeuronConductance default (``riemann_trapezoid``, weights summing to (n-1)/n).
+        NeuronConductance default (``riemann_trapezoid``, weights summing to (n-1)/n) and each
+        ``"riemann_*"`` name Captum's NeuronConductance with that method (``n_steps`` points).
         The adaptive rule first refines the path on the layer's completeness (or the
         input's when the layer is not a cut), then integrates on that grid.
     Other parameters are those of :func:`conductance.layer_conductance`.
