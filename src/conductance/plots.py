@@ -659,14 +659,15 @@ def sign_matrix(values: ArrayLike, threshold: float = 0.01, cluster: bool = True
 def sign_heatmap(values: ArrayLike, threshold: float = 0.01, cluster: bool = True, *, ax: Any = None,
                  title: Optional[str] = None, xlabel: str = "units", ylabel: str = "examples",
                  row_labels: Optional[Sequence[Any]] = None, col_labels: Optional[Sequence[Any]] = None,
-                 **kwargs: Any) -> Any:
+                 symbol: str = "v", **kwargs: Any) -> Any:
     """Heat map of the sign of ``values`` (examples, units): red +, blue -, white |v| < threshold.
 
     Rows and columns are clustered (see :func:`sign_matrix`). The figure carries the drawn matrix
     as ``fig.sign_matrix`` and the orders as ``fig.row_order`` / ``fig.col_order``.
     ``row_labels`` / ``col_labels`` (one per row / column of ``values``) name the ticks, in the
     drawn order; without them the ticks are the original indices when there are at most 40.
-    ``**kwargs`` go to ``ax.imshow``.
+    ``symbol`` names the values in the colour bar's legend (``|symbol| < threshold``), so it can
+    match the text around the figure (e.g. "c" for conductance). ``**kwargs`` go to ``ax.imshow``.
 
     Example
     -------
@@ -692,7 +693,7 @@ def sign_heatmap(values: ArrayLike, threshold: float = 0.01, cluster: bool = Tru
     if col_labels is not None:
         ax.tick_params(axis="x", labelrotation=60)
     bar = fig.colorbar(image, ax=ax, ticks=[-1, 0, 1], fraction=0.04, pad=0.02)
-    bar.ax.set_yticklabels(["−", f"|v| < {threshold:g}", "+"])
+    bar.ax.set_yticklabels(["−", f"|{symbol}| < {threshold:g}", "+"])
     ax.set_xlabel(xlabel + (" (clustered)" if cluster else ""))
     ax.set_ylabel(ylabel + (" (clustered)" if cluster else ""))
     share = {s: float((matrix == s).mean()) for s in (-1, 0, 1)}
