@@ -147,6 +147,9 @@ def test_long_token_maps_wrap_and_numbers_share_a_power_of_ten():
     e = math.floor(math.log10(np.abs(scores).max()))
     assert e == -5
     cells = [t.get_text() for ax in strips for t in ax.texts]
-    assert cells == [f"{v / 10.0 ** e:.1f}" for v in scores] and max(len(c) for c in cells) <= 5
+    expected = [f"{v / 10.0 ** e:.1f}" for v in scores]
+    assert cells == ["0" if x in ("0.0", "-0.0") else x for x in expected] and max(len(c) for c in cells) <= 5
+    tiny = plots.token_map(["a", "b"], [1e-9, -0.5])
+    assert [t.get_text() for t in tiny.axes[0].texts] == ["0", "-0.50"]
     bar = [ax for ax in fig.axes if not ax.images][0]
     assert f"x 1e{e}" in bar.get_ylabel()

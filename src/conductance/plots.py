@@ -445,6 +445,8 @@ def token_map(tokens: Sequence[str], scores: ArrayLike, row_labels: Optional[Seq
     m = _limit(s)
     exponent = int(math.floor(math.log10(m)))
     scale = 10.0 ** exponent if not -1 <= exponent <= 1 else 1.0
+    # fixed decimals, two significant digits at the largest |value|: 0.12, 1.2, 12 (or 1.2 x 1e-5)
+    decimals = 1 if scale != 1.0 else max(0, 1 - exponent)
     if ax is None:
         width = min(24.0, max(4.0, 0.16 * longest * per_line ** 0.5 + 0.5 * per_line + 2))
         fig = _figure((width, len(lines) * (0.5 * rows + 1.2) + 0.4))
@@ -466,15 +468,19 @@ def token_map(tokens: Sequence[str], scores: ArrayLike, row_labels: Optional[Seq
             for r in range(rows):
                 for t in range(lo, hi):
                     v = s[r, t] / scale
-                    text = f"{v:.2g}" if scale == 1.0 else f"{v:.1f}"
+                    text = f"{v:.{decimals}f}"
+                    if text.lstrip("-").strip("0.") == "":
+                        text = "0"           # no "-0.0": a value this small reads as zero
                     axis.text(t - lo, r, text, ha="center", va="center", fontsize=7,
                               color="white" if abs(s[r, t]) > 0.6 * m else "black")
     _title(axes[0], title)
     if colorbar:
         bar = fig.colorbar(image, ax=axes, fraction=0.03, pad=0.02)
         if show_numbers and scale != 1.0:
+            # the bar's ticks in the cells' unit, so both read the same; the unit is named once
+            from matplotlib.ticker import FuncFormatter
+            bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / scale:g}"))
             bar.set_label(f"cell numbers x 1e{exponent}")
-            bar.formatter.set_powerlimits((0, 0))
     return fig
 
 

@@ -331,9 +331,12 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
     figs.text(f"For each photo, the {settings.top_filters} filters of {a.pixel_block} with the largest conductance, "
               "and the conductance of each filter through each pixel (cd.neuron_conductance with units='channel', "
               f"summed over the colour channels, {_rule_text(settings.pixel_rule)}). As in the paper's Figure 1, the "
-              "photo is scaled by |conductance| of the pixel (black: none flows through it; top row); the bottom row "
+              "photo is scaled by |conductance| of the pixel (black: none flows through it; top row); the middle row "
               "shows the sign (red positive, blue negative) over the grey photo. For display only, each map is clipped "
-              "at the 99th percentile of its |values|. The map of a filter sums "
+              "at the 99th percentile of its |values|. Per-pixel maps of a deep filter read as speckle, so the "
+              f"bottom row shows the same map blurred by a Gaussian of {SMOOTH_PIXELS:g} pixels, with only the "
+              f"{100 - SMOOTH_HIDE_BELOW:g}% of pixels of largest |blurred value| coloured: where the filter looks. "
+              "The map of a filter sums "
               "to its conductance in the limit of many path points; the check below compares the two numerically "
               "(the per-pixel form and the layer form discretise the path integral differently).")
     files = []
