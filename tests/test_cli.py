@@ -253,3 +253,23 @@ def test_demo_prints_progress(capsys):
     assert "[demo] photo 1/2 (chelsea): conductance of 1 layers" in err
     assert "[demo] photo 2/2 (coffee): 3 path points in" in err
     assert "photo 'chelsea': top label" in out and "photo 'coffee': top label" in out
+
+
+# ---- progress bars -----------------------------------------------------------------------------
+
+def test_neuron_conductance_progress_counts_points_as_integers(capsys):
+    pytest.importorskip("tqdm")
+    import agg_entry
+
+    model = agg_entry.model()
+    x = agg_entry.dataset().x[:3]
+    quiet = cd.neuron_conductance(model, x, "2", [0, 3], units="channel", n_steps=9, internal_batch_size=7,
+                                  progress=False)
+    assert capsys.readouterr().err == ""
+    shown = cd.neuron_conductance(model, x, "2", [0, 3], units="channel", n_steps=9, internal_batch_size=7,
+                                  progress=True)
+    err = capsys.readouterr().err
+    assert torch.equal(quiet, shown)
+    assert "neuron conductance (2 units)" in err and "30/30" in err and "30.0" not in err
+    with pytest.raises(cd.ConductanceError, match="progress must be True, False or None"):
+        cd.neuron_conductance(model, x, "2", [0], n_steps=4, progress="yes")

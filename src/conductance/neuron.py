@@ -22,6 +22,7 @@ import warnings
 from .errors import ConductanceError, never_reached, not_dependent
 from .inputs import Target, build_problem, check_steps
 from .layers import LayerSpec, Recorder
+from .progress import Progress, check_progress
 from .paths import CAPTUM_RULES, captum_point_rule, fixed_grid, point_weights
 
 Neuron = Union[int, Sequence[int]]
@@ -80,7 +81,7 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
                        method: Optional[str] = None, internal_batch_size: Optional[int] = None,
                        tolerance: Optional[float] = None, max_steps: int = DEFAULT_MAX_STEPS,
                        attribute_to_layer_input: bool = False,
-                       forward_kwargs: Optional[dict] = None) -> torch.Tensor:
+                       forward_kwargs: Optional[dict] = None, progress: Optional[bool] = None) -> torch.Tensor:
     """Conductance of each listed unit of ``layer`` through each input feature.
 
     Parameters
@@ -96,6 +97,9 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
         ``"riemann_*"`` name Captum's NeuronConductance with that method (``n_steps`` points).
         The adaptive rule first refines the path on the layer's completeness (or the
         input's when the layer is not a cut), then integrates on that grid.
+    progress : bool, optional
+        A bar (tqdm) counting the path points through the per-unit backward passes, on stderr;
+        default: when stderr is a terminal and tqdm is installed.
     Other parameters are those of :func:`conductance.layer_conductance`.
 
     Returns
@@ -111,6 +115,7 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
     if len(neurons) == 0:
         raise ConductanceError("no neurons given: pass a list of unit indices")
     check_steps(n_steps, tolerance, max_steps)
+    check_progress(progress)
     method, n_steps, tolerance = resolve_method(method, n_steps, tolerance)
     problem, _ = build_problem(model, inputs, layer, baselines=baselines, target=target,
                                additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
@@ -124,12 +129,23 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
                   forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input)
     alphas, weights = _path_points(problem, ref.module if ref.element is None and not ref.use_input
                                    else ref.name, method, n_steps, tolerance, max_steps, units, kwargs)
-    B = problem.batch_size
     device = problem.inputs.device
     ex = torch.cat([torch.full((len(a),), e, dtype=torch.long) for e, a in enumerate(alphas)]).to(device)
     al = torch.cat([torch.as_tensor(a, dtype=torch.float64) for a in alphas]).to(device)
     w = torch.cat([torch.as_tensor(x, dtype=torch.float64) for x in weights]).to(device)
     diff = problem.inputs - problem.baselines
+    bar = Progress(progress, ex.shape[0], f"neuron conductance ({len(neurons)} units)", "points")
+    with bar:
+        out = _through_units(problem, ref, neurons, units, ex, al, w, diff, bar)
+    return out.detach()
+
+
+def _through_units(problem: engine.PathProblem, ref: Any, neurons: Sequence[Neuron], units: str,
+                   ex: torch.Tensor, al: torch.Tensor, w: torch.Tensor, diff: torch.Tensor, bar: Progress
+                   ) -> torch.Tensor:
+    """The units' weighted vector-Jacobian products to the input, summed per example, in chunks."""
+    B = problem.batch_size
+    device = problem.inputs.device
     out: Optional[torch.Tensor] = None
     index: Optional[list] = None
     for start, stop in engine._chunks(ex.shape[0], problem.chunk_size):
@@ -158,7 +174,8 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
         if out is None:
             out = torch.zeros((len(index), B) + tuple(diff.shape[1:]), dtype=contrib.dtype, device=device)
         out.index_add_(1, e, contrib)
-    return out.detach()
+        bar.update(int(e.shape[0]))
+    return out
 
 
 def _batched_vjp(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
