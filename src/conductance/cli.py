@@ -8,7 +8,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from . import __version__
 from .errors import ConductanceError

@@ -7,7 +7,10 @@ path ``x(a) = x' + a (x - x')`` and how consecutive points are combined:
 - ``"left"`` intervals: ``g_k * (y_{k+1} - y_k)``
 
 Point weights (for integrals of the form ``integral h(a) da``, used by neuron
-conductance and internal influence) follow from the same choice.
+conductance and internal influence) follow from the same choice. Captum's rules
+(``"captum"`` and the ``"riemann_*"`` names) are reproduced as Captum 0.9 computes them:
+LayerConductance takes a left sum over Captum's positions on ``n_steps + 1`` points; its point
+measures weight ``n_steps`` points by Captum's step sizes (:func:`captum_point_rule`).
 """
 
 from __future__ import annotations
@@ -146,12 +149,3 @@ def point_weights(alphas: np.ndarray, interval_rule: str) -> np.ndarray:
     else:
         raise ValueError(f"unknown interval rule {interval_rule!r}")
     return weights
-
-
-def captum_neuron_grid(n_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Points and weights of Captum 0.9's NeuronConductance default ("riemann_trapezoid").
-
-    Its weights are ``1/n`` with both ends halved, so they sum to ``(n - 1) / n`` rather
-    than 1; reproduced here only so results can be compared with Captum's.
-    """
-    return captum_point_rule("captum", n_steps, "neuron_conductance")
