@@ -273,3 +273,24 @@ def test_neuron_conductance_progress_counts_points_as_integers(capsys):
     assert "neuron conductance (2 units)" in err and "30/30" in err and "30.0" not in err
     with pytest.raises(cd.ConductanceError, match="progress must be True, False or None"):
         cd.neuron_conductance(model, x, "2", [0], n_steps=4, progress="yes")
+
+
+def test_feature_selection_progress_counts_selection_examples(capsys):
+    pytest.importorskip("tqdm")
+    pytest.importorskip("sklearn")
+    import agg_entry
+
+    data = agg_entry.dataset()
+    x, y = data.x[:30], data.y[:30]
+    kwargs = dict(measures=["conductance"], ks=[1, 2], random_seeds=1, batch_size=8,
+                  importance_kwargs={"n_steps": 4})
+    quiet = cd.feature_selection(agg_entry.model(), x, y, "3", progress=False, **kwargs)
+    assert capsys.readouterr().err == ""
+    shown = cd.feature_selection(agg_entry.model(), x, y, "3", progress=True, **kwargs)
+    err = capsys.readouterr().err
+    n_select = int(quiet.select_index.numel())
+    assert n_select > 8                               # several batches
+    assert "feature selection: conductance" in err and f"{n_select}/{n_select}" in err
+    assert [r for r in quiet.rows] == [r for r in shown.rows]
+    with pytest.raises(cd.ConductanceError, match="progress must be True"):
+        cd.feature_selection(agg_entry.model(), x, y, "3", progress=1, **kwargs)
