@@ -188,11 +188,15 @@ def test_neuron_conductance_fixed_rule_reports_and_warns():
     neurons = [(0, 2, 2), (1, 3, 3), (3, 1, 4)]
     with pytest.warns(ConductanceWarning, match="per-unit error estimate above 5%"):
         cd.neuron_conductance(model, x, "1", neurons, n_steps=2, method="uniform")
-    out, err = cd.neuron_conductance(model, x, "1", neurons, n_steps=16, method="uniform",
-                                     return_unit_error=True)
     fine = cd.neuron_conductance(model, x, "1", neurons, n_steps=2000, method="uniform")
-    actual = torch.stack([_distance(out[u], fine[u]) for u in range(len(neurons))])
-    assert (actual > 1e-4).all() and (actual <= 1.5 * err).all()
+    for n in (4, 8):
+        out, err = cd.neuron_conductance(model, x, "1", neurons, n_steps=n, method="uniform",
+                                         return_unit_error=True)
+        actual = torch.stack([_distance(out[u], fine[u]) for u in range(len(neurons))])
+        assert (actual > 1e-5).all() and (actual <= 1.5 * err).all()
+    # a smooth (tanh) network: the trapezoid rule is second order, the estimate about 3x cautious
+    # (from 9 points on; at 5 points, halving to 3 can be far more cautious)
+    assert (err <= 5 * actual).all()
 
 
 def test_fixed_rule_warns_on_per_unit_error_alone(complementary):

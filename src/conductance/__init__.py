@@ -1,7 +1,7 @@
 """conductance: how important is each hidden unit of a PyTorch network?
 
-Implements conductance (Dhamdhere, Sundararajan, Yan, "How Important Is a Neuron?", 2018):
-the flow of integrated-gradients attribution through a hidden unit.
+Implements conductance (Dhamdhere, Sundararajan, Yan, "How Important Is a Neuron?"
+(arXiv:1805.12233, 2018; ICLR 2019)): the flow of integrated-gradients attribution through a hidden unit.
 """
 
 from . import hf, reference

@@ -16,7 +16,7 @@ from .errors import ConductanceError, warn
 from .inputs import Target, build_problem, check_budget, check_steps
 from .layers import LayerSpec
 from .measures import LIG, MEASURES, PATH_MEASURES, POINT_MEASURES
-from .paths import METHODS, fixed_grid
+from .paths import CAPTUM_RULES, METHODS, captum_point_rule, coarse_point_weights, fixed_grid
 from .result import LayerResult
 
 #: Relative error the adaptive default aims for, per unit (the L2 distance of each layer's vector of
@@ -41,7 +41,10 @@ def resolve_method(method: Optional[str], n_steps: Optional[int], tolerance: Opt
     adaptive. ``n_steps`` alone: the trapezoid rule on Gauss-Legendre nodes plus both ends.
     """
     if method is not None and method not in METHODS:
-        raise ConductanceError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise ConductanceError(f"unknown method {method!r}; choose one of {METHODS}. Captum's names "
+                               "riemann_left/right/middle/trapezoid give Captum's numbers; Captum's "
+                               "'gausslegendre' is method='captum' here, while our 'gausslegendre' is the "
+                               "trapezoid rule on Gauss-Legendre nodes plus both ends of the path")
     if tolerance is not None:
         if method not in (None, "adaptive"):
             raise ConductanceError(f"tolerance is met by refining the path, which method={method!r} does "
@@ -188,6 +191,9 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
     settings = dict(problem=problem, method=method, n_steps=n_steps, tolerance=tolerance, units=units)
     results: dict[str, LayerResult] = {}
     path = [m for m in measures if m in PATH_MEASURES]
+    # Captum integrates internal influence with a weight per point, not as a Stieltjes sum
+    weighted = [m for m in path if m == "internal_influence" and method in CAPTUM_RULES]
+    path = [m for m in path if m not in weighted]
     if path:
         integral, is_cut, output_diff = run_path(problem, path, units, method, n_steps, tolerance, max_steps,
                                                  output, refine_on_input=refine_on_input)
@@ -197,7 +203,7 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
     else:
         is_cut = engine.check_cuts(problem)
     point = [m for m in measures if m in POINT_MEASURES]
-    if point or LIG in measures:
+    if point or LIG in measures or weighted:
         ex = torch.arange(problem.batch_size, device=problem.inputs.device)
         with torch.no_grad():
             F_end = engine.scalar_output(problem, output, ex).detach()
@@ -210,6 +216,14 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
             # read at one point, with no integral: nothing to estimate, the values are exact
             results[m] = _package(m, values[m], values[m], integral=integral, is_cut=is_cut, output_diff=F_end - F_start,
                                   **{**settings, "method": "none", "n_steps": None, "tolerance": None})
+    if weighted:
+        alphas, weights = captum_point_rule(method, n_steps, "internal_influence")
+        sums, sums_coarse = _weighted_gradient_sums(problem, alphas, weights)
+        values = {n: engine.reduce_units(v, units) for n, v in sums.items()}
+        coarse = {n: engine.reduce_units(v, units) for n, v in sums_coarse.items()}
+        integral = engine.Integral({}, F_start, F_end, torch.full((problem.batch_size,), len(alphas)))
+        results["internal_influence"] = _package("internal_influence", values, coarse, integral=integral, is_cut=is_cut,
+                                                 output_diff=F_end - F_start, **settings)
     if LIG in measures:
         results[LIG] = _layer_integrated_gradients(problem, is_cut, units, method, n_steps, tolerance,
                                                    max_steps, F_start, F_end)
@@ -230,6 +244,36 @@ def _point_measures(problem: PathProblem, measures: Sequence[str], units: str) -
             for m in measures:
                 out[m][r.name].append(engine.reduce_units(parts[m], units))
     return {m: {n: torch.cat(v) for n, v in per.items()} for m, per in out.items()}
+
+
+def _weighted_gradient_sums(problem: PathProblem, alphas, weights
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``sum_k w_k dF/dy(a_k)`` for every layer, each (batch, *layer_shape), streamed in chunks, and
+    the same sum with the comparison weights of :func:`conductance.paths.coarse_point_weights`.
+
+    Captum's InternalInfluence and LayerIntegratedGradients integrate this way: a weight per
+    point (its step size), where our rules take a Stieltjes sum over intervals."""
+    B = problem.batch_size
+    device = problem.inputs.device
+    n = len(alphas)
+    flat_alpha = torch.as_tensor(alphas, dtype=torch.float64).repeat_interleave(B)
+    flat_w = torch.as_tensor(weights, dtype=torch.float64).repeat_interleave(B)
+    flat_c = torch.as_tensor(coarse_point_weights(alphas), dtype=torch.float64).repeat_interleave(B)
+    flat_ex = torch.arange(B, device=device).repeat(n)
+    acc: dict[str, torch.Tensor] = {}
+    acc_coarse: dict[str, torch.Tensor] = {}
+    for start, stop in engine._chunks(n * B, problem.chunk_size):
+        ex = flat_ex[start:stop]
+        pts = engine.evaluate(problem, ex, flat_alpha[start:stop].to(device))
+        for ref in problem.refs:
+            g = pts.gs[ref.name]
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            for target, wts in ((acc, flat_w), (acc_coarse, flat_c)):
+                contrib = (g * wts[start:stop].to(device=g.device, dtype=g.dtype).view(shape)).to(device)
+                if ref.name not in target:
+                    target[ref.name] = torch.zeros((B,) + tuple(g.shape[1:]), dtype=g.dtype, device=device)
+                target[ref.name].index_add_(0, ex, contrib)
+    return acc, acc_coarse
 
 
 def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], units: str, method: str,
@@ -256,6 +300,17 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], u
                                           store_bytes=engine.ADAPTIVE_STORE_BYTES,
                                           unit_floor=engine.UNIT_ERROR_FLOOR)
             extra_alphas[ref.name] = integral.alphas
+        elif method in CAPTUM_RULES:
+            # Captum's LayerIntegratedGradients: integrated gradients in the layer's space, a weight
+            # per point; (y - y') times the weighted sum of dF/dy
+            alphas, weights = captum_point_rule(method, n_steps, LIG)
+            sums, sums_coarse = _weighted_gradient_sums(single, alphas, weights)
+            diff = y_end[ref.name] - y_start[ref.name]
+            value = engine.reduce_units(sums[ref.name] * diff.to(sums[ref.name].device), units)
+            value_coarse = engine.reduce_units(sums_coarse[ref.name] * diff.to(sums[ref.name].device), units)
+            integral = engine.Integral({"conductance": {ref.name: value}}, F_start, F_end,
+                                       torch.full((problem.batch_size,), len(alphas)),
+                                       coarse={"conductance": {ref.name: value_coarse}})
         else:
             grid = fixed_grid(method, n_steps)
             integral = integrate_fixed(single, grid, measure, units)
@@ -378,9 +433,13 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
     n_steps : int, optional
         Intervals of a fixed rule (``n_steps + 1`` points per example). With ``tolerance``,
         the intervals of the starting grid.
-    method : {"gausslegendre", "uniform", "uniform_left", "captum", "adaptive"}, optional
+    method : {"gausslegendre", "uniform", "uniform_left", "captum", "riemann_left", "riemann_right", \
+"riemann_middle", "riemann_trapezoid", "adaptive"}, optional
         See :mod:`conductance.paths`. Default: adaptive to ``tolerance=0.01`` when neither
         ``n_steps`` nor ``tolerance`` is given, else "gausslegendre" for a fixed ``n_steps``.
+        ``"captum"`` and Captum's ``"riemann_*"`` names give Captum 0.9's numbers for the same
+        ``method`` and ``n_steps`` (``"captum"`` is Captum's default, Gauss-Legendre); our
+        ``"gausslegendre"`` is not Captum's (it adds both ends of the path and takes trapezoids).
     units : {"neuron", "channel"}
         "channel" sums each channel over all dimensions after dimension 1.
     internal_batch_size : int, optional

@@ -15,6 +15,7 @@ from . import engine
 from .engine import PathProblem, logits_of, model_output
 from .errors import ConductanceError, warn
 from .layers import LayerSpec, resolve_layers
+from .paths import CAPTUM_RULES
 
 Target = Union[None, int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
 
@@ -170,7 +171,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                   ) -> tuple[PathProblem, Any]:
     """Validate everything and return the problem plus the model's output at the inputs.
 
-    ``method="captum"`` keeps the inputs' memory layout (Captum's arithmetic, layout included);
+    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic, layout included);
     otherwise convolutional models get channels-last path points when they can take them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
@@ -196,7 +197,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                           additional_forward_args=extra, forward_kwargs=kwargs,
                           refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),
                           track_input=track_input)
-    problem.channels_last = method != "captum" and engine.wants_channels_last(model, inputs)
+    problem.channels_last = method not in CAPTUM_RULES and engine.wants_channels_last(model, inputs)
     with torch.no_grad():
         ex = torch.arange(inputs.shape[0], device=inputs.device)
         try:

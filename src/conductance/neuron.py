@@ -24,7 +24,8 @@ from .errors import ConductanceError, never_reached, not_dependent, warn
 from .inputs import Target, build_problem, check_budget, check_steps
 from .layers import LayerSpec, Recorder
 from .engine import coarse_positions
-from .paths import captum_neuron_grid, fixed_grid, point_weights
+from .paths import CAPTUM_RULES, captum_point_rule, coarse_point_weights, fixed_grid, point_weights
+from .progress import Progress, check_progress
 
 Neuron = Union[int, Sequence[int]]
 
@@ -67,11 +68,11 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
                  ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Per example, the path positions, their quadrature weights and the coarse grid's weights."""
     B = problem.batch_size
-    if method == "captum":
-        # the comparison is the plain trapezoid rule on every other point: it also shows the bias of
-        # Captum's weights, which sum to (n - 1) / n
-        alphas, weights = captum_neuron_grid(n_steps)
-        return [alphas] * B, [weights] * B, [_coarse_weights(alphas, coarse_positions(len(alphas)), "trapezoid")] * B
+    if method in CAPTUM_RULES:
+        # the comparison is the plain trapezoid rule on every other point: it also shows what Captum's
+        # weights leave out (the default's sum to (n - 1) / n)
+        alphas, weights = captum_point_rule(method, n_steps, "neuron_conductance")
+        return [alphas] * B, [weights] * B, [coarse_point_weights(alphas)] * B
     if method != "adaptive":
         grid = fixed_grid(method, n_steps)
         if grid.interval_rule == "trapezoid":
@@ -104,8 +105,8 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
                        method: Optional[str] = None, internal_batch_size: Optional[int] = None,
                        tolerance: Optional[float] = None, max_steps: int = DEFAULT_MAX_STEPS,
                        attribute_to_layer_input: bool = False,
-                       forward_kwargs: Optional[dict] = None, return_unit_error: bool = False
-                       ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                       forward_kwargs: Optional[dict] = None, return_unit_error: bool = False,
+                       progress: Optional[bool] = None) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Conductance of each listed unit of ``layer`` through each input feature.
 
     Parameters
@@ -114,9 +115,11 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
         With ``units="neuron"``, index tuples into the layer's shape (without the batch
         dimension; an int for a one-dimensional layer). With ``units="channel"``, channel
         indices: the unit is the whole channel (a convolution filter).
-    method : {"gausslegendre", "uniform", "uniform_left", "captum", "adaptive"}, optional
+    method : {"gausslegendre", "uniform", "uniform_left", "captum", "riemann_left", "riemann_right", \
+"riemann_middle", "riemann_trapezoid", "adaptive"}, optional
         As in :func:`conductance.layer_conductance`; ``"captum"`` reproduces Captum 0.9's
-        NeuronConductance default (``riemann_trapezoid``, weights summing to (n-1)/n).
+        NeuronConductance default (``riemann_trapezoid``, weights summing to (n-1)/n) and each
+        ``"riemann_*"`` name Captum's NeuronConductance with that method (``n_steps`` points).
         The adaptive rule first refines the path on the layer's completeness (or the
         input's when the layer is not a cut), then integrates on that grid.
     Other parameters are those of :func:`conductance.layer_conductance`.
@@ -126,6 +129,9 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
         input features, per example (and for the layer's own values and completeness).
     return_unit_error : bool
         Also return the per-unit error estimate.
+    progress : bool, optional
+        A bar (tqdm) counting the path points through the per-unit backward passes, on stderr;
+        default: when stderr is a terminal and tqdm is installed.
 
     Returns
     -------
@@ -149,6 +155,7 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
     if len(neurons) == 0:
         raise ConductanceError("no neurons given: pass a list of unit indices")
     check_steps(n_steps, tolerance, max_steps)
+    check_progress(progress)
     method, n_steps, tolerance = resolve_method(method, n_steps, tolerance)
     check_budget(method, n_steps, max_steps, DEFAULT_MAX_STEPS)
     problem, _ = build_problem(model, inputs, layer, baselines=baselines, target=target,
@@ -165,7 +172,7 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
     grid_tolerance = tolerance
     for attempt in range(3):
         grids = _path_points(problem, spec, method, n_steps, grid_tolerance, max_steps, units, kwargs)
-        out, err = _integrate_neurons(problem, ref, neurons, units, *grids)
+        out, err = _integrate_neurons(problem, ref, neurons, units, *grids, progress=progress)
         worst = float(err.max())
         if method != "adaptive" or worst <= tolerance * (1 + 1e-9):
             break
@@ -185,8 +192,8 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
 
 
 def _integrate_neurons(problem: engine.PathProblem, ref: Any, neurons: Sequence[Neuron], units: str,
-                       alphas: list[np.ndarray], weights: list[np.ndarray], coarse_weights: list[np.ndarray]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       alphas: list[np.ndarray], weights: list[np.ndarray], coarse_weights: list[np.ndarray],
+                       progress: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each unit's attribution over the inputs on the given grids, (units, batch, *input_shape), and
     its per-unit error estimate (units, batch)."""
     B = problem.batch_size
@@ -201,37 +208,40 @@ def _integrate_neurons(problem: engine.PathProblem, ref: Any, neurons: Sequence[
     index: Optional[list] = None
     F_start = torch.zeros(B, dtype=torch.float64, device=device)
     F_end = torch.zeros(B, dtype=torch.float64, device=device)
-    for start, stop in engine._chunks(ex.shape[0], problem.chunk_size):
-        e, a = ex[start:stop], al[start:stop]
-        x = engine.interpolate(problem, e, a).detach().requires_grad_(True)
-        recorder = Recorder([ref], cut_below=False)
-        with recorder.attached(), torch.enable_grad():
-            output = engine.model_output(problem, x, e)
-            F = engine.scalar_output(problem, output, e)
-            if ref.name not in recorder.values:
-                raise never_reached([ref.name])
-            y = recorder.values[ref.name]
-            (g,) = torch.autograd.grad(F.sum(), y, retain_graph=True, allow_unused=True)
-            if g is None:
-                raise not_dependent([ref.name])
-            if index is None:
-                index = [_unit_index(n, tuple(y.shape[1:]), units, ref.name) for n in neurons]
-            v = torch.zeros((len(index),) + tuple(g.shape), dtype=g.dtype, device=g.device)
-            for u, idx in enumerate(index):
-                sel = (u, slice(None)) + idx
-                v[sel] = g[(slice(None),) + idx]
-            grads = _batched_vjp(y, x, v)
-        problem.n_evaluations += int(e.shape[0])
-        F_start[e[a == 0]] = F.detach()[a == 0].double()
-        F_end[e[a == 1]] = F.detach()[a == 1].double()
-        # each point's product is weighted after the VJP, so the coarse grid's sum costs no extra product
-        contrib = grads * diff[e].unsqueeze(0)
-        shape = (1, -1) + (1,) * (contrib.dim() - 2)
-        if out is None:
-            out = torch.zeros((len(index), B) + tuple(diff.shape[1:]), dtype=contrib.dtype, device=device)
-            out_coarse = torch.zeros_like(out)
-        out.index_add_(1, e, contrib * w[start:stop].to(contrib.dtype).view(shape))
-        out_coarse.index_add_(1, e, contrib * wc[start:stop].to(contrib.dtype).view(shape))
+    bar = Progress(progress, ex.shape[0], f"neuron conductance ({len(neurons)} units)", "points")
+    with bar:
+        for start, stop in engine._chunks(ex.shape[0], problem.chunk_size):
+            e, a = ex[start:stop], al[start:stop]
+            x = engine.interpolate(problem, e, a).detach().requires_grad_(True)
+            recorder = Recorder([ref], cut_below=False)
+            with recorder.attached(), torch.enable_grad():
+                output = engine.model_output(problem, x, e)
+                F = engine.scalar_output(problem, output, e)
+                if ref.name not in recorder.values:
+                    raise never_reached([ref.name])
+                y = recorder.values[ref.name]
+                (g,) = torch.autograd.grad(F.sum(), y, retain_graph=True, allow_unused=True)
+                if g is None:
+                    raise not_dependent([ref.name])
+                if index is None:
+                    index = [_unit_index(n, tuple(y.shape[1:]), units, ref.name) for n in neurons]
+                v = torch.zeros((len(index),) + tuple(g.shape), dtype=g.dtype, device=g.device)
+                for u, idx in enumerate(index):
+                    sel = (u, slice(None)) + idx
+                    v[sel] = g[(slice(None),) + idx]
+                grads = _batched_vjp(y, x, v)
+            problem.n_evaluations += int(e.shape[0])
+            F_start[e[a == 0]] = F.detach()[a == 0].double()
+            F_end[e[a == 1]] = F.detach()[a == 1].double()
+            # each point's product is weighted after the VJP, so the coarse grid's sum costs no extra product
+            contrib = grads * diff[e].unsqueeze(0)
+            shape = (1, -1) + (1,) * (contrib.dim() - 2)
+            if out is None:
+                out = torch.zeros((len(index), B) + tuple(diff.shape[1:]), dtype=contrib.dtype, device=device)
+                out_coarse = torch.zeros_like(out)
+            out.index_add_(1, e, contrib * w[start:stop].to(contrib.dtype).view(shape))
+            out_coarse.index_add_(1, e, contrib * wc[start:stop].to(contrib.dtype).view(shape))
+            bar.update(int(e.shape[0]))
     err = torch.stack([engine.unit_error(out[u], out_coarse[u], F_end - F_start) for u in range(out.shape[0])])
     return out.detach(), err
 

@@ -248,25 +248,35 @@ def _clip(attribution: torch.Tensor, q: float = 0.99) -> torch.Tensor:
     return a.clamp(-m, m)
 
 
+#: The smoothed view of pixel maps: Gaussian blur (pixels) and the share of pixels hidden (percentile).
+SMOOTH_PIXELS, SMOOTH_HIDE_BELOW = 3.0, 80.0
+
+
 def _pixel_figure(image: torch.Tensor, maps: dict, title: str):
-    """Two rows: the photo scaled by |conductance| (the paper's Figure 1) and a red/blue overlay of the sign."""
-    import matplotlib.pyplot as plt
+    """Three rows: the photo scaled by |conductance| (the paper's Figure 1), a red/blue overlay of the
+    sign, and the overlay smoothed and thresholded (per-pixel maps of deep filters read as speckle)."""
+    from matplotlib.figure import Figure
 
     from .. import plots
 
     cols = len(maps) + 1
-    fig, axes = plt.subplots(2, cols, figsize=(2.5 * cols, 5.2), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(2.5 * cols, 7.6), layout="constrained")
+    axes = fig.subplots(3, cols, squeeze=False)
     img = _unnormalise(image)
-    for r in range(2):
+    labels = ("photo", "red +, blue -",
+              f"smoothed ({SMOOTH_PIXELS:g} px), top {100 - SMOOTH_HIDE_BELOW:g}% of pixels")
+    for r in range(3):
         axes[r, 0].imshow(img.permute(1, 2, 0).numpy())
-        axes[r, 0].set_title("photo" if r == 0 else "red +, blue -", fontsize=9)
+        axes[r, 0].set_title(labels[r], fontsize=9, wrap=True)
         axes[r, 0].set_xticks([])
         axes[r, 0].set_yticks([])
     for j, (name, m) in enumerate(maps.items(), start=1):
         clipped = _clip(m)
         plots.pixel_map(img, clipped, mode="scale", ax=axes[0, j], title=name, colorbar=False)
         plots.pixel_map(img, clipped, mode="overlay", ax=axes[1, j], colorbar=False)
-    axes[0, 0].figure.suptitle(title, fontsize=10)
+        plots.pixel_map(img, m, mode="overlay", ax=axes[2, j], colorbar=False, smooth=SMOOTH_PIXELS,
+                        threshold=SMOOTH_HIDE_BELOW, clip=99.5)
+    fig.suptitle(title, fontsize=10, wrap=True)
     return fig
 
 
@@ -328,9 +338,12 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
     figs.text(f"For each photo, the {settings.top_filters} filters of {a.pixel_block} with the largest conductance, "
               "and the conductance of each filter through each pixel (cd.neuron_conductance with units='channel', "
               f"summed over the colour channels, {_rule_text(settings.pixel_rule)}). As in the paper's Figure 1, the "
-              "photo is scaled by |conductance| of the pixel (black: none flows through it; top row); the bottom row "
+              "photo is scaled by |conductance| of the pixel (black: none flows through it; top row); the middle row "
               "shows the sign (red positive, blue negative) over the grey photo. For display only, each map is clipped "
-              "at the 99th percentile of its |values|. The map of a filter sums "
+              "at the 99th percentile of its |values|. Per-pixel maps of a deep filter read as speckle, so the "
+              f"bottom row shows the same map blurred by a Gaussian of {SMOOTH_PIXELS:g} pixels, with only the "
+              f"{100 - SMOOTH_HIDE_BELOW:g}% of pixels of largest |blurred value| coloured: where the filter looks. "
+              "The map of a filter sums "
               "to its conductance in the limit of many path points; the check below compares the two numerically "
               "(the per-pixel form and the layer form discretise the path integral differently).")
     files = []
@@ -356,11 +369,11 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
                                               baselines=baselines, **settings.pixel_rule)[0]
         maps = {f"{n} ({float(cond[a.pixel_block][i, channel]):+.2f})": per_pixel[i] for i, n in enumerate(a.names)}
         # one panel per photo, each photo under its own map: draw them as a grid of single maps
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
         n = len(a.names)
         cols = 4
-        fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(2.6 * cols, 2.6 * math.ceil(n / cols)),
-                                 squeeze=False, layout="constrained")
+        fig = Figure(figsize=(2.6 * cols, 2.6 * math.ceil(n / cols)), layout="constrained")
+        axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False)
         for ax, (title, m), img in zip(axes.ravel(), maps.items(), a.images):
             plots.pixel_map(_unnormalise(img), _clip(m), mode="scale", ax=ax, title=title, colorbar=False)
         for ax in axes.ravel()[n:]:

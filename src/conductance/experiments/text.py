@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConductanceError
+from .report import percent, shorten
 from .textcnn import NEGATION_WORDS, SentimentCNN, TrainConfig, accuracy, has_negation, load_or_train
 
 __all__ = ["sign_statistic", "filter_conductance", "token_conductance", "filter_ngrams", "negation_share",
@@ -191,6 +192,16 @@ def negation_share(texts: Sequence[str]) -> float:
     return float(np.mean([has_negation(t) for t in texts])) if len(texts) else float("nan")
 
 
+_NO_TOP = "the filter has positive conductance on none of the test reviews, so it has no top reviews to count"
+
+
+def _nanmean(values) -> float:
+    """Mean of the finite values; NaN (without numpy's warning) when there are none."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
 def _top_reviews(values: np.ndarray, unit: int, k: int) -> np.ndarray:
     """Indices of the k examples with the highest conductance of ``unit``, highest first."""
     col = values[:, unit]
@@ -199,7 +210,7 @@ def _top_reviews(values: np.ndarray, unit: int, k: int) -> np.ndarray:
 
 
 def _short(text: str, n: int = 110) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
+    return shorten(text, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +246,7 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
              f"is the (batch, tokens, {config.dim}) embedding tensor. "
              + ("Weights loaded from the cache." if info.get("cached") else
                 f"Trained now in {info.get('train_seconds', float('nan')):.1f} s and cached."))
-    sec.table([["test accuracy", f"{100 * acc:.1f}%", "about 78% (ASSETS.md, our setting)"],
+    sec.table([["test accuracy", f"{100 * acc:.1f}%", "about 78% (a Kim-style CNN with these vectors, full run; docs/REPRODUCTION.md)"],
                ["majority-class rate", f"{100 * majority:.1f}%", ""],
                ["test reviews", len(test_texts), "SST: about 4,000 examples (paper)"],
                ["training reviews", info["train_examples"], ""],
@@ -281,12 +292,12 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
              "conductances have one sign.")
     rows_shown = min(len(texts), settings["heat_rows"])
     sub = rng.choice(len(texts), rows_shown, replace=False) if rows_shown < len(texts) else np.arange(len(texts))
-    fig = plots.sign_heatmap(pred_run["values"][sub], threshold=THRESHOLD, xlabel="filters",
+    fig = plots.sign_heatmap(pred_run["values"][sub], threshold=THRESHOLD, xlabel="filters", symbol="c",
                              ylabel="test reviews",
                              title=f"sign of filter conductance, predicted logit ({rows_shown} reviews)")
     sec.figure(fig, "Sign of each filter's conductance for the predicted logit (red +, blue −, white "
                     f"|c| < {THRESHOLD}); rows and columns clustered.", name="text-sign-heatmap")
-    fig = plots.sign_heatmap(score_run["values"][sub], threshold=THRESHOLD, xlabel="filters",
+    fig = plots.sign_heatmap(score_run["values"][sub], threshold=THRESHOLD, xlabel="filters", symbol="c",
                              ylabel="test reviews",
                              title=f"sign of filter conductance, fresh − rotten logit ({rows_shown} reviews)")
     sec.figure(fig, "The same for the sentiment score (fresh logit − rotten logit).",
@@ -403,35 +414,36 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
             u = int(u)
             not_filters += [u] if u not in not_filters else []
             not_rows.append([s, u, f"{through[u]:+.4f}", f"{sent_run['values'][sentences.index(s)][u]:+.4f}",
-                             f"{100 * profiles[u]['share']:.0f}%", f"{100 * profiles[u]['gram_share']:.0f}%",
+                             percent(profiles[u]['share'], 0, _NO_TOP), percent(profiles[u]['gram_share'], 0, _NO_TOP),
                              "; ".join(f"'{g}'" for g in profiles[u]["grams"]) or "–"])
     sec.table(not_rows, ["sentence", "filter", "conductance through 'not'", "filter's total conductance",
                          f"top-{n_top} reviews with a negation word", "n-gram has one", "n-grams of its top reviews"],
               caption="The filters whose conductance flows most through the token 'not' (all 256 filters' "
                       "per-token conductance)")
-    not_share = float(np.nanmean([profiles[u]["share"] for u in not_filters]))
-    not_gram_share = float(np.nanmean([profiles[u]["gram_share"] for u in not_filters]))
+    not_share = _nanmean([profiles[u]["share"] for u in not_filters])
+    not_gram_share = _nanmean([profiles[u]["gram_share"] for u in not_filters])
 
     # the filters' favourite reviews
     rows = []
     for u in chosen_filters:
         p = profiles[u]
-        rows.append([u, f"{w_diff[u]:+.3f}", len(p["top"]), f"{100 * p['share']:.0f}%",
-                     f"{100 * p['gram_share']:.0f}%", "; ".join(f"'{g}'" for g in p["grams"]) or "–"])
+        rows.append([u, f"{w_diff[u]:+.3f}", len(p["top"]), percent(p['share'], 0, _NO_TOP),
+                     percent(p['gram_share'], 0, _NO_TOP), "; ".join(f"'{g}'" for g in p["grams"]) or "–"])
     sec.table(rows, ["filter", "w_fresh − w_rotten", "top reviews", "with a negation word",
                      "n-gram has a negation word", "n-grams of its top 3 reviews (max-pool window)"],
               caption=f"The top filters of the two sentences on the {n_top} test reviews where each has its highest "
                       "conductance (predicted logit)")
-    chosen_share = float(np.nanmean([profiles[u]["share"] for u in chosen_filters]))
-    chosen_gram_share = float(np.nanmean([profiles[u]["gram_share"] for u in chosen_filters]))
-    sec.table([["test reviews (those in the heat map)", f"{100 * base_rate:.1f}%", "–"],
-               ["all test reviews", f"{100 * base_rate_all:.1f}%", "–"],
-               [f"top-{n_top} reviews of all {config.n_filters} filters (mean)", f"{100 * np.nanmean(all_shares):.1f}%",
-                f"{100 * np.nanmean(all_gram_shares):.1f}%"],
+    chosen_share = _nanmean([profiles[u]["share"] for u in chosen_filters])
+    chosen_gram_share = _nanmean([profiles[u]["gram_share"] for u in chosen_filters])
+    none_with_top = "none of these filters has a test review with positive conductance"
+    sec.table([["test reviews (those in the heat map)", percent(base_rate, 1, "no reviews"), "–"],
+               ["all test reviews", percent(base_rate_all, 1, "no reviews"), "–"],
+               [f"top-{n_top} reviews of all {config.n_filters} filters (mean)",
+                percent(_nanmean(all_shares), 1, none_with_top), percent(_nanmean(all_gram_shares), 1, none_with_top)],
                [f"top-{n_top} reviews of the {len(chosen_filters)} negation-sentence filters (mean)",
-                f"{100 * chosen_share:.1f}%", f"{100 * chosen_gram_share:.1f}%"],
+                percent(chosen_share, 1, none_with_top), percent(chosen_gram_share, 1, none_with_top)],
                [f"top-{n_top} reviews of the {len(not_filters)} filters most conducting through 'not' (mean)",
-                f"{100 * not_share:.1f}%", f"{100 * not_gram_share:.1f}%"]],
+                percent(not_share, 1, none_with_top), percent(not_gram_share, 1, none_with_top)]],
               ["reviews", "contain a negation word", "filter's n-gram contains one"],
               caption="Negation words (" + ", ".join(sorted(NEGATION_WORDS)) + ") against the base rate")
 
@@ -443,7 +455,7 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
               caption="Test reviews on which the negation-sentence filters have their highest conductance")
 
     neg_rank = np.argsort(-np.nan_to_num(all_gram_shares, nan=-1), kind="stable")[:5]
-    rows = [[int(u), f"{100 * all_gram_shares[u]:.0f}%", f"{100 * all_shares[u]:.0f}%",
+    rows = [[int(u), percent(all_gram_shares[u], 0, _NO_TOP), percent(all_shares[u], 0, _NO_TOP),
              "; ".join(f"'{g}'" for g in profiles[int(u)]["grams"]) or "–"] for u in neg_rank]
     sec.table(rows, ["filter", "n-gram has a negation word", "review has one", "n-grams of its top reviews"],
               caption="For comparison: the filters whose top-review n-grams are most often negations")
@@ -457,8 +469,8 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
     sec.numbers(sentences=sentence_numbers, chosen_filters=chosen_filters, top_reviews=n_top,
                 base_rate=base_rate, base_rate_all_test=base_rate_all,
                 chosen_negation_share=chosen_share, chosen_ngram_negation_share=chosen_gram_share,
-                all_filters_negation_share=float(np.nanmean(all_shares)),
-                all_filters_ngram_negation_share=float(np.nanmean(all_gram_shares)),
+                all_filters_negation_share=_nanmean(all_shares),
+                all_filters_ngram_negation_share=_nanmean(all_gram_shares),
                 per_filter={str(u): {"negation_share": profiles[u]["share"], "ngram_negation_share":
                                      profiles[u]["gram_share"], "ngrams": profiles[u]["grams"],
                                      "weight_difference": float(w_diff[u])} for u in chosen_filters},
