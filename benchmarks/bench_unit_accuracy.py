@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import conductance as cd
-import conductance.adaptive as cd_adaptive
+import conductance.engine as cd_engine
 from conductance import assets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,11 +64,11 @@ def per_unit_error(values: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
 
 
 class EvalTimer:
-    """Wraps the adaptive rule's point evaluator to split the forward+backward time from the rest."""
+    """Wraps the engine's point evaluator to split the forward+backward time from the rest."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.original = cd_adaptive.evaluate
+        self.original = cd_engine.evaluate
 
     def __enter__(self) -> "EvalTimer":
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -77,11 +77,11 @@ class EvalTimer:
                 return self.original(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - t0
-        cd_adaptive.evaluate = timed
+        cd_engine.evaluate = timed
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        cd_adaptive.evaluate = self.original
+        cd_engine.evaluate = self.original
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -3,7 +3,6 @@ bounds it (not only the layer's completeness)."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest

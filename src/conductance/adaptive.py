@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import engine
-from .engine import (Integral, IntervalMeasure, PathProblem, Scratch, _chunks, evaluate)
+from .engine import Integral, IntervalMeasure, PathProblem, Scratch, _chunks
 from .paths import gauss_legendre_nodes
 
 #: Each refinement round bisects an example's worst pairs until they hold this share of its total score
@@ -105,7 +105,7 @@ class AdaptiveIntegrator:
             part = points[start:stop]
             ex = torch.tensor([p[0] for p in part], device=self.device)
             al = torch.tensor([p[1] for p in part], dtype=torch.float64, device=self.device)
-            pts = evaluate(self.problem, ex, al)
+            pts = engine.evaluate(self.problem, ex, al)   # looked up at call time (benchmarks time it)
             self.F.extend(pts.F.double().tolist())
             for j, (_, a) in enumerate(part):
                 ids.append(len(self.alpha))
@@ -116,8 +116,14 @@ class AdaptiveIntegrator:
             self.stored += sum(2 * pts.ys[n].numel() * pts.ys[n].element_size() for n in self.names)
         return ids
 
+    def stored_point(self, layer: str, pid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stored point's value and gradient of one layer, each (1, *layer_shape)."""
+        y, g = self.y[layer][pid], self.g[layer][pid]
+        assert y is not None and g is not None, "a finished example's points were asked for"
+        return y, g
+
     def point_bytes(self, pid: int) -> int:
-        return sum(2 * self.y[n][pid].numel() * self.y[n][pid].element_size() for n in self.names)
+        return sum(2 * y.numel() * y.element_size() for y, _ in (self.stored_point(n, pid) for n in self.names))
 
     # -- interval sums --------------------------------------------------------------------------
 
@@ -131,7 +137,7 @@ class AdaptiveIntegrator:
         known = self.kept.get(key)
         if known is not None:
             return known
-        y0, g0, y1, g1 = self.y[layer][id0], self.g[layer][id0], self.y[layer][id1], self.g[layer][id1]
+        (y0, g0), (y1, g1) = self.stored_point(layer, id0), self.stored_point(layer, id1)
         parts = engine.interval_contributions(self.measures, y0, g0, y1, g1, self.alpha[id1] - self.alpha[id0],
                                        "trapezoid", self.units, self.scratch)
         # gathered on the inputs' device (layers of a model split over devices live elsewhere)
