@@ -16,6 +16,7 @@ point's layer values ``y`` and gradients ``g = dF/dy`` to small measure function
 from __future__ import annotations
 
 import bisect
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -130,11 +131,33 @@ def logits_of(output: Any) -> torch.Tensor:
                            "the model output to one scalar per example")
 
 
+def target_arity(target: Callable) -> int:
+    """1 for ``target(output)``, 2 for ``target(output, examples)``: two when the callable takes two
+    positional arguments without defaults (or ``*args``)."""
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return 1   # a builtin without a signature: the one-argument form
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return 2
+    required = [p for p in positional if p.default is p.empty]
+    if not positional:
+        raise ConductanceError("the target callable takes no positional argument; it must be target(output) or "
+                               "target(output, examples) returning one score per row of the output")
+    return 2 if len(required) >= 2 else 1
+
+
+def call_target(target: Callable, output: Any, ex: torch.Tensor) -> Any:
+    """Call a target callable, giving it each row's example index (LongTensor (m,)) when it takes two arguments."""
+    return target(output, ex) if target_arity(target) == 2 else target(output)
+
+
 def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.Tensor:
     """F at each point: the target's score, shape (m,)."""
     target = problem.target
     if callable(target):
-        value = target(output)
+        value = call_target(target, output, ex)
         if not isinstance(value, torch.Tensor) or value.shape != (ex.shape[0],):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ConductanceError(f"the target callable must return a tensor of shape (points,) = "
@@ -143,6 +166,11 @@ def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.
     scores = logits_of(output)
     if target is None:
         return scores.reshape(scores.shape[0])
+    if target.dim() == 2:
+        # one index tuple per example into the output without its batch dimension, e.g. (position, token)
+        idx = target[ex]
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        return scores[(rows,) + tuple(idx.to(scores.device).unbind(1))]
     return scores.gather(1, target[ex].unsqueeze(1)).squeeze(1)
 
 

@@ -14,7 +14,7 @@ from .engine import PathProblem, logits_of, model_output
 from .errors import ConductanceError, warn
 from .layers import LayerSpec, resolve_layers
 
-Target = Union[None, int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
+Target = Union[None, int, Sequence[int], Sequence[tuple], torch.Tensor, Callable[..., torch.Tensor]]
 
 #: Input elements per chunk of path points when the user gives no internal_batch_size.
 DEFAULT_CHUNK_ELEMENTS = 2 ** 21
@@ -69,20 +69,32 @@ def default_chunk(inputs: torch.Tensor) -> int:
 
 
 def resolve_target(target: Target, output: Any, batch: int, device: torch.device) -> Any:
-    """Turn ``target`` into a LongTensor (batch,), a callable, or None (scalar outputs)."""
+    """Turn ``target`` into a LongTensor, a callable, or None (scalar outputs).
+
+    For an output (batch, classes) the tensor is (batch,), one class per example; for an output
+    with more dimensions, such as a language model's (batch, positions, vocab), it is
+    (batch, output.dim() - 1): one index tuple per example into the output without its batch
+    dimension (Captum's convention), e.g. ``(position, token)``.
+    """
     if callable(target) and not isinstance(target, torch.Tensor):
+        engine.target_arity(target)  # a callable that takes no output is refused before the path runs
         return target
     scores = logits_of(output)
     if target is None:
         if scores.dim() == 1 or (scores.dim() == 2 and scores.shape[1] == 1):
             return None
         if scores.dim() != 2:
-            raise ConductanceError(f"the model output has shape {tuple(scores.shape)}; target=None needs "
-                                   "(batch, classes): pass a callable target that returns (batch,) scores")
+            raise ConductanceError(
+                f"the model output has shape {tuple(scores.shape)}; target=None needs (batch, classes). Pass one "
+                "index tuple per example into the output without the batch dimension (for a language model "
+                "(batch, positions, vocab): target=[(position, token), ...]), cd.hf.next_token(...), or a "
+                "callable target(output, examples) returning one score per row")
         return scores.argmax(1).to(device)
-    if scores.dim() != 2:
-        raise ConductanceError(f"a class target needs a model output of shape (batch, classes); got "
-                               f"{tuple(scores.shape)}. Pass a callable target instead")
+    if scores.dim() < 2:
+        raise ConductanceError(f"the model output has shape {tuple(scores.shape)}, one score per example: "
+                               "there is nothing to pick, pass target=None")
+    if scores.dim() > 2:
+        return _index_target(target, scores, batch, device)
     n_classes = scores.shape[1]
     if isinstance(target, numbers.Integral) and not isinstance(target, bool):
         t = torch.full((batch,), int(target), dtype=torch.long, device=device)
@@ -106,6 +118,53 @@ def resolve_target(target: Target, output: Any, batch: int, device: torch.device
     return t
 
 
+def _index_target(target: Any, scores: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """Index tuples (batch, k) into an output (batch, *dims) with k = len(dims) >= 2; negatives count from the end."""
+    dims = tuple(scores.shape[1:])
+    k = len(dims)
+    example = ", ".join(["i"] * k)
+    hint = (f"pass one index tuple of {k} integers per example into the output without its batch dimension "
+            f"{dims}, e.g. target=[({example}), ...] with {batch} tuples" + (" ((position, token) for a language "
+            "model)" if k == 2 else "") + f", one tuple ({example}) for every example, a LongTensor ({batch}, {k}), or a "
+            "callable target(output, examples)")
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        raise ConductanceError(f"an int target picks a class of a (batch, classes) output, but the model output "
+                               f"has shape {tuple(scores.shape)}; {hint}")
+    if isinstance(target, tuple) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                         for i in target):
+        t = torch.tensor([int(i) for i in target], dtype=torch.long, device=device).expand(batch, -1).clone()
+    elif isinstance(target, (list, tuple)):
+        rows = []
+        for row in target:
+            if isinstance(row, torch.Tensor):
+                row = row.tolist()
+            if not isinstance(row, (list, tuple)) or not all(isinstance(i, numbers.Integral)
+                                                              and not isinstance(i, bool) for i in row):
+                raise ConductanceError(f"target entry {row!r} is not a tuple of integers; {hint}")
+            rows.append([int(i) for i in row])
+        if any(len(r) != k for r in rows):
+            raise ConductanceError(f"target entries have {sorted({len(r) for r in rows})} indices; {hint}")
+        t = torch.tensor(rows, dtype=torch.long, device=device).view(-1, k)
+    elif isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise TypeError(f"target tensor must hold indices (an integer dtype), got {target.dtype}")
+        t = target.to(device=device, dtype=torch.long)
+        if t.dim() == 1 and t.shape[0] == k:
+            t = t.expand(batch, -1).clone()
+    else:
+        raise TypeError(f"target must be index tuples or a callable for an output of shape {tuple(scores.shape)}; "
+                        f"got {type(target).__name__}. {hint}")
+    if t.shape != (batch, k):
+        raise ConductanceError(f"target has shape {tuple(t.shape)}, expected ({batch}, {k}); {hint}")
+    size = torch.tensor(dims, dtype=torch.long, device=device)
+    bad = ((t < -size) | (t >= size)).any(1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ConductanceError(f"target {tuple(t[i].tolist())} of example {i} is out of range for an output of "
+                               f"shape {dims} per example")
+    return torch.where(t < 0, t + size, t)
+
+
 def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
                   *, baselines: Any, target: Target, additional_forward_args: Any,
                   forward_kwargs: Optional[dict], internal_batch_size: Optional[int],
@@ -118,6 +177,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
                         f"{type(model).__name__}")
+    check_autograd_available()
     inputs = check_inputs(inputs)
     base = check_baselines(baselines, inputs)
     refs = resolve_layers(model, layers, use_input=attribute_to_layer_input) if layers is not None else []
@@ -151,6 +211,15 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
             output = model_output(problem, inputs, ex)
     problem.target = resolve_target(target, output, inputs.shape[0], inputs.device)
     return problem, output
+
+
+def check_autograd_available() -> None:
+    """Conductance needs gradients: refuse to start inside ``torch.inference_mode()``."""
+    if torch.is_inference_mode_enabled():
+        raise ConductanceError(
+            "torch.inference_mode() is active: conductance integrates gradients along a path, and inference mode "
+            "forbids autograd (tensors made in it cannot be differentiated). Call it outside inference_mode; "
+            "torch.no_grad() around the call is fine, autograd is switched on where it is needed")
 
 
 def check_steps(n_steps: Optional[int], tolerance: Optional[float], max_steps: int) -> None:
