@@ -75,6 +75,9 @@ class PathProblem:
     #: hand each recorded layer's value downstream as a copy: needed when the model changes a layer's
     #: output in place (an in-place ReLU after it); switched on for good when that is seen
     copy_layer_outputs: bool = False
+    #: with several input tensors (a tuple), how they are packed into ``inputs`` (an
+    #: ``inputs.InputSpec``); the model gets them unpacked
+    input_spec: Any = None
     n_evaluations: int = 0
     n_forwards: int = 0
 
@@ -116,6 +119,8 @@ def model_output(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> Any
     extra = _index_args(problem.additional_forward_args, ex, problem.batch_size)
     kwargs = _index_args(problem.forward_kwargs, ex, problem.batch_size)
     problem.n_forwards += 1
+    if problem.input_spec is not None:
+        return problem.model(*problem.input_spec.unpack(x), *extra, **kwargs)
     return problem.model(x, *extra, **kwargs)
 
 

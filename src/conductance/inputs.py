@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -23,7 +24,8 @@ MAX_DEFAULT_CHUNK = 256
 
 def check_inputs(inputs: Any) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor of shape (batch, ...), got {type(inputs).__name__}")
+        raise TypeError(f"inputs must be a torch.Tensor of shape (batch, ...) (or, for layer and neuron conductance "
+                        f"of a multi-input model, a tuple of them), got {type(inputs).__name__}")
     if not inputs.is_floating_point():
         raise TypeError(
             f"inputs have dtype {inputs.dtype}: integer inputs (such as token ids) cannot be interpolated "
@@ -61,6 +63,68 @@ def check_baselines(baselines: Any, inputs: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(value).all():
         raise ConductanceError("baselines contain NaN or Inf")
     return value
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a tuple of input tensors is packed into one flat tensor (batch, sum of per-example sizes).
+
+    The engine interpolates, indexes and chunks one tensor; :meth:`unpack` gives the model its
+    inputs back. Interpolating the packed vector is interpolating each input between its own
+    baseline and its value, with one ``alpha`` per point, as Captum does."""
+
+    shapes: tuple    # per-example shape of each input
+    dtypes: tuple
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(*lead, N) -> tuple of (*lead, *shape_i) in each input's dtype."""
+        lead = tuple(flat.shape[:-1])
+        return tuple(part.reshape(lead + tuple(shape)).to(dtype)
+                     for part, shape, dtype in zip(flat.split(self.sizes, -1), self.shapes, self.dtypes))
+
+
+def pack_inputs(inputs: Sequence[Any], baselines: Any) -> tuple[torch.Tensor, torch.Tensor, InputSpec]:
+    """Check a tuple of inputs and their baselines (None, a number, or a tuple of one per input) and pack them."""
+    if len(inputs) == 0:
+        raise ConductanceError("inputs is an empty tuple; pass one tensor or a tuple of tensors")
+    parts = []
+    for i, t in enumerate(inputs):
+        try:
+            parts.append(check_inputs(t))
+        except (TypeError, ConductanceError) as exc:
+            raise type(exc)(f"inputs[{i}]: {exc}") from None
+    batch = {int(t.shape[0]) for t in parts}
+    devices = {t.device for t in parts}
+    if len(batch) != 1 or len(devices) != 1:
+        raise ConductanceError(f"the inputs of a tuple must share the batch size and the device; got batch sizes "
+                               f"{[int(t.shape[0]) for t in parts]} on {[str(t.device) for t in parts]}")
+    if isinstance(baselines, (tuple, list)):
+        if len(baselines) != len(parts):
+            raise ConductanceError(f"{len(baselines)} baselines for {len(parts)} inputs; give one baseline per "
+                                   "input (None, a number or a tensor each), as Captum does")
+        bases = baselines
+    elif baselines is None or isinstance(baselines, numbers.Number):
+        bases = [baselines] * len(parts)
+    else:
+        raise ConductanceError("the inputs are a tuple, so the baselines must be a tuple too (one per input: None, "
+                               "a number or a tensor), or None / one number for all of them")
+    base_parts = []
+    for i, (b, t) in enumerate(zip(bases, parts)):
+        try:
+            base_parts.append(check_baselines(b, t))
+        except (TypeError, ConductanceError) as exc:
+            raise type(exc)(f"baselines[{i}]: {exc}") from None
+    dtype = parts[0].dtype
+    for t in parts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    spec = InputSpec(tuple(tuple(t.shape[1:]) for t in parts), tuple(t.dtype for t in parts))
+    flat = torch.cat([t.reshape(t.shape[0], -1).to(dtype) for t in parts], 1)
+    flat_base = torch.cat([b.reshape(b.shape[0], -1).to(dtype) for b in base_parts], 1)
+    return flat, flat_base, spec
 
 
 def default_chunk(inputs: torch.Tensor) -> int:
@@ -178,8 +242,13 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
         raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
                         f"{type(model).__name__}")
     check_autograd_available()
-    inputs = check_inputs(inputs)
-    base = check_baselines(baselines, inputs)
+    spec = None
+    if isinstance(inputs, (tuple, list)):
+        # several input tensors: packed into one, unpacked for each call of the model (engine.model_output)
+        inputs, base, spec = pack_inputs(inputs, baselines)
+    else:
+        inputs = check_inputs(inputs)
+        base = check_baselines(baselines, inputs)
     refs = resolve_layers(model, layers, use_input=attribute_to_layer_input) if layers is not None else []
     if internal_batch_size is not None and (not isinstance(internal_batch_size, numbers.Integral)
                                             or internal_batch_size < 1):
@@ -196,6 +265,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                           additional_forward_args=extra, forward_kwargs=dict(forward_kwargs or {}),
                           refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),
                           track_input=track_input)
+    problem.input_spec = spec
     problem.channels_last = method != "captum" and engine.wants_channels_last(model, inputs)
     with torch.no_grad():
         ex = torch.arange(inputs.shape[0], device=inputs.device)

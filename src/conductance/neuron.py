@@ -98,7 +98,8 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
 
     Returns
     -------
-    Tensor, shape (len(neurons), batch, *input_shape)
+    Tensor, shape (len(neurons), batch, *input_shape); for a tuple of inputs, a tuple of such tensors
+    (one per input)
         Summed over the input features, each unit's row approaches its layer conductance
         as the path is refined (a tangent-form quadrature against a difference form).
     """
@@ -156,6 +157,9 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
         if out is None:
             out = torch.zeros((len(index), B) + tuple(diff.shape[1:]), dtype=contrib.dtype, device=device)
         out.index_add_(1, e, contrib)
+    if problem.input_spec is not None:
+        # several inputs: one attribution per input tensor, (len(neurons), batch, *input_i_shape) each
+        return problem.input_spec.unpack(out.detach())
     return out.detach()
 
 
