@@ -131,7 +131,7 @@ def test_bad_targets_for_lm_outputs_name_the_forms(gpt2):
     layers = {"transformer.h.0": "layer"}
     for target, words in [(None, "(position, token)"), (3, "(position, token)"), ([(1, 2)], "expected (3, 2)"),
                           ([(1, 2, 3)] * 3, "indices"), ([(6, 2)] * 3, "out of range"),
-                          ([(0, VOCAB)] * 3, "out of range")]:
+                          ([(0, VOCAB)] * 3, "out of range"), (torch.tensor([1, 2, 3]), "expected (3, 2)")]:
         with pytest.raises(cd.ConductanceError, match=words.replace("(", r"\(").replace(")", r"\)")):
             hf.layer_conductance(gpt2, ids, layers, target=target, n_steps=2)
     with pytest.raises(cd.ConductanceError, match="next_token kind"):

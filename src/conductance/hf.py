@@ -28,6 +28,11 @@ A layer is named as in :func:`conductance.layer_conductance` (dotted module name
 an element of a tuple output); ``"name:input"`` observes the module's first positional input
 instead of its output, e.g. ``"encoder.layer.3.attention.output.dense:input"``, the concatenated
 per-head context vectors that BERT's attention output projection receives.
+
+:func:`layers` lists the blocks, heads and MLP neurons of GPT-2, Llama-style (Llama, Mistral,
+Qwen2), BERT, RoBERTa and DistilBERT models, found from their modules (:func:`family`);
+:func:`next_token` and :func:`continuation` are the language-model targets; :func:`ablate_heads`
+and :func:`ablate_neurons` switch units off.
 """
 
 from __future__ import annotations
@@ -435,7 +440,7 @@ def _plan_layers(model: nn.Module, layers: Any, units: Union[str, Mapping[str, s
         layers = list(layers)
         if not layers:
             raise ConductanceError("no layers given: pass names such as 'encoder.layer.0.intermediate' or "
-                                   "cd.hf.bert_layers(model)")
+                                   "cd.hf.layers(model)")
         modules_by_id = {id(m): n for n, m in model.named_modules()}
         names = []
         for item in layers:
@@ -997,7 +1002,7 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         Called as ``model(input_ids, *additional_forward_args, **forward_kwargs)``; it must embed
         ``input_ids`` with its word-embedding module (not be given ``inputs_embeds``).
     input_ids : LongTensor (batch, tokens)
-    layers : name, list of names, or dict name -> unit (e.g. :func:`bert_layers`)
+    layers : name, list of names, or dict name -> unit (e.g. :func:`layers`, :func:`bert_layers`)
         Module names of ``model``; ``"name[i]"`` picks a tuple element; ``"name:input"`` observes
         the module's first positional input.
     measure : str or list of str

@@ -212,9 +212,8 @@ def _index_target(target: Any, scores: torch.Tensor, batch: int, device: torch.d
     elif isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.dtype == torch.bool:
             raise TypeError(f"target tensor must hold indices (an integer dtype), got {target.dtype}")
+        # a 1-D tensor is ambiguous here (one class per example, or one tuple for all): only (batch, k) is taken
         t = target.to(device=device, dtype=torch.long)
-        if t.dim() == 1 and t.shape[0] == k:
-            t = t.expand(batch, -1).clone()
     else:
         raise TypeError(f"target must be index tuples or a callable for an output of shape {tuple(scores.shape)}; "
                         f"got {type(target).__name__}. {hint}")
