@@ -397,3 +397,28 @@ def test_errors_say_user_layer_names_and_modes(gpt2):
         with torch.no_grad():   # no_grad around the call is fine
             r = hf.layer_conductance(gpt2, ids, hf.layers(gpt2, "block"), target="logit", n_steps=64)
     assert (r.relative_error["transformer.h.1"] < 0.05).all()
+
+
+@pytest.mark.slow
+def test_real_minilm_family_matches_bert_layers():
+    """The pretrained all-MiniLM-L6-v2 (a real BERT), wrapped with a head: found from its modules."""
+    from conductance.experiments.transformer import SentimentModel, load_minilm
+
+    encoder, tokenizer = load_minilm()
+    model = SentimentModel(encoder, nn.Linear(encoder.config.hidden_size, 1)).eval()
+    fam = hf.family(model)
+    assert (fam.model_type, len(fam.blocks), fam.num_heads, fam.head_dim, fam.num_neurons) == ("bert", 6, 12, 32, 1536)
+    assert list(hf.layers(model, "attention")) == list(hf.bert_layers(model, "heads"))
+    assert fam.mlp[0].endswith("encoder.layer.0.output.dense")
+    enc = tokenizer(["a gripping, beautifully acted drama."], return_tensors="pt")
+    r = hf.layer_conductance(model, enc["input_ids"], hf.layers(model, ["block", "mlp"]),
+                             forward_kwargs={"attention_mask": enc["attention_mask"]}, n_steps=16)
+    assert r.baseline == f"pad token {tokenizer.pad_token_id} (config.pad_token_id)"
+    # the MLP neurons are the down projection's input: the same values as the intermediate module's output
+    ffn = hf.layer_conductance(model, enc["input_ids"], {f.replace("output.dense", "intermediate"): "neuron"
+                                                         for f in fam.mlp[:1]},
+                               forward_kwargs={"attention_mask": enc["attention_mask"]}, n_steps=16)
+    first = fam.mlp[0] + ":input"
+    torch.testing.assert_close(r[first], ffn[fam.mlp[0].replace("output.dense", "intermediate")], rtol=1e-5,
+                               atol=1e-7)
+    assert r[first].shape == (1, 1536) and r[first].abs().max() > 1e-6
