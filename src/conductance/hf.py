@@ -1125,7 +1125,7 @@ def layer_conductance(model: nn.Module, input_ids: torch.Tensor, layers: LayersA
         result = cd.hf.layer_conductance(model, enc["input_ids"], cd.hf.bert_layers(model),
                                          forward_kwargs={"attention_mask": enc["attention_mask"]},
                                          target=labels, n_steps=32)
-        result.top(5, unit="head")        # [UnitScore(layer=..., name='L3 head 5', value=...), ...]
+        result.top(5, unit="head")        # [UnitScore(layer=..., name='L3.H5', value=...), ...]
     """
     if "measure" in kwargs:
         raise TypeError("layer_conductance computes conductance; use cd.hf.layer_importance(measure=...)")
