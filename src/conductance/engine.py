@@ -26,7 +26,7 @@ from torch import nn
 
 import contextlib
 
-from .errors import ConductanceError, never_reached, not_dependent
+from .errors import ConductanceError, never_reached, not_dependent, warn
 from .layers import LayerRef, Recorder
 from .paths import Grid, gauss_legendre_nodes
 
@@ -226,6 +226,11 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     alphas : Tensor (m,)
         Position of each point on its example's path.
     """
+    m = int(ex.shape[0])
+    if m > problem.chunk_size:
+        # the chunk was halved after an out-of-memory error: later chunks are split the same way
+        c = problem.chunk_size
+        return _joined([evaluate(problem, ex[i:i + c], alphas[i:i + c]) for i in range(0, m, c)])
     while True:
         try:
             return _evaluate(problem, ex, alphas)
@@ -238,8 +243,34 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
             elif not problem.copy_layer_outputs and (isinstance(exc, ModifiedInPlace)
                                                      or any(k in str(exc) for k in _IN_PLACE_ERRORS)):
                 problem.copy_layer_outputs = True
+            elif is_out_of_memory(exc) and m > 1:
+                break   # retried below, outside the handler, so the failed attempt's tensors are freed
             else:
                 raise
+    problem.chunk_size = (m + 1) // 2
+    if ex.device.type == "cuda":
+        torch.cuda.empty_cache()
+    warn(f"out of memory evaluating {m} path points at once; halved the chunk to {problem.chunk_size} points "
+         f"and retried (pass internal_batch_size={problem.chunk_size} or less to start there)")
+    return evaluate(problem, ex, alphas)
+
+
+#: what PyTorch's allocators say when memory runs out (CUDA raises torch.OutOfMemoryError)
+_OOM_ERRORS = ("out of memory", "can't allocate memory", "Failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator running out of memory (CUDA, MPS or the CPU)."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(k in str(exc) for k in _OOM_ERRORS)
+
+
+def _joined(parts: list[PointBatch]) -> PointBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return PointBatch(torch.cat([p.ex for p in parts]), torch.cat([p.alphas for p in parts]),
+                      torch.cat([p.F for p in parts]),
+                      {n: torch.cat([p.ys[n] for p in parts]) for n in parts[0].ys},
+                      {n: torch.cat([p.gs[n] for p in parts]) for n in parts[0].gs})
 
 
 def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
