@@ -400,6 +400,7 @@ def test_errors_say_user_layer_names_and_modes(gpt2):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:completeness error")  # 16 points: the equality of two views is what matters
 def test_real_minilm_family_matches_bert_layers():
     """The pretrained all-MiniLM-L6-v2 (a real BERT), wrapped with a head: found from its modules."""
     from conductance.experiments.transformer import SentimentModel, load_minilm
