@@ -67,7 +67,7 @@ def test_tuple_inputs_neuron_conductance_one_attribution_per_input(two):
 
 
 def test_tuple_inputs_bad_arguments(two):
-    model, x, y, bx, by = two
+    model, x, y, bx, _ = two
     with pytest.raises(cd.ConductanceError, match="1 baselines for 2 inputs"):
         cd.layer_conductance(model, (x, y), ["h"], baselines=(bx,), target=1, n_steps=4)
     with pytest.raises(cd.ConductanceError, match="baselines must be a tuple too"):

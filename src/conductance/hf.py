@@ -908,7 +908,7 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, extra: 
         return target, ""
     from .engine import logits_of
 
-    B, T = input_ids.shape
+    B = input_ids.shape[0]
     device = input_ids.device
     real = _real_positions(input_ids, (forward_kwargs or {}).get("attention_mask"))
     if isinstance(target, Continuation):
@@ -934,8 +934,8 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, extra: 
             return (picked * valid.to(logits.device)[e]).sum(1)
 
         shown = lengths.tolist()
-        return summed_logprob, f"summed log-probability of the last {shown if B > 1 else shown[0]} tokens " \
-                               "(teacher-forced continuation)"
+        return summed_logprob, (f"summed log-probability of the last {shown if B > 1 else shown[0]} tokens "
+                                "(teacher-forced continuation)")
     position = _per_example(target.position, B, "position", device)
     pos = torch.empty(B, dtype=torch.long, device=device)
     for b in range(B):
@@ -1244,7 +1244,7 @@ def ablate_heads(model: nn.Module, heads: Union[Iterable[tuple[int, int]], Mappi
     n = num_heads if num_heads is not None else num_heads_of(model)
     if n is None:
         raise ConductanceError("ablate_heads needs the number of heads; pass num_heads=")
-    for b, hs in by_block.items():
+    for hs in by_block.values():
         bad = [h for h in hs if not 0 <= h < n]
         if bad:
             raise ConductanceError(f"head {bad[0]} out of range: the model has {n} heads per block")
