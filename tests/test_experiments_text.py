@@ -86,7 +86,7 @@ def test_padding_is_inert_logits_and_conductance_do_not_depend_on_padding():
     long = cd.layer_conductance(model.network, x_long, "filters", n_steps=32)
     torch.testing.assert_close(short["filters"], long["filters"], rtol=0, atol=1e-6)
     # through the padding tokens themselves, every filter's conductance is exactly zero
-    per_token, _ = tx.token_conductance(model, texts, list(range(12)), n_steps=16)
+    per_token, _, _ = tx.token_conductance(model, texts, list(range(12)), n_steps=16)
     assert per_token.shape == (12, 3, 4)
     assert np.all(per_token[:, 1, 2:] == 0) and np.all(per_token[:, 2, 1:] == 0)
     assert np.abs(per_token[:, 0]).max() > 1e-3  # ...while real tokens do carry conductance
@@ -108,7 +108,7 @@ def test_per_token_conductance_sums_to_the_filters_layer_conductance():
     texts = ["this is not good film", "bad", "good good not bad"]
     x, _ = model.embed(texts)
     layer = cd.layer_conductance(model.network, x, "filters", n_steps=64)["filters"].numpy()  # (3, 12)
-    per_token, _ = tx.token_conductance(model, texts, list(range(12)), n_steps=128)
+    per_token, _, _ = tx.token_conductance(model, texts, list(range(12)), n_steps=128)
     sums = per_token.sum(-1).T  # (3, 12)
     scale = np.abs(layer).max()
     assert scale > 0.05

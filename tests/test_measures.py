@@ -110,6 +110,19 @@ def test_unknown_measure_is_a_clear_error():
     model = random_mlp(seed=1)
     with pytest.raises(ValueError, match="unknown measure.*choose from"):
         cd.layer_importance(model, torch.randn(2, 5), "1", "saliency")
-    with pytest.raises(ValueError, match="not a cut.*n_steps"):
-        from models import TwoBranch
-        cd.layer_importance(TwoBranch().eval(), torch.randn(2, 4), "left", "layer_integrated_gradients")
+
+
+
+def test_layer_integrated_gradients_of_a_layer_that_is_not_a_cut_meet_the_tolerance_per_unit():
+    """No completeness check exists for a branch; its per-unit estimate steers the adaptive rule
+    (before per-unit errors this was refused)."""
+    from models import TwoBranch
+    model = TwoBranch().eval()
+    x = torch.randn(2, 4) * 2
+    r = cd.layer_importance(model, x, "left", "layer_integrated_gradients", tolerance=0.01, max_steps=1000)
+    assert not r.is_cut["left"]
+    fine = cd.layer_importance(model.double(), x.double(), "left", "layer_integrated_gradients", target=r.target,
+                               n_steps=4000)
+    model.float()
+    dist = (r["left"].double() - fine["left"]).norm(dim=1) / fine["left"].norm(dim=1)
+    assert (r.unit_error["left"] <= 0.01).all() and (dist <= 0.015).all()

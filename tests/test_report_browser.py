@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -121,6 +122,11 @@ def open_and_check(driver, html_path: str, screenshot: Path) -> dict:
           tables: Array.from(document.querySelectorAll('table')).map(t => [
               text(t.querySelector('caption')), t.querySelectorAll('tbody tr').length]),
         };""")
+    page["sections"] = driver.execute_script("""
+        return Array.from(document.querySelectorAll('section')).map(s => ({
+          id: s.id, title: (s.querySelector('h2') || {}).textContent || '', text: s.innerText,
+          images: Array.from(s.querySelectorAll('img')).map(i => [i.alt, i.naturalWidth, i.naturalHeight])}));""")
+    page["text"] = driver.execute_script("return document.body.innerText")
     broken = [alt for alt, w, h in page["images"] if not (w > 0 and h > 0)]
     assert not broken, f"images that did not load: {broken}"
     assert page["titles"] and all(page["titles"]), f"missing or empty section titles: {page['titles']}"
@@ -138,6 +144,24 @@ def open_and_check(driver, html_path: str, screenshot: Path) -> dict:
     screenshot.write_bytes(base64.b64decode(shot["data"]))
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return page
+
+
+NAN_TEXT = re.compile(r"(?<![A-Za-z])nan(?![A-Za-z])", re.IGNORECASE)
+
+
+def check_sections(driver, page: dict, shots: Path) -> None:
+    """Each section on its own: its pictures loaded, no "nan" in its text; a screenshot of each is kept."""
+    from selenium.webdriver.common.by import By
+
+    for sec in page["sections"]:
+        broken = [alt for alt, w, h in sec["images"] if not (w > 0 and h > 0)]
+        assert not broken, f"section {sec['title']!r}: images that did not load: {broken}"
+        found = [m.group(0) for m in NAN_TEXT.finditer(sec["text"])]
+        assert not found, f"section {sec['title']!r} shows {found[:3]}: " + \
+            sec["text"][max(0, NAN_TEXT.search(sec["text"]).start() - 80):][:160]
+        element = driver.find_element(By.ID, sec["id"])
+        shots.mkdir(parents=True, exist_ok=True)
+        assert element.screenshot(str(shots / f"{sec['id']}.png"))
 
 
 def check_results_json(json_path: str) -> dict:
@@ -188,6 +212,11 @@ def build_small_report(out_dir: Path):
               caption="Completeness per layer")
     sec.numbers(max_relative_error={layer: result.relative_error[layer].max() for layer in result},
                 output_diff=result.output_diff)
+    from conductance.experiments.report import percent
+    shares = [float((result[layer] > 0).float().mean()) for layer in result] + [float("nan")]
+    sec.table([[name, percent(v, 1, "no layer under this name in the run")]
+               for name, v in zip(list(result) + ["5"], shares)], ["layer", "positive share"],
+              caption="Share of positive filter conductances")
 
     # layer 1 (a ReLU under another ReLU): the path integral is not exact, so the rules differ
     steps = [2, 4, 8, 16, 32]
@@ -227,14 +256,18 @@ def test_small_real_report_renders_in_chromium(browser, tmp_path):
     page = open_and_check(browser, html_path, ARTIFACTS / "report-small.png")
     assert page["h1"] == report.title
     assert page["titles"] == [s.title for s in report.sections]
-    n_figures = sum(block.startswith("<figure>") for s in report.sections for block in s.blocks)
+    n_figures = sum(block["kind"] == "figure" for s in report.sections for block in s.blocks)
     assert n_figures == 5 and len(page["images"]) == n_figures
     # a figure is a real picture, not a sliver: at least 200 px wide at the report's 110 dpi
     assert all(w >= 200 and h >= 100 for _, w, h in page["images"])
     captions = [c for c, _ in page["tables"]]
-    assert captions == ["Settings", "Completeness per layer", "Error per rule"]
+    assert captions == ["Settings", "Completeness per layer", "Share of positive filter conductances",
+                        "Error per rule"]
     rows = dict(page["tables"])
     assert rows["Completeness per layer"] == 2 and rows["Error per rule"] == 10
+    # a value that does not exist reads "n/a" with its reason, never "nan"
+    assert "n/a: no layer under this name in the run." in page["text"]
+    check_sections(browser, page, ARTIFACTS / "report-small-sections")
     data = check_results_json(json_path)
     assert set(data) >= {"title", "settings", "cnn", "steps"}
     # the numbers in the JSON are the ones computed: completeness holds at 64 Gauss-Legendre points
@@ -287,6 +320,8 @@ def test_quick_reproduction_report_renders_in_chromium(quick_report, browser):
     assert html_path.is_file() and json_path.is_file()
     page = open_and_check(browser, str(html_path), ARTIFACTS / "report.png")
     assert not [t for t in page["titles"] if t.endswith("not run")], f"experiments did not run: {page['titles']}"
+    check_sections(browser, page, ARTIFACTS / "report-quick-sections")
+    assert "ASSETS.md" not in page["text"], "the report points at a file that is not in the repository"
     assert len(page["images"]) >= 3, "each experiment should show at least one figure"
     assert len(page["tables"]) >= 1 + len(EXPERIMENT_MODULES), f"too few tables: {page['tables']}"
     data = check_results_json(str(json_path))

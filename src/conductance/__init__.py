@@ -1,7 +1,7 @@
 """conductance: how important is each hidden unit of a PyTorch network?
 
-Implements conductance (Dhamdhere, Sundararajan, Yan, "How Important Is a Neuron?", 2018):
-the flow of integrated-gradients attribution through a hidden unit.
+Implements conductance (Dhamdhere, Sundararajan, Yan, "How Important Is a Neuron?"
+(arXiv:1805.12233, 2018; ICLR 2019)): the flow of integrated-gradients attribution through a hidden unit.
 """
 
 from . import hf, reference
@@ -9,6 +9,7 @@ from .ablation import (AblationCurve, AblationSummary, ablate, ablation_summary,
                        flip_count, flipped_by_top_k, insertion_curve, layer_mean, layer_values)
 from .aggregate import AggregateResult, aggregate
 from .attribute import layer_conductance, layer_importance
+from .engine import shared
 from .errors import ConductanceError, ConductanceWarning
 from .neuron import neuron_conductance
 from .result import LayerResult
@@ -24,7 +25,7 @@ __all__ = [
     # ablation
     "ablate", "layer_values", "layer_mean", "flip_count", "flipped_by_top_k", "deletion_curve", "insertion_curve",
     "ablation_summary", "compare_rankings", "AblationCurve", "AblationSummary",
-    # errors
-    "ConductanceError", "ConductanceWarning",
+    # errors, and shared forward arguments
+    "ConductanceError", "ConductanceWarning", "shared",
 ]
 __version__ = "0.1.0"

@@ -1,11 +1,13 @@
 """Importance of hidden units over a whole data set: streaming, resumable, on one process or many.
 
 :func:`aggregate` runs :func:`conductance.layer_importance` batch after batch and keeps, per group
-(class) and per unit, only mergeable statistics in float64 / int64: count, sum, sum of squares,
-and the counts of positive, negative and near-zero values, plus a summary of each layer's
-completeness error. Sums and counts add up across batches, files (:meth:`AggregateResult.merge`)
-and processes (``torch.distributed.all_reduce``), so the result does not depend on how the data
-was split, up to the order of float64 additions.
+(class) and per unit, only mergeable statistics in float64 / int64: count, sum, sum of squared
+deviations from the mean, and the counts of positive, negative and near-zero values, plus a
+summary of each layer's completeness error. Sums and counts add up across batches, files
+(:meth:`AggregateResult.merge`) and processes (``torch.distributed.all_reduce``); squared
+deviations are merged with Chan et al.'s pairwise update (so a standard deviation far below the
+mean stays exact), and the result does not depend on how the data was split, up to the order of
+float64 operations.
 
 Batches may be ``(inputs, labels)`` (a tuple or list; items after the second are ignored),
 ``inputs`` alone (a tensor, or a one-item tuple / list), or a dict with the key ``"inputs"`` and
@@ -23,6 +25,8 @@ import os
 import sys
 import tempfile
 import time
+import types
+import functools
 import warnings
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -35,14 +39,16 @@ from .layers import LayerSpec, resolve_layers
 from .measures import LIG, MEASURES, POINT_MEASURES
 
 #: Version of the file layout written by :meth:`AggregateResult.save` and checkpoints.
-FORMAT = "conductance.aggregate/1"
+FORMAT = "conductance.aggregate/2"
+#: Key of the content checksum in a file's JSON metadata (sha256 of the metadata and every array).
+CHECKSUM = "sha256"
 BY = ("class", "label", "predicted", None)
 #: Keyword arguments passed on to :func:`conductance.layer_importance`.
 IMPORTANCE_KWARGS = ("baselines", "additional_forward_args", "forward_kwargs", "n_steps", "method", "tolerance",
                      "max_steps", "internal_batch_size", "attribute_to_layer_input")
 #: Settings that do not change the values, so a checkpoint may be resumed with another value.
 _NOT_FINGERPRINTED = ("internal_batch_size",)
-_UNIT_STATS = ("sum", "sumsq", "positive", "negative", "near_zero")
+_UNIT_STATS = ("sum", "m2", "positive", "negative", "near_zero")
 _GROUP_STATS = ("error_sum", "error_max", "error_above")
 _INT_STATS = ("positive", "negative", "near_zero", "error_above")
 ALL = "all"
@@ -77,7 +83,8 @@ class AggregateResult:
     layers : list of str; ``unit_shapes[layer]``: the shape of one example's units.
     is_cut : dict layer -> bool (completeness only applies to cut layers).
     counts : int64 array (n_groups,), examples per group (index = class).
-    stats : dict layer -> dict of arrays (n_groups, n_units): ``"sum"``, ``"sumsq"`` (float64),
+    stats : dict layer -> dict of arrays (n_groups, n_units): ``"sum"``, ``"m2"`` (the sum of squared
+        deviations from the group's mean; float64),
         ``"positive"``, ``"negative"``, ``"near_zero"`` (int64; ``|v| <= near_zero`` is near zero).
     errors : dict layer -> dict of arrays (n_groups,): ``"error_sum"``, ``"error_max"`` (relative
         completeness error, float64), ``"error_above"`` (examples above ``error_threshold``).
@@ -208,12 +215,22 @@ class AggregateResult:
         """Standard deviation of every unit over the group's examples (``ddof=1`` for the sample std)."""
         layer = self._layer(layer)
         n = self.count(group)
-        s = self._total(self.stats[layer]["sum"], group)
-        ss = self._total(self.stats[layer]["sumsq"], group)
         if n - ddof <= 0:
             return np.full(self.unit_shapes[layer], np.nan)
-        var = np.maximum(ss - s * s / n, 0.0) / (n - ddof)
-        return np.sqrt(var).reshape(self.unit_shapes[layer])
+        return np.sqrt(self._m2(layer, group) / (n - ddof)).reshape(self.unit_shapes[layer])
+
+    def _m2(self, layer: str, group: Any) -> np.ndarray:
+        """Sum of squared deviations from the group's mean, (n_units,); groups pooled exactly."""
+        rows = self._rows(group)
+        s, m2 = self.stats[layer]["sum"], self.stats[layer]["m2"]
+        if not isinstance(rows, slice):
+            return m2[rows]
+        n = self.counts[:, None].astype(np.float64)
+        total = max(float(n.sum()), 1.0)
+        mean = s.sum(0) / total
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shift = np.where(n > 0, s / np.maximum(n, 1) - mean, 0.0)
+        return m2.sum(0) + (n * shift * shift).sum(0)
 
     def sign_shares(self, layer: Optional[str] = None, group: Any = None) -> dict[str, np.ndarray]:
         """Share of examples where each unit is ``positive`` (> near_zero), ``negative`` (< -near_zero)
@@ -348,8 +365,12 @@ class AggregateResult:
             out.output_diff_sum[:n] += part.output_diff_sum
             out.points_sum[:n] += part.points_sum
             for layer in self.layers:
+                before = out.counts[:n] - part.counts      # out.counts already holds this part
+                _chan_merge(out.stats[layer], before, part.stats[layer]["sum"], part.stats[layer]["m2"],
+                            part.counts, n)
                 for k, v in part.stats[layer].items():
-                    out.stats[layer][k][:n] += v
+                    if k != "m2":
+                        out.stats[layer][k][:n] += v
                 for k, v in part.errors[layer].items():
                     if k == "error_max":
                         np.maximum(out.errors[layer][k][:n], v, out=out.errors[layer][k][:n])
@@ -428,7 +449,9 @@ def _write_results(path: str, results: Sequence[AggregateResult], extra: dict) -
     arrays: dict[str, np.ndarray] = {}
     for i, r in enumerate(results):
         arrays.update({f"{i}.{k}": np.ascontiguousarray(v) for k, v in r._arrays().items()})
-    meta = json.dumps({"format": FORMAT, "results": [r._meta() for r in results], **extra}, sort_keys=True)
+    content = {"format": FORMAT, "results": [r._meta() for r in results], **extra}
+    content[CHECKSUM] = _checksum(json.dumps(content, sort_keys=True), arrays)
+    meta = json.dumps(content, sort_keys=True)
     if str(path).endswith(".safetensors"):
         try:
             from safetensors.numpy import save_file
@@ -441,6 +464,16 @@ def _write_results(path: str, results: Sequence[AggregateResult], extra: dict) -
             with open(tmp, "wb") as f:
                 np.savez(f, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
         _atomic_write(path, write)
+
+
+def _checksum(meta_json: str, arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of the metadata and of every array's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256(meta_json.encode())
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"\0{k}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _unreadable(path: str, why: Any) -> ConductanceError:
@@ -471,9 +504,17 @@ def _read_results(path: str) -> tuple[dict[str, AggregateResult], dict]:
         raise
     except Exception as exc:     # zipfile.BadZipFile (including bad CRCs), ValueError, KeyError, EOFError, ...
         raise _unreadable(path, f"{type(exc).__name__}: {exc}") from None
+    if isinstance(meta, dict) and meta.get("format") == "conductance.aggregate/1":
+        raise ConductanceError(f"{path} was written by an older version of conductance (format "
+                               f"'conductance.aggregate/1', a sum of squares and no checksum); this version reads "
+                               f"{FORMAT!r}. Recompute it (move the file away first); it was left as it is")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _unreadable(path, f"format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                                 f"expected {FORMAT!r}")
+    stored = meta.pop(CHECKSUM, None)
+    if stored != _checksum(json.dumps(meta, sort_keys=True), arrays):
+        raise _unreadable(path, "its content does not match the checksum stored in it" if stored else
+                          "no checksum in its metadata")
     results = {}
     try:
         for i, m in enumerate(meta["results"]):
@@ -532,13 +573,106 @@ def _describe(value: Any) -> Any:
         return f"tensor{tuple(value.shape)}:{h.hexdigest()}"
     if isinstance(value, numbers.Number):
         return float(value)
+    from .engine import Shared
+    if isinstance(value, Shared):
+        return {"shared": _describe(value.value)}
     if isinstance(value, (list, tuple)):
         return [_describe(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _describe(v) for k, v in value.items()}
     if callable(value):
-        return f"callable:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        name = getattr(value, "__qualname__", type(value).__qualname__)
+        h = hashlib.blake2b(digest_size=12)
+        _hash_callable(h, value, 0)
+        return f"callable:{getattr(value, '__module__', '')}.{name}:{h.hexdigest()}"
     return f"{type(value).__name__}"
+
+
+def _hash_value(h: Any, value: Any, depth: int) -> None:
+    """Feed what a value a callable uses would change in its result into ``h``."""
+    if depth > 6:
+        h.update(b"<deep>")
+    elif isinstance(value, nn.Module):
+        h.update(f"module:{type(value).__qualname__}:{_model_hash(value)}".encode())
+    elif isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+        _hash_callable(h, value, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}[{len(value)}]".encode())
+        for v in value:
+            _hash_value(h, v, depth + 1)
+    elif isinstance(value, dict):
+        h.update(f"dict[{len(value)}]".encode())
+        for k in sorted(value, key=repr):
+            h.update(repr(k).encode())
+            _hash_value(h, value[k], depth + 1)
+    elif isinstance(value, (set, frozenset)):
+        h.update(repr(sorted(repr(v) for v in value)).encode())
+    elif isinstance(value, np.ndarray):
+        h.update(f"ndarray{value.dtype.str}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, types.ModuleType):
+        h.update(f"module {value.__name__}".encode())
+    else:
+        h.update(json.dumps(_describe(value), sort_keys=True, default=str).encode() if not callable(value)
+                 else f"callable {getattr(value, '__module__', '')}."
+                      f"{getattr(value, '__qualname__', type(value).__qualname__)}".encode())
+
+
+def _hash_code(h: Any, code: types.CodeType) -> None:
+    # the bytecode, constants and names, not the line numbers: moving a function does not change it
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _hash_code(h, c)
+        elif isinstance(c, frozenset):
+            h.update(repr(sorted(repr(v) for v in c)).encode())
+        else:
+            h.update(repr(c).encode())
+
+
+def _hash_callable(h: Any, fn: Any, depth: int) -> None:
+    """What a callable computes: its code, defaults, the values it closes over and the plain
+    global values it names (numbers, strings, tensors); for other callables their type and state."""
+    if isinstance(fn, functools.partial):
+        h.update(b"partial")
+        _hash_callable(h, fn.func, depth + 1)
+        _hash_value(h, fn.args, depth + 1)
+        _hash_value(h, fn.keywords, depth + 1)
+    elif isinstance(fn, types.MethodType):
+        h.update(b"method")
+        _hash_callable(h, fn.__func__, depth + 1)
+        _hash_value(h, fn.__self__, depth + 1) if isinstance(fn.__self__, nn.Module) else \
+            h.update(type(fn.__self__).__qualname__.encode())
+    elif isinstance(fn, types.FunctionType):
+        _hash_code(h, fn.__code__)
+        _hash_value(h, fn.__defaults__ or (), depth + 1)
+        _hash_value(h, fn.__kwdefaults__ or {}, depth + 1)
+        for cell in fn.__closure__ or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:          # a cell not filled yet
+                contents = None
+            if contents is fn:
+                continue
+            _hash_value(h, contents, depth + 1)
+        g = fn.__globals__
+        for name in fn.__code__.co_names:
+            v = g.get(name)
+            if isinstance(v, (bool, int, float, str, complex, torch.Tensor)) or \
+                    (isinstance(v, (list, tuple, dict)) and depth < 3):
+                h.update(name.encode())
+                _hash_value(h, v, depth + 1)
+    elif isinstance(fn, nn.Module):
+        h.update(f"module:{type(fn).__qualname__}:{_model_hash(fn)}".encode())
+    else:
+        h.update(f"object:{type(fn).__module__}.{type(fn).__qualname__}".encode())
+        call = getattr(type(fn), "__call__", None)
+        if isinstance(call, types.FunctionType):
+            _hash_code(h, call.__code__)
+        state = getattr(fn, "__dict__", None)
+        if isinstance(state, dict):
+            _hash_value(h, {k: v for k, v in state.items() if not k.startswith("__")}, depth + 1)
 
 
 def _model_hash(model: nn.Module) -> str:
@@ -727,10 +861,21 @@ class _Progress:
 # Distributed helpers
 # ----------------------------------------------------------------------------------------------
 
-def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
+#: Minutes a rank waits in a collective (or for its peers at start-up) before it fails.
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+
+def init_distributed(backend: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT_MINUTES) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT) if not done yet: nccl when CUDA is available, else gloo. Returns (rank, world)."""
+    MASTER_PORT) if not done yet: nccl when CUDA is available, else gloo. Returns (rank, world).
+
+    ``timeout`` (minutes) bounds every collective: a rank whose peer stopped or hangs fails after
+    it instead of waiting for ever. It does not change a process group that is already initialised."""
+    import datetime
+
     import torch.distributed as dist
+
+    _check_timeout(timeout)
 
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
@@ -741,11 +886,17 @@ def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=float(timeout)))
     return dist.get_rank(), dist.get_world_size()
 
 
-def _dist_state(distributed: Optional[bool]) -> tuple[bool, int, int]:
+def _check_timeout(timeout: Any) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf:
+        raise ConductanceError(f"timeout must be a positive number of minutes (default {DEFAULT_TIMEOUT_MINUTES:g}), "
+                               f"got {timeout!r}")
+
+
+def _dist_state(distributed: Optional[bool], timeout: float = DEFAULT_TIMEOUT_MINUTES) -> tuple[bool, int, int]:
     import torch.distributed as dist
 
     available = dist.is_available()
@@ -757,7 +908,7 @@ def _dist_state(distributed: Optional[bool]) -> tuple[bool, int, int]:
         return False, 0, 1
     if not available:
         raise ConductanceError("distributed=True but this torch build has no torch.distributed")
-    rank, world = init_distributed()
+    rank, world = init_distributed(timeout=timeout)
     return True, rank, world
 
 
@@ -773,8 +924,22 @@ def _gather(obj: Any) -> list:
     import torch.distributed as dist
 
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    _collective(dist.all_gather_object, out, obj)
     return out
+
+
+def _collective(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Run a torch.distributed collective; a timeout or a dead peer becomes an error naming this rank."""
+    import torch.distributed as dist
+
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as exc:
+        raise ConductanceError(
+            f"rank {dist.get_rank()} of {dist.get_world_size()}: the collective {fn.__name__} failed or timed out "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Another rank has probably "
+            "stopped or hangs (an error, a crash, a frozen data loader); see its log. The wait is bounded by the "
+            "process group's timeout (aggregate(..., timeout=minutes) when aggregate initialises it)") from exc
 
 
 def _raise_collectively(problem: Optional[str], active: bool) -> None:
@@ -794,29 +959,50 @@ def _all_reduce(results: list[AggregateResult]) -> None:
 
     device = _collective_device()
     size = torch.tensor([max(r.n_groups for r in results)], dtype=torch.int64, device=device)
-    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    _collective(dist.all_reduce, size, op=dist.ReduceOp.MAX)
     for r in results:
         r._pad(int(size.item()))
     floats, ints, maxes = [], [], []
+    local = [(r.counts.copy(), {layer: r.stats[layer]["sum"].copy() for layer in r.layers}) for r in results]
     for r in results:
         for k, v in r._arrays().items():
+            if k.endswith(".m2"):
+                continue                 # merged below, once the global means are known
             (maxes if k.endswith("error_max") else ints if v.dtype.kind in "iu" else floats).append(v)
+    _reduce_arrays(floats, ints, maxes, device)
+    # each rank's squared deviations about the global mean: m2_r + n_r (mean_r - mean)^2, summed
+    spread = []
+    for r, (n_local, sums) in zip(results, local):
+        n_r = n_local.astype(np.float64)[:, None]
+        n = np.maximum(r.counts.astype(np.float64)[:, None], 1)
+        for layer in r.layers:
+            m2 = r.stats[layer]["m2"]
+            shift = np.where(n_r > 0, sums[layer] / np.maximum(n_r, 1) - r.stats[layer]["sum"] / n, 0.0)
+            m2 += n_r * shift * shift
+            spread.append(m2)
+    _reduce_arrays(spread, [], [], device)
+    batches = torch.tensor([r.n_batches for r in results], dtype=torch.int64, device=device)
+    _collective(dist.all_reduce, batches)
+    for r, n in zip(results, batches.cpu().tolist()):
+        r.n_batches = int(n)
+
+
+def _reduce_arrays(floats: list, ints: list, maxes: list, device: torch.device) -> None:
+    """All-reduce numpy arrays in place: ``floats`` and ``ints`` summed, ``maxes`` by maximum."""
+    import torch.distributed as dist
+
     for arrays, dtype, op in ((floats, torch.float64, dist.ReduceOp.SUM), (ints, torch.int64, dist.ReduceOp.SUM),
                               (maxes, torch.float64, dist.ReduceOp.MAX)):
         if not arrays:
             continue
         flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(
             np.float64 if dtype == torch.float64 else np.int64)).to(device)
-        dist.all_reduce(flat, op=op)
+        _collective(dist.all_reduce, flat, op=op)
         flat = flat.cpu().numpy()
         offset = 0
         for a in arrays:
             a[...] = flat[offset: offset + a.size].reshape(a.shape)
             offset += a.size
-    batches = torch.tensor([r.n_batches for r in results], dtype=torch.int64, device=device)
-    dist.all_reduce(batches)
-    for r, n in zip(results, batches.cpu().tolist()):
-        r.n_batches = int(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -854,7 +1040,8 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
               units: str = "channel", target: Any = "label", near_zero: float = 0.01,
               checkpoint: Optional[str] = None, checkpoint_every: int = 10, progress: Optional[bool] = None,
               distributed: Optional[bool] = None, limit_batches: Optional[int] = None,
-              class_names: Optional[Sequence[str]] = None, **importance_kwargs: Any
+              class_names: Optional[Sequence[str]] = None, timeout: float = DEFAULT_TIMEOUT_MINUTES,
+              **importance_kwargs: Any
               ) -> Union[AggregateResult, dict[str, AggregateResult]]:
     """Statistics of the importance of every unit of ``layers`` over all examples of ``data``.
 
@@ -899,6 +1086,10 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
         Use only the first ``limit_batches`` batches of the data.
     class_names : list of str, optional
         Names shown for the classes by :meth:`AggregateResult.summary` and ``conductance show``.
+    timeout : float
+        Minutes a rank waits for the others in a collective before it fails with an error naming
+        itself (default 30), when aggregate initialises torch.distributed (``distributed=True``);
+        a process group you initialise yourself keeps the timeout you gave it.
     **importance_kwargs
         ``n_steps``, ``tolerance``, ``method``, ``max_steps``, ``baselines``,
         ``internal_batch_size``, ``attribute_to_layer_input``, ``additional_forward_args``,
@@ -909,7 +1100,8 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
     -------
     AggregateResult, or dict measure -> AggregateResult for a list of measures.
     """
-    from .attribute import UNITS, WARN_RELATIVE_ERROR, layer_importance, resolve_method
+    from .attribute import DEFAULT_MAX_STEPS, UNITS, WARN_RELATIVE_ERROR, layer_importance, resolve_method
+    from .inputs import check_budget, check_steps
 
     # ---- check the request --------------------------------------------------------------------
     measures = [measure] if isinstance(measure, str) else list(measure)
@@ -938,10 +1130,14 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
                         f"got a {type(data).__name__}. For one batch of tensors pass [(inputs, labels)]")
     refs = resolve_layers(model, layers, use_input=bool(importance_kwargs.get("attribute_to_layer_input")))
     names = [r.name for r in refs]
+    check_steps(importance_kwargs.get("n_steps"), importance_kwargs.get("tolerance"),
+                importance_kwargs.get("max_steps", DEFAULT_MAX_STEPS))
     method, n_steps, tolerance = resolve_method(importance_kwargs.get("method"), importance_kwargs.get("n_steps"),
                                                 importance_kwargs.get("tolerance"))
+    check_budget(method, n_steps, importance_kwargs.get("max_steps", DEFAULT_MAX_STEPS), DEFAULT_MAX_STEPS)
     error_threshold = tolerance if method == "adaptive" else WARN_RELATIVE_ERROR
-    active, rank, world = _dist_state(distributed)
+    _check_timeout(timeout)
+    active, rank, world = _dist_state(distributed, timeout)
     presharded = _distributed_sampler_check(data, world, active)
     mine = (lambda i: True) if presharded or not active else (lambda i: i % world == rank)
     device = _model_device(model)
@@ -965,7 +1161,9 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
     loaded: Optional[dict[str, AggregateResult]] = None
     saved: dict = {}
     problem: Optional[str] = None
-    if path is not None and os.path.exists(path):
+    if path is not None:
+        problem = _check_writable(path) or _other_world(os.fspath(checkpoint), path, world)
+    if path is not None and problem is None and os.path.exists(path):
         try:
             loaded, meta = _read_results(path)
             saved = meta.get("checkpoint")
@@ -1002,11 +1200,25 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
     results: Optional[dict[str, AggregateResult]] = loaded
     grouping: Optional[str] = next(iter(loaded.values())).grouping if loaded else None
 
+    rescued: list[str] = []
+
     def write_checkpoint(next_position: int, done: bool) -> None:
         if path is None or results is None:
             return
         info = dict(position=next_position, exhausted=done, fingerprint=fingerprint, rank=rank, world_size=world)
-        _write_results(path, [results[m] for m in measures], {"checkpoint": info})
+        try:
+            _write_results(path, [results[m] for m in measures], {"checkpoint": info})
+        except OSError as exc:
+            # finished work is never lost to an output error: write it where it can be written
+            rescue = os.path.join(tempfile.gettempdir(), f"conductance-rescue-{os.getpid()}-{os.path.basename(path)}")
+            try:
+                _write_results(rescue, [results[m] for m in measures], {"checkpoint": info})
+                where = f"wrote it to {rescue} instead (move it to {path} to resume from it)"
+            except OSError as exc2:
+                where = f"nor to {rescue} ({exc2}); the statistics exist only in the returned result"
+            if where not in rescued:
+                rescued.append(where)
+                warn(f"could not write the checkpoint {path} ({type(exc).__name__}: {exc}); {where}")
 
     # ---- the pass over the data ---------------------------------------------------------------
     pairs, sizes = _plan_batches(data, wanted)
@@ -1073,6 +1285,7 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
                     raise ConductanceError(f"batch {i}: {exc}") from exc
             for w in caught:
                 caught_warnings.setdefault(str(w.message)[:60], [str(w.message), 0])[1] += 1
+            _check_finite_batch(out, measures, names, i)
             first = out[measures[0]]
             if grouping == "label":
                 groups = y
@@ -1134,13 +1347,71 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
     return results[measures[0]] if isinstance(measure, str) else {m: results[m] for m in measures}
 
 
+def _check_finite_batch(out: dict, measures: Sequence[str], names: Sequence[str], index: int) -> None:
+    """Refuse a batch whose values are NaN or Inf: it would turn every mean it enters into NaN."""
+    for m in measures:
+        parts = {"F(x) - F(x')": out[m].output_diff, **{f"layer {n!r}": out[m][n] for n in names}}
+        for what, t in parts.items():
+            finite = torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(1) if t.dim() else torch.isfinite(t)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten()[:10].tolist()
+                raise ConductanceError(f"batch {index}: {m} of {what} is NaN or Inf for examples {bad} of the batch; "
+                                       "the model produces non-finite values for them. Fix the model or leave those "
+                                       "examples out; nothing of this batch was added")
+
+
+def _check_writable(path: str) -> Optional[str]:
+    """Why ``path`` cannot be written (its folder is missing and cannot be made, is a file, or is
+    read-only), or None; found before any batch is computed."""
+    if os.path.isdir(path):
+        return f"checkpoint {path!r} is a folder; give a file path ending in .npz or .safetensors"
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return (f"checkpoint {path!r} cannot be written: {existing!r} is a file, not a folder; give a path in a "
+                "writable folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".conductance-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return (f"checkpoint {path!r} cannot be written: the folder {existing!r} is not writable "
+                f"({type(exc).__name__}: {exc}); give a path in a writable folder")
+    return None
+
+
+def _other_world(base: str, path: str, world: int) -> Optional[str]:
+    """A checkpoint written by a different number of processes than this run has, described, or None."""
+    import glob
+
+    if os.path.exists(path):
+        return None
+    if world == 1:
+        found = sorted(p for p in glob.glob(glob.escape(base) + ".rank*") if p[len(base) + 5:].isdigit())
+    else:
+        found = [base] if os.path.exists(base) else []
+    if not found:
+        return None
+    try:
+        written = checkpoint_info(found[0]).get("world_size")
+    except (ConductanceError, OSError) as exc:
+        written = f"an unknown number of ({exc})"
+    return (f"checkpoint {base!r} was written by {written} process(es) (found {found[:4]}), and this run has "
+            f"{world}: resume with {written} processes (torchrun --nproc-per-node {written}), or give another "
+            "checkpoint path (the files were left unchanged)")
+
+
 def _predicted(model: nn.Module, x: torch.Tensor, kwargs: dict, index: int) -> torch.Tensor:
     from .engine import logits_of
+
+    from .engine import unwrap_shared
 
     extra = kwargs.get("additional_forward_args")
     extra = () if extra is None else extra if isinstance(extra, tuple) else (extra,)
     with torch.no_grad():
-        scores = logits_of(model(x, *extra, **dict(kwargs.get("forward_kwargs") or {})))
+        scores = logits_of(model(x, *unwrap_shared(extra), **unwrap_shared(dict(kwargs.get("forward_kwargs") or {}))))
     if scores.dim() != 2:
         raise ConductanceError(f"batch {index}: grouping by predicted class needs outputs (batch, classes), got "
                                f"{tuple(scores.shape)}; give labels or use by=None")
@@ -1153,14 +1424,23 @@ def _accumulate(result: AggregateResult, out: Any, groups: torch.Tensor, names: 
     if groups.numel():
         result._pad(int(groups.max()) + 1)
     as_t = torch.from_numpy
-    as_t(result.counts).index_add_(0, groups, torch.ones_like(groups))
+    G = result.n_groups
+    before = result.counts.copy()
+    n_batch = torch.bincount(groups, minlength=G)
+    as_t(result.counts).add_(n_batch)
     as_t(result.output_diff_sum).index_add_(0, groups, out.output_diff.detach().to("cpu", torch.float64))
     as_t(result.points_sum).index_add_(0, groups, out.n_points.detach().to("cpu", torch.long))
     for name in names:
         v = out[name].detach().reshape(groups.shape[0], -1).to("cpu", torch.float64)
         s = result.stats[name]
-        as_t(s["sum"]).index_add_(0, groups, v)
-        as_t(s["sumsq"]).index_add_(0, groups, v * v)
+        # the batch's own mean and squared deviations (two passes), then Chan et al.'s merge with the
+        # running ones: a sum of squares would lose a small spread around a large mean to rounding
+        sum_b = torch.zeros((G, v.shape[1]), dtype=torch.float64).index_add_(0, groups, v)
+        mean_b = sum_b / n_batch.clamp(min=1).to(torch.float64)[:, None]
+        dev = v - mean_b[groups]
+        m2_b = torch.zeros_like(sum_b).index_add_(0, groups, dev * dev)
+        _chan_merge(s, before, sum_b.numpy(), m2_b.numpy(), n_batch.numpy(), G)
+        as_t(s["sum"]).add_(sum_b)
         as_t(s["positive"]).index_add_(0, groups, (v > near_zero).long())
         as_t(s["negative"]).index_add_(0, groups, (v < -near_zero).long())
         as_t(s["near_zero"]).index_add_(0, groups, (v.abs() <= near_zero).long())
@@ -1170,3 +1450,18 @@ def _accumulate(result: AggregateResult, out: Any, groups: torch.Tensor, names: 
         as_t(e["error_max"]).scatter_reduce_(0, groups, err, reduce="amax")
         as_t(e["error_above"]).index_add_(0, groups, (err > error_threshold).long())
     result.n_batches += 1
+
+
+def _chan_merge(stats: dict[str, np.ndarray], n_a: np.ndarray, sum_b: np.ndarray, m2_b: np.ndarray,
+                n_b: np.ndarray, n: int) -> None:
+    """Fold part b's squared deviations into ``stats["m2"][:n]`` in place (Chan, Golub, LeVeque 1979).
+
+    ``stats["sum"][:n]`` and ``n_a`` (n,) still describe part a alone; ``sum_b``, ``m2_b`` (n, units)
+    and ``n_b`` (n,) describe part b. The caller adds the sums and counts afterwards."""
+    na = n_a[:n].astype(np.float64)[:, None]
+    nb = n_b[:n].astype(np.float64)[:, None]
+    both = (na > 0) & (nb > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = np.where(both, sum_b[:n] / np.maximum(nb, 1) - stats["sum"][:n] / np.maximum(na, 1), 0.0)
+        weight = np.where(both, na * nb / np.maximum(na + nb, 1), 0.0)
+    stats["m2"][:n] += m2_b[:n] + delta * delta * weight

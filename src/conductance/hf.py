@@ -548,12 +548,27 @@ def _eos_id(model: nn.Module) -> Optional[int]:
     return None
 
 
-def _token_embeddings(embedding: nn.Module, input_ids: torch.Tensor, token: int) -> torch.Tensor:
-    size = getattr(embedding, "num_embeddings", None)
-    if isinstance(size, int) and not 0 <= token < size:
-        raise ConductanceError(f"baseline token id {token} is outside the vocabulary (0..{size - 1})")
+def _token_embeddings(embedding: nn.Module, input_ids: torch.Tensor, token: int, what: str) -> torch.Tensor:
+    ids = torch.full_like(input_ids, token)
+    _check_vocabulary(ids, embedding, "word embedding", what)
     with torch.no_grad():
-        return embedding(torch.full_like(input_ids, token)).detach()
+        return embedding(ids).detach()
+
+
+def _check_vocabulary(ids: torch.Tensor, embedding: nn.Module, name: str, what: str) -> None:
+    """Token ids must index rows of the embedding table; checked before the model runs."""
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        weight = getattr(embedding, "weight", None)
+        rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    if rows is None or ids.numel() == 0 or ids.device.type == "meta":
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= rows:
+        bad = ((ids < 0) | (ids >= rows)).nonzero()[:5].tolist()
+        raise ConductanceError(f"{what} hold ids outside the vocabulary: the embedding {name!r} has {rows} rows "
+                               f"(valid ids 0..{rows - 1}), got ids from {low} to {high} (at [example, token] "
+                               f"{bad}). Tokenize with this model's own tokenizer")
 
 
 def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor, baseline: Any,
@@ -565,7 +580,8 @@ def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: 
         if baseline in ("pad", "auto"):
             pad, source = _pad_id(model, pad_token_id)
             if pad is not None:
-                return _token_embeddings(embedding, input_ids, pad), f"pad token {pad} ({source})"
+                return (_token_embeddings(embedding, input_ids, pad, f"the pad token id ({source})"),
+                        f"pad token {pad} ({source})")
             if baseline == "auto":
                 # Decoders usually have no pad token and pad with their eos token. The zero embedding comes
                 # last: in a model without position embeddings (Llama-style, rotary) it makes the first
@@ -573,7 +589,7 @@ def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: 
                 # ~sqrt(eps) / |embedding| in alpha (measured: 1e6-fold completeness errors at 128 steps).
                 eos = _eos_id(model)
                 if eos is not None:
-                    return (_token_embeddings(embedding, input_ids, eos),
+                    return (_token_embeddings(embedding, input_ids, eos, "the eos token id (baseline='auto')"),
                             f"eos token {eos} (config.eos_token_id; the config has no pad_token_id)")
                 return torch.zeros_like(embeds), "zeros (the config has no pad_token_id and no eos_token_id)"
             raise ConductanceError(
@@ -584,7 +600,8 @@ def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: 
         raise ConductanceError(f"unknown baseline {baseline!r}; use 'auto', 'pad', 'zeros', a token id (int), token "
                                "ids (batch, tokens) or embeddings (batch, tokens, hidden)")
     if isinstance(baseline, numbers.Integral) and not isinstance(baseline, bool):
-        return _token_embeddings(embedding, input_ids, int(baseline)), f"token {int(baseline)} at every position"
+        return (_token_embeddings(embedding, input_ids, int(baseline), "the baseline token id"),
+                f"token {int(baseline)} at every position")
     if isinstance(baseline, torch.Tensor):
         if not baseline.is_floating_point():
             ids = baseline.to(input_ids.device)
@@ -593,6 +610,7 @@ def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: 
             if ids.shape != input_ids.shape:
                 raise ConductanceError(f"baseline token ids of shape {tuple(baseline.shape)} do not match input_ids "
                                        f"{tuple(input_ids.shape)}; give one baseline id per token")
+            _check_vocabulary(ids, embedding, "word embedding", "the baseline token ids")
             with torch.no_grad():
                 return embedding(ids).detach(), "token ids given"
         if baseline.dim() == 2 and baseline.shape == input_ids.shape and embeds.shape[-1] != input_ids.shape[-1]:
@@ -1060,6 +1078,7 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
     heads = num_heads if num_heads is not None else num_heads_of(model)
     if num_heads is not None and (not isinstance(num_heads, numbers.Integral) or num_heads < 1):
         raise ConductanceError(f"num_heads must be a positive integer, got {num_heads!r}")
+    _check_vocabulary(input_ids, emb_module, emb_name, "input_ids")
     with torch.no_grad():
         embeds = emb_module(input_ids)
     if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or not embeds.is_floating_point():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -14,12 +16,15 @@ from . import engine
 from .engine import PathProblem, logits_of, model_output
 from .errors import ConductanceError, warn
 from .layers import LayerSpec, resolve_layers
+from .paths import CAPTUM_RULES
 
 Target = Union[None, int, Sequence[int], Sequence[tuple], torch.Tensor, Callable[..., torch.Tensor]]
 
 #: Input elements per chunk of path points when the user gives no internal_batch_size.
 DEFAULT_CHUNK_ELEMENTS = 2 ** 21
 MAX_DEFAULT_CHUNK = 256
+#: Most path points per example any rule evaluates (n_steps + 1 of a fixed rule, max_steps of the adaptive one).
+MAX_POINTS = 20_000
 
 
 def check_inputs(inputs: Any) -> torch.Tensor:
@@ -33,6 +38,9 @@ def check_inputs(inputs: Any) -> torch.Tensor:
             "cd.hf.layer_conductance(model, input_ids, layers, ...) runs the path in word-embedding space "
             "for you; otherwise compute the embeddings and pass them as inputs to a model that starts "
             "after the embedding layer, with a zero or pad-token embedding as the baseline")
+    if inputs.device.type == "meta":
+        raise ConductanceError("inputs are on the meta device (a shape without data); pass real tensors, on the "
+                               "model's device")
     if inputs.dim() < 1 or inputs.shape[0] == 0:
         raise ConductanceError(f"inputs must have a batch dimension with at least one example; got shape "
                                f"{tuple(inputs.shape)}")
@@ -125,6 +133,56 @@ def pack_inputs(inputs: Sequence[Any], baselines: Any) -> tuple[torch.Tensor, to
     flat = torch.cat([t.reshape(t.shape[0], -1).to(dtype) for t in parts], 1)
     flat_base = torch.cat([b.reshape(b.shape[0], -1).to(dtype) for b in base_parts], 1)
     return flat, flat_base, spec
+
+
+def _float_params(model: nn.Module) -> list[torch.Tensor]:
+    return [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+
+
+def check_model_fits(model: nn.Module, inputs: torch.Tensor) -> None:
+    """Refuse a model that cannot run at all (weights on the meta device), before anything runs."""
+    if any(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ConductanceError("the model's weights are on the meta device (created without data, e.g. with "
+                               "device='meta' or low_cpu_mem_usage): load its weights first (model.to_empty(...) "
+                               "then load_state_dict, or from_pretrained without a meta device)")
+
+
+def explain_failure(model: nn.Module, inputs: torch.Tensor) -> Optional[str]:
+    """Why the model may have failed on ``inputs``: a dtype or device that differs from its weights."""
+    params = _float_params(model)
+    dtypes = sorted({str(t.dtype) for t in params})
+    devices = sorted({str(t.device) for t in params})
+    if len(dtypes) == 1 and dtypes[0] != str(inputs.dtype):
+        want = dtypes[0].replace("torch.", "")
+        return (f"the inputs are {inputs.dtype} but the model's weights are {dtypes[0]}: convert one side, "
+                f"inputs.to(torch.{want}) (and the baselines) or model.to({inputs.dtype})")
+    if len(devices) == 1 and devices[0] != str(inputs.device):
+        return (f"the inputs are on {inputs.device} but the model's weights are on {devices[0]}: move one side, "
+                f"inputs.to('{devices[0]}') (and the baselines) or model.to('{inputs.device}')")
+    return None
+
+
+def check_forward_args(additional_forward_args: Any, forward_kwargs: Any) -> tuple[tuple, dict]:
+    """The positional and keyword arguments after the inputs, in the forms the engine uses."""
+    extra = additional_forward_args
+    if extra is None:
+        extra = ()
+    elif isinstance(extra, (list, dict)):
+        hint = ("pass keyword arguments as forward_kwargs=" if isinstance(extra, dict) else
+                f"to pass one list as a single argument wrap it: additional_forward_args=(your_list,); for "
+                f"{len(extra)} positional arguments pass a tuple")
+        raise ConductanceError(f"additional_forward_args must be a tuple of the positional arguments after the "
+                               f"inputs (or one non-list, non-dict value); got a {type(extra).__name__}: {hint}")
+    elif not isinstance(extra, tuple):
+        extra = (extra,)
+    if forward_kwargs is None:
+        forward_kwargs = {}
+    if not isinstance(forward_kwargs, Mapping) or not all(isinstance(k, str) for k in forward_kwargs):
+        raise ConductanceError(f"forward_kwargs must be a dict of keyword name -> value for the model; got "
+                               f"{type(forward_kwargs).__name__}" + (" with non-string keys" if
+                                                                     isinstance(forward_kwargs, Mapping) else "")
+                               + ". Positional arguments go in additional_forward_args (a tuple)")
+    return extra, dict(forward_kwargs)
 
 
 def default_chunk(inputs: torch.Tensor) -> int:
@@ -235,7 +293,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                   ) -> tuple[PathProblem, Any]:
     """Validate everything and return the problem plus the model's output at the inputs.
 
-    ``method="captum"`` keeps the inputs' memory layout (Captum's arithmetic, layout included);
+    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic, layout included);
     otherwise convolutional models get channels-last path points when they can take them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
@@ -245,39 +303,50 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
     if isinstance(inputs, (tuple, list)):
         # several input tensors: packed into one, unpacked for each call of the model (engine.model_output)
         inputs, base, spec = pack_inputs(inputs, baselines)
+        check_model_fits(model, inputs)
     else:
         inputs = check_inputs(inputs)
+        check_model_fits(model, inputs)
         base = check_baselines(baselines, inputs)
-    refs = resolve_layers(model, layers, use_input=attribute_to_layer_input) if layers is not None else []
+    extra, kwargs = check_forward_args(additional_forward_args, forward_kwargs)
+    unclear = engine.ambiguous_args(extra, inputs.shape[0], "additional_forward_args") + \
+        engine.ambiguous_args(kwargs, inputs.shape[0], "forward_kwargs")
+    if unclear:
+        warn(f"{', '.join(unclear)}: the first dimension equals the batch size ({inputs.shape[0]}), so each row goes "
+             "with one example (the per-example rule), but it looks like a shared tensor (a parameter, or a square "
+             "float matrix). If it is shared by all examples, pass conductance.shared(tensor)")
+    refs = resolve_layers(model, layers, use_input=attribute_to_layer_input)
     if internal_batch_size is not None and (not isinstance(internal_batch_size, numbers.Integral)
-                                            or internal_batch_size < 1):
+                                            or isinstance(internal_batch_size, bool) or internal_batch_size < 1):
         raise ConductanceError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
     if model.training:
         warn("the model is in training mode: dropout and batch-norm updates make conductance random "
              "and change the model; call model.eval() first")
-    extra = additional_forward_args
-    if extra is None:
-        extra = ()
-    elif not isinstance(extra, tuple):
-        extra = (extra,)
     problem = PathProblem(model=model, inputs=inputs, baselines=base, target=None,
-                          additional_forward_args=extra, forward_kwargs=dict(forward_kwargs or {}),
+                          additional_forward_args=extra, forward_kwargs=kwargs,
                           refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),
                           track_input=track_input)
     problem.input_spec = spec
-    problem.channels_last = method != "captum" and engine.wants_channels_last(model, inputs)
+    problem.channels_last = method not in CAPTUM_RULES and engine.wants_channels_last(model, inputs)
     with torch.no_grad():
         ex = torch.arange(inputs.shape[0], device=inputs.device)
-        if problem.channels_last:
-            try:
-                output = model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
-            except RuntimeError as exc:
-                # the model cannot take channels-last activations (it .view()s them): keep the inputs' layout
-                if not engine.is_layout_error(exc):
-                    raise
-                problem.channels_last = False
-        if not problem.channels_last:
-            output = model_output(problem, inputs, ex)
+        try:
+            if problem.channels_last:
+                try:
+                    output = model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
+                except RuntimeError as exc:
+                    # the model cannot take channels-last activations (it .view()s them): keep the inputs' layout
+                    if not engine.is_layout_error(exc):
+                        raise
+                    problem.channels_last = False
+            if not problem.channels_last:
+                output = model_output(problem, inputs, ex)
+        except RuntimeError as exc:
+            why = explain_failure(model, inputs)
+            if why is None:
+                raise
+            raise ConductanceError(f"the model failed on the inputs ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {why}") from exc
     problem.target = resolve_target(target, output, inputs.shape[0], inputs.device)
     return problem, output
 
@@ -295,8 +364,30 @@ def check_steps(n_steps: Optional[int], tolerance: Optional[float], max_steps: i
     if n_steps is not None and (not isinstance(n_steps, numbers.Integral) or isinstance(n_steps, bool)
                                 or n_steps < 1):
         raise ConductanceError(f"n_steps must be an integer >= 1, got {n_steps!r}")
-    if tolerance is not None and (not isinstance(tolerance, numbers.Real) or not 0 < tolerance
-                                  or math.isnan(tolerance)):
-        raise ConductanceError(f"tolerance must be a positive relative error such as 0.01, got {tolerance!r}")
-    if not isinstance(max_steps, numbers.Integral) or max_steps < 2:
+    if n_steps is not None and n_steps > MAX_POINTS - 1:
+        raise ConductanceError(f"n_steps={n_steps} asks for {n_steps + 1} path points per example; at most "
+                               f"{MAX_POINTS} are evaluated (conductance.inputs.MAX_POINTS). Far fewer are enough: "
+                               "use tolerance=0.01 to refine only where the path needs it")
+    if tolerance is not None and (not isinstance(tolerance, numbers.Real) or isinstance(tolerance, bool)
+                                  or not 0 < tolerance < 1 or math.isnan(tolerance)):
+        raise ConductanceError(f"tolerance must be a relative completeness error between 0 and 1 (exclusive), such "
+                               f"as 0.01 for 1%; got {tolerance!r}")
+    if not isinstance(max_steps, numbers.Integral) or isinstance(max_steps, bool) or max_steps < 2:
         raise ConductanceError(f"max_steps must be an integer >= 2 (points per example), got {max_steps!r}")
+    if max_steps > MAX_POINTS:
+        raise ConductanceError(f"max_steps={max_steps} is above the bound of {MAX_POINTS} path points per example "
+                               "(conductance.inputs.MAX_POINTS); an adaptive run that needs more than that is "
+                               "better served by a looser tolerance")
+
+
+def check_budget(method: str, n_steps: Optional[int], max_steps: int, default_max_steps: int) -> None:
+    """Contradictory settings, once the rule is known: a budget for a fixed rule, a budget below the
+    adaptive rule's own starting grid."""
+    if method != "adaptive" and max_steps != default_max_steps:
+        raise ConductanceError(f"max_steps={max_steps} is the adaptive rule's budget, but method={method!r} is a "
+                               f"fixed rule of n_steps + 1 = {n_steps + 1} points; drop max_steps, or use "
+                               "tolerance= (adaptive) to bound the points with it")
+    if method == "adaptive" and n_steps is not None and 2 * n_steps + 1 > max_steps:
+        raise ConductanceError(f"the adaptive rule starts from n_steps = {n_steps} pairs, 2 * n_steps + 1 = "
+                               f"{2 * n_steps + 1} points per example, more than max_steps={max_steps}; raise "
+                               "max_steps or lower n_steps")

@@ -44,6 +44,13 @@ def _suggest(name: str, names: Sequence[str]) -> str:
     return "Layers of this model include: " + ", ".join(repr(n) for n in shown) + (" ..." if len(names) > 13 else "")
 
 
+def _layer_kinds(value: Any, what: str) -> str:
+    hint = (f" (for module number {value} of an nn.Sequential pass its name, the string '{value}')"
+            if isinstance(value, int) and not isinstance(value, bool) else "")
+    return (f"{what} must be a dotted module name (str), an nn.Module of the model, a (name, element) pair, or a "
+            f"list of them; got {type(value).__name__} {value!r}{hint}")
+
+
 def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec]],
                    use_input: bool = False) -> list[LayerRef]:
     """Turn user layer specifications into :class:`LayerRef` objects.
@@ -58,6 +65,8 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
                                                 and isinstance(layers[1], (int, str))
                                                 and isinstance(layers[0], (str, nn.Module))):
         layers = [layers]
+    if not isinstance(layers, (list, tuple)):
+        raise ConductanceError(_layer_kinds(layers, "layers"))
     if len(layers) == 0:
         raise ValueError("no layers given: pass a dotted module name such as 'features.3' or a list of them")
     by_name = dict(model.named_modules())
@@ -84,7 +93,7 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
                 raise ValueError(f"the model has no layer named {spec!r}. {_suggest(name, names)}")
             module = by_name[name]
         else:
-            raise TypeError(f"a layer must be a dotted name or an nn.Module, got {type(spec).__name__}")
+            raise ConductanceError(_layer_kinds(spec, "each of layers"))
         label = name if element is None else f"{name}[{element}]"
         if label == "":
             label = "<model>"

@@ -16,15 +16,24 @@ import torch
 from torch import nn
 
 from . import engine
-from .attribute import DEFAULT_MAX_STEPS, UNITS, _warn_accuracy, path_attribution, resolve_method
+from .attribute import (DEFAULT_MAX_STEPS, UNITS, WARN_RELATIVE_ERROR, _warn_accuracy, path_attribution,
+                        resolve_method)
 import warnings
 
-from .errors import ConductanceError, never_reached, not_dependent
-from .inputs import Target, build_problem, check_steps
+from .errors import ConductanceError, never_reached, not_dependent, warn
+from .inputs import Target, build_problem, check_budget, check_steps
 from .layers import LayerSpec, Recorder
-from .paths import captum_neuron_grid, fixed_grid, point_weights
+from .engine import coarse_positions
+from .paths import CAPTUM_RULES, captum_point_rule, coarse_point_weights, fixed_grid, point_weights
+from .progress import Progress, check_progress
 
 Neuron = Union[int, Sequence[int]]
+
+
+def _is_index(n: Any) -> bool:
+    def one(i: Any) -> bool:
+        return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+    return one(n) or (isinstance(n, tuple) and all(one(i) for i in n))
 
 
 def _unit_index(neuron: Neuron, layer_shape: tuple, units: str, layer: str) -> tuple:
@@ -47,20 +56,33 @@ def _unit_index(neuron: Neuron, layer_shape: tuple, units: str, layer: str) -> t
     return index
 
 
+def _coarse_weights(alphas: np.ndarray, coarse: np.ndarray, rule: str) -> np.ndarray:
+    """Point weights of the same rule on the coarse grid (zero at the points it leaves out)."""
+    weights = np.zeros_like(alphas)
+    weights[coarse] = point_weights(alphas[coarse], rule)
+    return weights
+
+
 def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_steps: Optional[int],
                  tolerance: Optional[float], max_steps: int, units: str, kwargs: dict
-                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per example, the path positions and their quadrature weights."""
+                 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per example, the path positions, their quadrature weights and the coarse grid's weights."""
     B = problem.batch_size
-    if method == "captum":
-        alphas, weights = captum_neuron_grid(n_steps)
-        return [alphas] * B, [weights] * B
+    if method in CAPTUM_RULES:
+        # the comparison is the plain trapezoid rule on every other point: it also shows what Captum's
+        # weights leave out (the default's sum to (n - 1) / n)
+        alphas, weights = captum_point_rule(method, n_steps, "neuron_conductance")
+        return [alphas] * B, [weights] * B, [coarse_point_weights(alphas)] * B
     if method != "adaptive":
         grid = fixed_grid(method, n_steps)
-        return [grid.alphas] * B, [point_weights(grid.alphas, grid.interval_rule)] * B
-    # The grid is refined on the layer's completeness and on the input's integrated gradients, then
-    # reused: the units' attributions are integrals on the input side, and a layer followed by a
-    # linear map meets its own completeness on a grid far too coarse for them.
+        if grid.interval_rule == "trapezoid":
+            coarse = _coarse_weights(grid.alphas, coarse_positions(grid.n_points), "trapezoid")
+        else:   # a left sum is compared with the trapezoid rule on the same points (see integrate_fixed)
+            coarse = point_weights(grid.alphas, "trapezoid")
+        return [grid.alphas] * B, [point_weights(grid.alphas, grid.interval_rule)] * B, [coarse] * B
+    # The grid is refined on the layer's units and on the input's integrated gradients feature by
+    # feature, then reused: the units' attributions are integrals on the input side, and a layer
+    # followed by a linear map meets its own accuracy on a grid far too coarse for them.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="the model is in training mode")  # warned once already
         result = path_attribution(
@@ -70,8 +92,11 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
             max_steps=max_steps, units=units, internal_batch_size=problem.chunk_size,
             attribute_to_layer_input=kwargs["attribute_to_layer_input"], refine_on_input=True)
     _warn_accuracy(result, max_steps)
+    problem.n_evaluations += result.extra["model_evaluations"]
     alphas = [a.numpy() for a in result.extra["alphas"]]
-    return alphas, [point_weights(a, "trapezoid") for a in alphas]
+    masks = [m.numpy() for m in result.extra["coarse_masks"]]
+    return (alphas, [point_weights(a, "trapezoid") for a in alphas],
+            [_coarse_weights(a, m, "trapezoid") for a, m in zip(alphas, masks)])
 
 
 def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, neurons: Sequence[Neuron],
@@ -80,7 +105,8 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
                        method: Optional[str] = None, internal_batch_size: Optional[int] = None,
                        tolerance: Optional[float] = None, max_steps: int = DEFAULT_MAX_STEPS,
                        attribute_to_layer_input: bool = False,
-                       forward_kwargs: Optional[dict] = None) -> torch.Tensor:
+                       forward_kwargs: Optional[dict] = None, return_unit_error: bool = False,
+                       progress: Optional[bool] = None) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Conductance of each listed unit of ``layer`` through each input feature.
 
     Parameters
@@ -89,12 +115,23 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
         With ``units="neuron"``, index tuples into the layer's shape (without the batch
         dimension; an int for a one-dimensional layer). With ``units="channel"``, channel
         indices: the unit is the whole channel (a convolution filter).
-    method : {"gausslegendre", "uniform", "uniform_left", "captum", "adaptive"}, optional
+    method : {"gausslegendre", "uniform", "uniform_left", "captum", "riemann_left", "riemann_right", \
+"riemann_middle", "riemann_trapezoid", "adaptive"}, optional
         As in :func:`conductance.layer_conductance`; ``"captum"`` reproduces Captum 0.9's
-        NeuronConductance default (``riemann_trapezoid``, weights summing to (n-1)/n).
+        NeuronConductance default (``riemann_trapezoid``, weights summing to (n-1)/n) and each
+        ``"riemann_*"`` name Captum's NeuronConductance with that method (``n_steps`` points).
         The adaptive rule first refines the path on the layer's completeness (or the
         input's when the layer is not a cut), then integrates on that grid.
     Other parameters are those of :func:`conductance.layer_conductance`.
+
+    tolerance : float, optional
+        With the adaptive rule, the relative L2 error to reach for each unit's attribution over the
+        input features, per example (and for the layer's own values and completeness).
+    return_unit_error : bool
+        Also return the per-unit error estimate.
+    progress : bool, optional
+        A bar (tqdm) counting the path points through the per-unit backward passes, on stderr;
+        default: when stderr is a terminal and tqdm is installed.
 
     Returns
     -------
@@ -102,15 +139,26 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
     (one per input)
         Summed over the input features, each unit's row approaches its layer conductance
         as the path is refined (a tangent-form quadrature against a difference form).
+    Tensor, shape (len(neurons), batch), with ``return_unit_error``
+        Estimated relative L2 error of each unit's attribution over the input features: its change
+        when the same rule runs on a grid with half the points.
     """
     if units not in UNITS:
         raise ConductanceError(f"unknown units {units!r}; choose 'neuron' or 'channel'")
-    if isinstance(neurons, (numbers.Integral, tuple)) and not isinstance(neurons, list):
+    if isinstance(neurons, (numbers.Integral, tuple)) and not isinstance(neurons, (list, bool)):
         neurons = [neurons]
+    if not isinstance(neurons, list) or not all(_is_index(n) for n in neurons):
+        shown = type(neurons).__name__ if not isinstance(neurons, list) else \
+            next(f"{type(n).__name__} {n!r}" for n in neurons if not _is_index(n))
+        raise ConductanceError(f"neurons must be an int, a tuple of ints (one index per dimension of the layer) or "
+                               f"a list of them; got {shown}" + (". For a tensor of indices pass t.tolist()"
+                                                                 if isinstance(neurons, torch.Tensor) else ""))
     if len(neurons) == 0:
         raise ConductanceError("no neurons given: pass a list of unit indices")
     check_steps(n_steps, tolerance, max_steps)
+    check_progress(progress)
     method, n_steps, tolerance = resolve_method(method, n_steps, tolerance)
+    check_budget(method, n_steps, max_steps, DEFAULT_MAX_STEPS)
     problem, _ = build_problem(model, inputs, layer, baselines=baselines, target=target,
                                additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
                                internal_batch_size=internal_batch_size,
@@ -121,46 +169,85 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
     ref = problem.refs[0]
     kwargs = dict(inputs=inputs, baselines=baselines, additional_forward_args=additional_forward_args,
                   forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input)
-    alphas, weights = _path_points(problem, ref.module if ref.element is None and not ref.use_input
-                                   else ref.name, method, n_steps, tolerance, max_steps, units, kwargs)
+    spec = ref.module if ref.element is None and not ref.use_input else ref.name
+    grid_tolerance = tolerance
+    for attempt in range(3):
+        grids = _path_points(problem, spec, method, n_steps, grid_tolerance, max_steps, units, kwargs)
+        out, err = _integrate_neurons(problem, ref, neurons, units, *grids, progress=progress)
+        worst = float(err.max())
+        if method != "adaptive" or worst <= tolerance * (1 + 1e-9):
+            break
+        if all(len(a) + 2 > max_steps for a in grids[0]) or attempt == 2:
+            break
+        # the grid met its own targets but these units' input-side values need a finer one
+        grid_tolerance = grid_tolerance * max(0.2, min(0.7, tolerance / worst))
+    limit = tolerance if method == "adaptive" else WARN_RELATIVE_ERROR
+    bad = (err > limit * (1 + 1e-9)).nonzero().tolist()
+    if bad:
+        warn(f"neuron conductance ({method}): per-unit error estimate above {100 * limit:g}% for "
+             f"{len(bad)} of {err.numel()} (unit, example) pairs, up to {100 * worst:.3g}% "
+             f"(first: unit {bad[0][0]}, example {bad[0][1]}); "
+             + (f"raise max_steps (now {max_steps}) or loosen tolerance" if method == "adaptive"
+                else "use the adaptive rule (tolerance=0.02) or more n_steps"))
+    if problem.input_spec is not None:
+        # several inputs: one attribution per input tensor, (len(neurons), batch, *input_i_shape) each
+        out = problem.input_spec.unpack(out)
+    return (out, err) if return_unit_error else out
+
+
+def _integrate_neurons(problem: engine.PathProblem, ref: Any, neurons: Sequence[Neuron], units: str,
+                       alphas: list[np.ndarray], weights: list[np.ndarray], coarse_weights: list[np.ndarray],
+                       progress: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unit's attribution over the inputs on the given grids, (units, batch, *input_shape), and
+    its per-unit error estimate (units, batch)."""
     B = problem.batch_size
     device = problem.inputs.device
     ex = torch.cat([torch.full((len(a),), e, dtype=torch.long) for e, a in enumerate(alphas)]).to(device)
     al = torch.cat([torch.as_tensor(a, dtype=torch.float64) for a in alphas]).to(device)
     w = torch.cat([torch.as_tensor(x, dtype=torch.float64) for x in weights]).to(device)
+    wc = torch.cat([torch.as_tensor(x, dtype=torch.float64) for x in coarse_weights]).to(device)
     diff = problem.inputs - problem.baselines
     out: Optional[torch.Tensor] = None
+    out_coarse: Optional[torch.Tensor] = None
     index: Optional[list] = None
-    for start, stop in engine._chunks(ex.shape[0], problem.chunk_size):
-        e, a = ex[start:stop], al[start:stop]
-        x = engine.interpolate(problem, e, a).detach().requires_grad_(True)
-        recorder = Recorder([ref], cut_below=False)
-        with recorder.attached(), torch.enable_grad():
-            output = engine.model_output(problem, x, e)
-            F = engine.scalar_output(problem, output, e)
-            if ref.name not in recorder.values:
-                raise never_reached([ref.name])
-            y = recorder.values[ref.name]
-            (g,) = torch.autograd.grad(F.sum(), y, retain_graph=True, allow_unused=True)
-            if g is None:
-                raise not_dependent([ref.name])
-            if index is None:
-                index = [_unit_index(n, tuple(y.shape[1:]), units, ref.name) for n in neurons]
-            weighted = g * w[start:stop].to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
-            v = torch.zeros((len(index),) + tuple(g.shape), dtype=g.dtype, device=g.device)
-            for u, idx in enumerate(index):
-                sel = (u, slice(None)) + idx
-                v[sel] = weighted[(slice(None),) + idx]
-            grads = _batched_vjp(y, x, v)
-        problem.n_evaluations += int(e.shape[0])
-        contrib = grads * diff[e].unsqueeze(0)
-        if out is None:
-            out = torch.zeros((len(index), B) + tuple(diff.shape[1:]), dtype=contrib.dtype, device=device)
-        out.index_add_(1, e, contrib)
-    if problem.input_spec is not None:
-        # several inputs: one attribution per input tensor, (len(neurons), batch, *input_i_shape) each
-        return problem.input_spec.unpack(out.detach())
-    return out.detach()
+    F_start = torch.zeros(B, dtype=torch.float64, device=device)
+    F_end = torch.zeros(B, dtype=torch.float64, device=device)
+    bar = Progress(progress, ex.shape[0], f"neuron conductance ({len(neurons)} units)", "points")
+    with bar:
+        for start, stop in engine._chunks(ex.shape[0], problem.chunk_size):
+            e, a = ex[start:stop], al[start:stop]
+            x = engine.interpolate(problem, e, a).detach().requires_grad_(True)
+            recorder = Recorder([ref], cut_below=False)
+            with recorder.attached(), torch.enable_grad():
+                output = engine.model_output(problem, x, e)
+                F = engine.scalar_output(problem, output, e)
+                if ref.name not in recorder.values:
+                    raise never_reached([ref.name])
+                y = recorder.values[ref.name]
+                (g,) = torch.autograd.grad(F.sum(), y, retain_graph=True, allow_unused=True)
+                if g is None:
+                    raise not_dependent([ref.name])
+                if index is None:
+                    index = [_unit_index(n, tuple(y.shape[1:]), units, ref.name) for n in neurons]
+                v = torch.zeros((len(index),) + tuple(g.shape), dtype=g.dtype, device=g.device)
+                for u, idx in enumerate(index):
+                    sel = (u, slice(None)) + idx
+                    v[sel] = g[(slice(None),) + idx]
+                grads = _batched_vjp(y, x, v)
+            problem.n_evaluations += int(e.shape[0])
+            F_start[e[a == 0]] = F.detach()[a == 0].double()
+            F_end[e[a == 1]] = F.detach()[a == 1].double()
+            # each point's product is weighted after the VJP, so the coarse grid's sum costs no extra product
+            contrib = grads * diff[e].unsqueeze(0)
+            shape = (1, -1) + (1,) * (contrib.dim() - 2)
+            if out is None:
+                out = torch.zeros((len(index), B) + tuple(diff.shape[1:]), dtype=contrib.dtype, device=device)
+                out_coarse = torch.zeros_like(out)
+            out.index_add_(1, e, contrib * w[start:stop].to(contrib.dtype).view(shape))
+            out_coarse.index_add_(1, e, contrib * wc[start:stop].to(contrib.dtype).view(shape))
+            bar.update(int(e.shape[0]))
+    err = torch.stack([engine.unit_error(out[u], out_coarse[u], F_end - F_start) for u in range(out.shape[0])])
+    return out.detach(), err
 
 
 def _batched_vjp(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,10 @@ path ``x(a) = x' + a (x - x')`` and how consecutive points are combined:
 - ``"left"`` intervals: ``g_k * (y_{k+1} - y_k)``
 
 Point weights (for integrals of the form ``integral h(a) da``, used by neuron
-conductance and internal influence) follow from the same choice.
+conductance and internal influence) follow from the same choice. Captum's rules
+(``"captum"`` and the ``"riemann_*"`` names) are reproduced as Captum 0.9 computes them:
+LayerConductance takes a left sum over Captum's positions on ``n_steps + 1`` points; its point
+measures weight ``n_steps`` points by Captum's step sizes (:func:`captum_point_rule`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .errors import ConductanceError
 
+#: Captum 0.9's Riemann rules, by Captum's names; each reproduces Captum's numbers for that method.
+CAPTUM_RIEMANN = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+#: Rules that reproduce Captum's arithmetic ("captum" is Captum's default for each measure).
+CAPTUM_RULES = ("captum",) + CAPTUM_RIEMANN
 #: Fixed rules a user can ask for by name, with the adaptive rule on top.
-FIXED_METHODS = ("gausslegendre", "uniform", "uniform_left", "captum")
+FIXED_METHODS = ("gausslegendre", "uniform", "uniform_left") + CAPTUM_RULES
 METHODS = FIXED_METHODS + ("adaptive",)
 
 
@@ -46,10 +54,37 @@ class Grid:
         return int(self.alphas.shape[0])
 
 
+#: Up to this many nodes numpy's eigenvalue method (O(n^2) memory) is used, as Captum does; above
+#: it Newton's method on the Legendre recurrence (O(n) memory).
+EIGEN_NODES = 256
+
+
 def gauss_legendre_nodes(n: int) -> np.ndarray:
     """Gauss-Legendre nodes mapped from [-1, 1] to [0, 1], increasing; shape (n,)."""
-    nodes, _ = np.polynomial.legendre.leggauss(n)
+    if n <= EIGEN_NODES:
+        nodes, _ = np.polynomial.legendre.leggauss(n)
+    else:
+        nodes = _legendre_roots(n)
     return 0.5 * (1.0 + nodes)
+
+
+def _legendre_roots(n: int) -> np.ndarray:
+    """Roots of the Legendre polynomial P_n, increasing, by Newton's method in O(n) memory.
+
+    Starts from Tricomi's asymptotic estimate; each step evaluates P_n and P_{n-1} at all
+    roots at once with the three-term recurrence (O(n^2) time, a second or so at n = 20000)."""
+    k = np.arange(1, n // 2 + 1)                     # the positive half; the roots are symmetric
+    x = (1 - (n - 1) / (8.0 * n ** 3)) * np.cos(np.pi * (4 * k - 1) / (4 * n + 2))
+    for _ in range(20):
+        p_prev, p = np.ones_like(x), x.copy()
+        for j in range(2, n + 1):
+            p_prev, p = p, ((2 * j - 1) * x * p - (j - 1) * p_prev) / j
+        step = p / (n * (x * p - p_prev) / (x * x - 1))
+        x = x - step
+        if np.max(np.abs(step)) < 1e-15:
+            break
+    middle = np.zeros(1) if n % 2 else np.zeros(0)
+    return np.concatenate([-x, middle, x[::-1]])
 
 
 def fixed_grid(method: str, n_steps: int) -> Grid:
@@ -60,11 +95,16 @@ def fixed_grid(method: str, n_steps: int) -> Grid:
     method : str
         ``"gausslegendre"`` (both end points plus ``n_steps - 1`` Gauss-Legendre nodes,
         trapezoid intervals), ``"uniform"`` (uniform grid, trapezoid intervals),
-        ``"uniform_left"`` (uniform grid, left sums) or ``"captum"`` (Captum 0.9's
-        LayerConductance default: ``n_steps + 1`` Gauss-Legendre nodes, left sums).
+        ``"uniform_left"`` (uniform grid, left sums), ``"captum"`` (Captum 0.9's
+        LayerConductance default: ``n_steps + 1`` Gauss-Legendre nodes, left sums) or one of
+        Captum's ``"riemann_*"`` names (LayerConductance with that method: Captum's
+        ``n_steps + 1`` positions for it, left sums).
     n_steps : int
         Number of intervals; the grid has ``n_steps + 1`` points.
     """
+    if method in CAPTUM_RIEMANN:
+        alphas, _ = captum_rule(method, n_steps + 1)
+        return Grid(alphas, "left", bool(alphas[0] == 0.0 and alphas[-1] == 1.0))
     if method == "gausslegendre":
         inner = gauss_legendre_nodes(n_steps - 1) if n_steps > 1 else np.zeros(0)
         return Grid(np.concatenate([[0.0], inner, [1.0]]), "trapezoid", True)
@@ -75,6 +115,49 @@ def fixed_grid(method: str, n_steps: int) -> Grid:
     if method == "captum":
         return Grid(gauss_legendre_nodes(n_steps + 1), "left", False)
     raise ValueError(f"unknown fixed method {method!r}; choose one of {FIXED_METHODS}")
+
+
+def captum_rule(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Captum 0.9's ``(alphas, step_sizes)`` for its method ``name`` on ``n`` points; shapes (n,).
+
+    ``name`` is a ``"riemann_*"`` name or ``"captum_gausslegendre"`` (Captum's meaning of
+    "gausslegendre": Gauss-Legendre nodes with their weights, no end points; ours differs).
+    Captum builds its Riemann positions with float32 ``torch.linspace``; they are built the same
+    way here so that results agree to float32 rounding, not just to the rule.
+    """
+    if name == "captum_gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n)
+        return 0.5 * (1.0 + nodes), 0.5 * weights
+    if name not in CAPTUM_RIEMANN:
+        raise ValueError(f"not a Captum rule: {name!r}")
+    if n < 2:
+        raise ConductanceError(f"method={name!r} needs at least 2 path points, as in Captum; raise n_steps")
+    kind = name.split("_", 1)[1]
+    lo, hi = {"left": (0.0, 1 - 1 / n), "right": (1 / n, 1.0), "middle": (1 / (2 * n), 1 - 1 / (2 * n)),
+              "trapezoid": (0.0, 1.0)}[kind]
+    alphas = np.asarray(torch.linspace(lo, hi, n, dtype=torch.float32).tolist(), dtype=np.float64)
+    steps = np.full(n, 1.0 / n)
+    if kind == "trapezoid":
+        steps[0] /= 2
+        steps[-1] /= 2
+    return alphas, steps
+
+
+def captum_point_rule(method: str, n_steps: int, measure: str) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and weights with which Captum 0.9 integrates a point measure; shapes (n_steps,).
+
+    Captum's NeuronConductance, InternalInfluence and LayerIntegratedGradients take ``n_steps``
+    points (not ``n_steps + 1``) and weight each by its step size. ``method="captum"`` is each
+    class's default: ``"riemann_trapezoid"`` for ``measure="neuron_conductance"``, Captum's
+    Gauss-Legendre rule for ``"internal_influence"`` and ``"layer_integrated_gradients"``.
+    """
+    if method == "captum":
+        name = "riemann_trapezoid" if measure == "neuron_conductance" else "captum_gausslegendre"
+    elif method in CAPTUM_RIEMANN:
+        name = method
+    else:
+        raise ValueError(f"not a Captum rule: {method!r}")
+    return captum_rule(name, n_steps)
 
 
 def point_weights(alphas: np.ndarray, interval_rule: str) -> np.ndarray:
@@ -95,16 +178,23 @@ def point_weights(alphas: np.ndarray, interval_rule: str) -> np.ndarray:
     return weights
 
 
-def captum_neuron_grid(n_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Points and weights of Captum 0.9's NeuronConductance default ("riemann_trapezoid").
+def coarse_point_weights(alphas: np.ndarray) -> np.ndarray:
+    """Point weights of the comparison rule for a point-weighted integral ``integral h(a) da``: the
+    trapezoid rule on every other point (and the last), with the pieces a grid leaves out at either
+    end of [0, 1] given to its first and last points. Zero at the points it leaves out; shape (n,).
 
-    Its weights are ``1/n`` with both ends halved, so they sum to ``(n - 1) / n`` rather
-    than 1; reproduced here only so results can be compared with Captum's.
-    """
-    if n_steps < 2:
-        raise ConductanceError("method='captum' for neuron conductance needs n_steps >= 2, as Captum does")
-    alphas = np.linspace(0.0, 1.0, n_steps)
-    weights = np.full(n_steps, 1.0 / n_steps)
-    weights[0] /= 2
-    weights[-1] /= 2
-    return alphas, weights
+    ``sum_k (w_k - c_k) h(a_k)`` is then the change from halving the points (see
+    :func:`conductance.engine.unit_error`)."""
+    alphas = np.asarray(alphas, dtype=np.float64)
+    n = alphas.shape[0]
+    weights = np.zeros(n)
+    if n == 1:
+        weights[0] = 1.0
+        return weights
+    keep = np.arange(0, n, 2)
+    if keep[-1] != n - 1:
+        keep = np.append(keep, n - 1)
+    weights[keep] = point_weights(alphas[keep], "trapezoid")
+    weights[0] += alphas[0]
+    weights[-1] += 1.0 - alphas[-1]
+    return weights

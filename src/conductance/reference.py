@@ -8,6 +8,8 @@ Use it on small models and single examples only.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Callable, Optional
 
 import numpy as np
@@ -45,8 +47,9 @@ def neuron_conductance(model: nn.Module, x: torch.Tensor, layer: str, *, baselin
     """
     x = x.detach().to(torch.float64)
     base = torch.zeros_like(x) if baseline is None else baseline.detach().to(torch.float64).expand_as(x)
+    # a float64 copy: the caller's model is left as it was (dtype included)
+    model = copy.deepcopy(model).double()
     module = _module(model, layer)
-    model = model.double()
     alphas, weights = _quadrature(n_steps, rule)
 
     def f_and_y(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +76,6 @@ def neuron_conductance(model: nn.Module, x: torch.Tensor, layer: str, *, baselin
         jac = torch.autograd.functional.jacobian(lambda p: f_and_y(p)[1][0], point, vectorize=True)  # (*S, *X)
         term = float(w) * dF_dy.reshape(dF_dy.shape + (1,) * x.dim()) * jac
         total = term if total is None else total + term
-    model.float()
     return (total * (x - base)).to(torch.float32)
 
 
@@ -89,7 +91,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, *, baseline: Optiona
     """IG_i for one example (shape of ``x``): (x_i - x'_i) * integral dF/dx_i da."""
     x = x.detach().to(torch.float64)
     base = torch.zeros_like(x) if baseline is None else baseline.detach().to(torch.float64).expand_as(x)
-    model = model.double()
+    model = copy.deepcopy(model).double()
     alphas, weights = _quadrature(n_steps, rule)
     total = torch.zeros_like(x)
     for a, w in zip(alphas, weights):
@@ -98,5 +100,4 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, *, baseline: Optiona
         F = out.reshape(-1)[0] if target is None else out[0, target]
         (grad,) = torch.autograd.grad(F, point)
         total += float(w) * grad
-    model.float()
     return (total * (x - base)).to(torch.float32)

@@ -8,6 +8,14 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+#: measures integrated along the path (the others are read at the input)
+PATH_MEASURES = ("conductance", "internal_influence")
+
+
+def _spread(points: torch.Tensor) -> str:
+    lo, hi = int(points.min()), int(points.max())
+    return f"{lo}" if lo == hi else f"{lo}-{hi} (median {int(points.median())})"
+
 
 @dataclass
 class LayerResult(Mapping):
@@ -22,6 +30,12 @@ class LayerResult(Mapping):
         error only for layers that are cuts (see ``is_cut``).
     relative_error : dict[str, Tensor (batch,)]
         ``|delta| / |F(x) - F(x')|``.
+    unit_error : dict[str, Tensor (batch,)]
+        Estimated relative L2 distance of each example's vector of unit values (in ``units``) to the
+        exact integral: ``||values - coarse|| / ||values||``, where ``coarse`` is the same rule on a
+        grid with half the points (``extra["coarse"]``). It needs no cut, so it holds for every layer;
+        0 for measures read at one point (activation, gradient, grad x activation). See
+        docs/accuracy.md for how it is computed and how cautious it is.
     output_diff : Tensor (batch,)
         ``F(x) - F(x')``.
     is_cut : dict[str, bool]
@@ -49,6 +63,7 @@ class LayerResult(Mapping):
     tolerance: Optional[float]
     units: str
     measure: str = "conductance"
+    unit_error: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -88,29 +103,42 @@ class LayerResult(Mapping):
         values = self[layer]
         if not -values.shape[0] <= example < values.shape[0]:
             raise ConductanceError(f"example {example} is out of range: the result has {values.shape[0]} examples")
-        if self.is_cut.get(layer) and self.measure in ("conductance", "layer_integrated_gradients"):
-            err = f"completeness error {100 * float(self.relative_error[layer][example]):.2f}%"
-        elif self.measure in ("conductance", "layer_integrated_gradients"):
-            err = "not a cut: no completeness check"
-        else:
-            err = f"{self.measure} does not promise completeness"
+        err = self._accuracy_text(layer, example)
         title = options.pop("title", None)
         if title is None:
             title = f"{self.measure} of {layer!r}, example {example}: top {k} {self.units}s ({err})"
         return top_units(values[example], k=k, ax=ax, title=title, ylabel=self.measure,
                          xlabel=self.units, **options)
 
+    def _accuracy_text(self, layer: str, example: int) -> str:
+        parts = []
+        if self.measure in PATH_MEASURES or self.measure == "layer_integrated_gradients":
+            parts.append(f"per-unit error {100 * float(self.unit_error[layer][example]):.2f}%")
+        if self.is_cut.get(layer) and self.measure in ("conductance", "layer_integrated_gradients"):
+            parts.append(f"completeness error {100 * float(self.relative_error[layer][example]):.2f}%")
+        if not parts:
+            return f"{self.measure} is read at the input itself: no integration error"
+        return ", ".join(parts)
+
     def summary(self) -> str:
-        """A short text table: per layer, shape, cut or not, worst relative completeness error."""
+        """A short text table: per layer, shape, cut or not, worst per-unit and completeness errors."""
         lines = [f"{self.measure}: method={self.method}"
                  + (f" n_steps={self.n_steps}" if self.n_steps else "")
                  + (f" tolerance={self.tolerance}" if self.tolerance else "")
-                 + f" points per example={self.n_points.tolist()} units={self.units}"]
+                 + f" points per example={_spread(self.n_points)} units={self.units}"]
+        integrated = self.measure in PATH_MEASURES or self.measure == "layer_integrated_gradients"
+        completes = self.measure in ("conductance", "layer_integrated_gradients")
         for name, value in self.attributions.items():
-            err = self.relative_error[name].max().item()
-            kind = "cut" if self.is_cut.get(name) else "not a cut (no completeness guarantee)"
-            lines.append(f"  {name}: shape {tuple(value.shape)}, {kind}, max relative completeness error "
-                         f"{100 * err:.2f}%")
+            text = f"  {name}: shape {tuple(value.shape)}"
+            if integrated:
+                text += f", max per-unit error {100 * self.unit_error[name].max().item():.2f}%"
+            if completes and self.is_cut.get(name):
+                text += f", cut: max completeness error {100 * self.relative_error[name].max().item():.2f}%"
+            elif completes:
+                text += ", not a cut (no completeness check)"
+            else:
+                text += "" if integrated else " (read at the input: no integration error)"
+            lines.append(text)
         return "\n".join(lines)
 
     def __repr__(self) -> str:

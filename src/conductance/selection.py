@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import ConductanceError, warn
 from .layers import LayerRef, LayerSpec, resolve_layers, select_element
+from .progress import Progress, check_progress
 
 #: Measures that ``feature_selection`` knows how to ask ``layer_importance`` for.
 KNOWN_MEASURES = ("conductance", "activation", "gradient", "grad_x_activation", "internal_influence",
@@ -376,7 +377,7 @@ def layer_activations(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, 
 
 def _importance(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                 layer_name: str, layer: Any, measures: tuple[str, ...], units: str, kwargs: dict,
-                batch_size: int) -> dict[str, torch.Tensor]:
+                batch_size: int, progress: Optional[bool] = None) -> dict[str, torch.Tensor]:
     """Per-example measures (len(index), n_units) on ``layer`` for the examples ``index``, each
     explaining its own label, in batches. Every measure comes from the same call, so the path
     measures share one run of the path."""
@@ -388,28 +389,37 @@ def _importance(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, in
                                "feature_selection uses to compute the measures")
     n = inputs.shape[0]
     out: dict[str, list[torch.Tensor]] = {m: [] for m in measures}
-    for start in range(0, index.numel(), batch_size):
-        idx = index[start:start + batch_size]
-        kw = dict(kwargs)
-        if "baselines" in kw:
-            kw["baselines"] = _slice_baselines(kw["baselines"], inputs, idx)
-        for key in ("additional_forward_args", "forward_kwargs"):
-            if key in kw:
-                kw[key] = _slice(kw[key], idx, n)
-        x = inputs[idx.to(inputs.device)]
-        target = labels[idx].to(inputs.device)
-        result = layer_importance(model, x, layer, measure=list(measures), target=target, units=units, **kw)
-        if isinstance(result, Mapping) and set(result) == set(measures) \
-                and all(isinstance(v, Mapping) for v in result.values()):
-            pass
-        elif len(measures) == 1 and isinstance(result, Mapping) and layer_name in result:
-            result = {measures[0]: result}  # a single result for a one-element list
-        else:
-            raise ConductanceError(f"layer_importance returned a {type(result).__name__}; expected one "
-                                   f"result per measure {list(measures)}")
-        for m in measures:
-            out[m].append(result[m][layer_name].detach().float().flatten(1).cpu())
+    with Progress(progress, index.numel(), f"feature selection: {', '.join(measures)}", "examples") as bar:
+        for start in range(0, index.numel(), batch_size):
+            _importance_batch(model, inputs, labels, index[start:start + batch_size], layer_name, layer, measures,
+                              units, kwargs, n, layer_importance, out)
+            bar.update(min(batch_size, index.numel() - start))
     return {m: torch.cat(v) for m, v in out.items()}
+
+
+def _importance_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
+                      layer_name: str, layer: Any, measures: tuple[str, ...], units: str, kwargs: dict, n: int,
+                      layer_importance: Any, out: dict[str, list[torch.Tensor]]) -> None:
+    """One batch of :func:`_importance`, appended to ``out``."""
+    kw = dict(kwargs)
+    if "baselines" in kw:
+        kw["baselines"] = _slice_baselines(kw["baselines"], inputs, idx)
+    for key in ("additional_forward_args", "forward_kwargs"):
+        if key in kw:
+            kw[key] = _slice(kw[key], idx, n)
+    x = inputs[idx.to(inputs.device)]
+    target = labels[idx].to(inputs.device)
+    result = layer_importance(model, x, layer, measure=list(measures), target=target, units=units, **kw)
+    if isinstance(result, Mapping) and set(result) == set(measures) \
+            and all(isinstance(v, Mapping) for v in result.values()):
+        pass
+    elif len(measures) == 1 and isinstance(result, Mapping) and layer_name in result:
+        result = {measures[0]: result}  # a single result for a one-element list
+    else:
+        raise ConductanceError(f"layer_importance returned a {type(result).__name__}; expected one "
+                               f"result per measure {list(measures)}")
+    for m in measures:
+        out[m].append(result[m][layer_name].detach().float().flatten(1).cpu())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,7 +460,8 @@ def feature_selection(model: nn.Module, inputs: torch.Tensor, labels: Any, layer
                       ks: Union[int, Sequence[int]] = DEFAULT_KS, select_fraction: float = 0.6,
                       split: Optional[tuple[Any, Any]] = None, units: str = "channel", random_seeds: int = 5,
                       importance_kwargs: Optional[dict] = None, seed: int = 0, batch_size: int = 64,
-                      classifier_kwargs: Optional[dict] = None) -> FeatureSelectionResult:
+                      classifier_kwargs: Optional[dict] = None, progress: Optional[bool] = None
+                      ) -> FeatureSelectionResult:
     """Accuracy of a classifier restricted to the units each measure finds most important per class.
 
     Parameters
@@ -490,6 +501,9 @@ def feature_selection(model: nn.Module, inputs: torch.Tensor, labels: Any, layer
     classifier_kwargs : dict, optional
         Overrides for ``sklearn.linear_model.LogisticRegression`` (default ``max_iter=2000``).
         Features are standardised with statistics of the selection split.
+    progress : bool, optional
+        A bar (tqdm) counting the selection examples whose measures are computed, on stderr;
+        default: when stderr is a terminal and tqdm is installed.
 
     Returns
     -------
@@ -504,6 +518,7 @@ def feature_selection(model: nn.Module, inputs: torch.Tensor, labels: Any, layer
     n = inputs.shape[0]
     labels = _check_labels(labels, n)
     measures = _check_measures(measures)
+    check_progress(progress)
     ks = _check_ks(ks)
     if units not in ("channel", "neuron"):
         raise ConductanceError(f"unknown units {units!r}; choose 'channel' (filters, spatially averaged "
@@ -548,7 +563,8 @@ def feature_selection(model: nn.Module, inputs: torch.Tensor, labels: Any, layer
                                f"{ref.name!r}; use ks at most {n_layer_units}")
 
     # measures: once per selection example, every measure from the same call
-    scores = _importance(model, inputs, labels, select, ref.name, layer, measures, units, kwargs, batch_size)
+    scores = _importance(model, inputs, labels, select, ref.name, layer, measures, units, kwargs, batch_size,
+                         progress)
     for m, s in scores.items():
         if s.shape[1] != n_layer_units:
             raise ConductanceError(f"measure {m!r} has {s.shape[1]} units per example on {ref.name!r} but "

@@ -83,24 +83,25 @@ def settings_for(quick: bool) -> ImageSettings:
         return ImageSettings(
             quick=True, photos=["chelsea", "coffee"], effnet_blocks=["_blocks.10", "_blocks.15"],
             effnet_pixel_block="_blocks.10", googlenet_blocks=["inception4d", "inception5b"],
-            googlenet_pixel_block="inception4d", photo_rule=dict(gl), pixel_rule=dict(gl),
+            googlenet_pixel_block="inception4d", photo_rule={"tolerance": 0.05, "max_steps": 128},
+            pixel_rule=dict(gl),
             train_config=fi.QUICK_CONFIG, ablation_layers=["inception4a"], ablation_images=20,
-            fashion_rule={"n_steps": 16, "method": "gausslegendre"},
-            selection_rule={"n_steps": 16, "method": "gausslegendre"}, random_seeds=1,
+            fashion_rule={"tolerance": 0.05, "max_steps": 64},
+            selection_rule={"tolerance": 0.05, "max_steps": 64}, random_seeds=1,
             selection_layers=["inception4a"], n_select=10, n_evaluate=6, ks=(1, 2, 5), selection_random_seeds=2,
             measures=("conductance", "internal_influence", "activation", "grad_x_activation"), max_units=32)
     return ImageSettings(
         quick=False, photos=list(assets.PHOTOS), effnet_blocks=list(assets.EFFICIENTNET_LAYERS),
         effnet_pixel_block="_blocks.10", googlenet_blocks=["inception3a", "inception4a", "inception4d",
                                                            "inception5b"],
-        googlenet_pixel_block="inception4d", photo_rule={"tolerance": 0.01, "max_steps": 256},
+        googlenet_pixel_block="inception4d", photo_rule={"tolerance": 0.02, "max_steps": 256},
         pixel_rule={"n_steps": 64, "method": "gausslegendre"},
-        fashion_rule={"tolerance": 0.01, "max_steps": 256}, selection_rule={"tolerance": 0.01, "max_steps": 256})
+        fashion_rule={"tolerance": 0.02, "max_steps": 256}, selection_rule={"tolerance": 0.02, "max_steps": 256})
 
 
 def _rule_text(rule: dict) -> str:
     if "tolerance" in rule:
-        return (f"adaptive rule to {rule['tolerance']:g} relative completeness error "
+        return (f"adaptive rule to {100 * rule['tolerance']:g}% estimated per-unit error and completeness error "
                 f"(at most {rule['max_steps']} points)")
     return f"{rule.get('method', 'gausslegendre')} rule with {rule['n_steps']} intervals ({rule['n_steps'] + 1} points)"
 
@@ -247,25 +248,35 @@ def _clip(attribution: torch.Tensor, q: float = 0.99) -> torch.Tensor:
     return a.clamp(-m, m)
 
 
+#: The smoothed view of pixel maps: Gaussian blur (pixels) and the share of pixels hidden (percentile).
+SMOOTH_PIXELS, SMOOTH_HIDE_BELOW = 3.0, 80.0
+
+
 def _pixel_figure(image: torch.Tensor, maps: dict, title: str):
-    """Two rows: the photo scaled by |conductance| (the paper's Figure 1) and a red/blue overlay of the sign."""
-    import matplotlib.pyplot as plt
+    """Three rows: the photo scaled by |conductance| (the paper's Figure 1), a red/blue overlay of the
+    sign, and the overlay smoothed and thresholded (per-pixel maps of deep filters read as speckle)."""
+    from matplotlib.figure import Figure
 
     from .. import plots
 
     cols = len(maps) + 1
-    fig, axes = plt.subplots(2, cols, figsize=(2.5 * cols, 5.2), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(2.5 * cols, 7.6), layout="constrained")
+    axes = fig.subplots(3, cols, squeeze=False)
     img = _unnormalise(image)
-    for r in range(2):
+    labels = ("photo", "red +, blue -",
+              f"smoothed ({SMOOTH_PIXELS:g} px), top {100 - SMOOTH_HIDE_BELOW:g}% of pixels")
+    for r in range(3):
         axes[r, 0].imshow(img.permute(1, 2, 0).numpy())
-        axes[r, 0].set_title("photo" if r == 0 else "red +, blue -", fontsize=9)
+        axes[r, 0].set_title(labels[r], fontsize=9, wrap=True)
         axes[r, 0].set_xticks([])
         axes[r, 0].set_yticks([])
     for j, (name, m) in enumerate(maps.items(), start=1):
         clipped = _clip(m)
         plots.pixel_map(img, clipped, mode="scale", ax=axes[0, j], title=name, colorbar=False)
         plots.pixel_map(img, clipped, mode="overlay", ax=axes[1, j], colorbar=False)
-    axes[0, 0].figure.suptitle(title, fontsize=10)
+        plots.pixel_map(img, m, mode="overlay", ax=axes[2, j], colorbar=False, smooth=SMOOTH_PIXELS,
+                        threshold=SMOOTH_HIDE_BELOW, clip=99.5)
+    fig.suptitle(title, fontsize=10, wrap=True)
     return fig
 
 
@@ -287,8 +298,9 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
     sec = report.section(f"{net}: per-photo results", key=f"{key}-photos")
     sec.text(f"{net}, black-photo baseline, the explained output F is the top label's logit. Filter (channel) "
              f"conductance at {len(a.blocks)} block outputs (each a cut, so the filters' conductances must add "
-             f"up to F(x) - F(x')): {_rule_text(rule)}. The relative completeness error is |sum of the layer's "
-             "conductances - (F(x) - F(x'))| / |F(x) - F(x')|.")
+             f"up to F(x) - F(x')): {_rule_text(rule)}. The per-unit error is the estimated relative L2 distance of "
+             "the block's vector of filter conductances to the exact integral (result.unit_error); the relative "
+             "completeness error is |sum of the layer's conductances - (F(x) - F(x'))| / |F(x) - F(x')|.")
     rows, per_photo = [], {}
     for i, name in enumerate(a.names):
         entry = {"label": int(a.labels[i]), "label_name": a.label_names[i], "logit": float(a.logits[i]),
@@ -297,33 +309,41 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
             values = cond[block][i]
             top = torch.argsort(values, descending=True)[:settings.top_filters]
             err = float(cond.relative_error[block][i])
-            entry["blocks"][block] = {"relative_error": err, "top_filters": [int(c) for c in top],
+            unit_err = float(cond.unit_error[block][i])
+            entry["blocks"][block] = {"relative_error": err, "unit_error": unit_err,
+                                      "top_filters": [int(c) for c in top],
                                       "top_conductance": [float(values[c]) for c in top],
                                       "sum": float(values.sum())}
             rows.append([name if block == a.blocks[0] else "", a.label_names[i] if block == a.blocks[0] else "",
                          block, int(values.numel()),
                          ", ".join(f"{int(c)} ({float(values[c]):+.2f})" for c in top),
-                         float(values.sum()), float(a.output_diff[i]), 100 * err])
+                         float(values.sum()), float(a.output_diff[i]), 100 * unit_err, 100 * err])
         per_photo[name] = entry
     sec.table(rows, ["photo", "top label", "block", "filters", "top filters (conductance)", "sum over filters",
-                     "F(x) - F(x')", "completeness error %"],
-              caption=f"{net}: top filters by conductance per block and the completeness error")
+                     "F(x) - F(x')", "per-unit error %", "completeness error %"],
+              caption=f"{net}: top filters by conductance per block, their per-unit error and the completeness error")
     errors = torch.stack([cond.relative_error[b] for b in a.blocks])
+    unit_errors = torch.stack([cond.unit_error[b] for b in a.blocks])
     sec.numbers(rule=rule, photos=per_photo, max_relative_error=float(errors.max()),
-                mean_relative_error=float(errors.mean()), mean_points=float(cond.n_points.float().mean()),
+                mean_relative_error=float(errors.mean()), max_unit_error=float(unit_errors.max()),
+                mean_unit_error=float(unit_errors.mean()), mean_points=float(cond.n_points.float().mean()),
                 seconds={k: round(v, 1) for k, v in a.seconds.items()}, warnings=a.warnings)
-    sec.text(f"Largest completeness error over photos and blocks: {100 * float(errors.max()):.3f}% "
-             f"(mean {100 * float(errors.mean()):.3f}%, {float(cond.n_points.float().mean()):.0f} path points per "
-             "photo on average).")
+    sec.text(f"Largest per-unit error over photos and blocks: {100 * float(unit_errors.max()):.2f}% (mean "
+             f"{100 * float(unit_errors.mean()):.2f}%); largest completeness error {100 * float(errors.max()):.3f}% "
+             f"(mean {100 * float(errors.mean()):.3f}%); {float(cond.n_points.float().mean()):.0f} path points per "
+             "photo on average.")
 
     # the paper's Figure 1: each photo scaled by the per-pixel conductance of its top filters
     figs = report.section(f"{net}: per-pixel conductance of the top filters", key=f"{key}-pixels")
     figs.text(f"For each photo, the {settings.top_filters} filters of {a.pixel_block} with the largest conductance, "
               "and the conductance of each filter through each pixel (cd.neuron_conductance with units='channel', "
               f"summed over the colour channels, {_rule_text(settings.pixel_rule)}). As in the paper's Figure 1, the "
-              "photo is scaled by |conductance| of the pixel (black: none flows through it; top row); the bottom row "
+              "photo is scaled by |conductance| of the pixel (black: none flows through it; top row); the middle row "
               "shows the sign (red positive, blue negative) over the grey photo. For display only, each map is clipped "
-              "at the 99th percentile of its |values|. The map of a filter sums "
+              "at the 99th percentile of its |values|. Per-pixel maps of a deep filter read as speckle, so the "
+              f"bottom row shows the same map blurred by a Gaussian of {SMOOTH_PIXELS:g} pixels, with only the "
+              f"{100 - SMOOTH_HIDE_BELOW:g}% of pixels of largest |blurred value| coloured: where the filter looks. "
+              "The map of a filter sums "
               "to its conductance in the limit of many path points; the check below compares the two numerically "
               "(the per-pixel form and the layer form discretise the path integral differently).")
     files = []
@@ -349,11 +369,11 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
                                               baselines=baselines, **settings.pixel_rule)[0]
         maps = {f"{n} ({float(cond[a.pixel_block][i, channel]):+.2f})": per_pixel[i] for i, n in enumerate(a.names)}
         # one panel per photo, each photo under its own map: draw them as a grid of single maps
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
         n = len(a.names)
         cols = 4
-        fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(2.6 * cols, 2.6 * math.ceil(n / cols)),
-                                 squeeze=False, layout="constrained")
+        fig = Figure(figsize=(2.6 * cols, 2.6 * math.ceil(n / cols)), layout="constrained")
+        axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False)
         for ax, (title, m), img in zip(axes.ravel(), maps.items(), a.images):
             plots.pixel_map(_unnormalise(img), _clip(m), mode="scale", ax=ax, title=title, colorbar=False)
         for ax in axes.ravel()[n:]:
@@ -423,6 +443,7 @@ def _importance_many(model: nn.Module, x: torch.Tensor, layers: Sequence[str], m
     """{measure: {layer: (n, channels)}} plus completeness errors {layer: (n,)} and points (n,), in batches."""
     out = {m: {l: [] for l in layers} for m in measures}
     errors = {l: [] for l in layers}
+    unit_errors = {l: [] for l in layers}
     points = []
     for start in range(0, x.shape[0], batch):
         r = cd.layer_importance(model, x[start:start + batch], list(layers), list(measures), units="channel",
@@ -432,9 +453,11 @@ def _importance_many(model: nn.Module, x: torch.Tensor, layers: Sequence[str], m
                 out[m][l].append(r[m][l])
         for l in layers:
             errors[l].append(r["conductance"].relative_error[l])
+            unit_errors[l].append(r["conductance"].unit_error[l])
         points.append(r["conductance"].n_points)
     return {"values": {m: {l: torch.cat(v) for l, v in d.items()} for m, d in out.items()},
-            "relative_error": {l: torch.cat(v) for l, v in errors.items()}, "n_points": torch.cat(points)}
+            "relative_error": {l: torch.cat(v) for l, v in errors.items()},
+            "unit_error": {l: torch.cat(v) for l, v in unit_errors.items()}, "n_points": torch.cat(points)}
 
 
 def fashion_ablation(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *, measures: Sequence[str] = MEASURES,
@@ -457,7 +480,8 @@ def fashion_ablation(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *
                                                          {m: imp["values"][m][layer] for m in measures},
                                                          units="channel", mode=mode, baselines=0.0,
                                                          random_seeds=_random_seeds(random_seeds, seed))
-    return {"summaries": summaries, "relative_error": imp["relative_error"], "n_points": imp["n_points"],
+    return {"summaries": summaries, "relative_error": imp["relative_error"], "unit_error": imp["unit_error"],
+            "n_points": imp["n_points"],
             "seconds": time.perf_counter() - start}
 
 
@@ -497,13 +521,16 @@ def fashion_selection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers
                                               importance_kwargs={"baselines": 0.0, **rule}, seed=seed, batch_size=100)
     # the completeness error of the conductance runs the ranking came from (same examples, targets, rule)
     errors = {l: [] for l in layers}
+    unit_errors = {l: [] for l in layers}
     xsel, ysel = xs[split[0]], ys[split[0]]
     for s in range(0, xsel.shape[0], 100):
         r = cd.layer_conductance(model, xsel[s:s + 100], list(layers), target=ysel[s:s + 100], units="channel",
                                  baselines=0.0, **rule)
         for l in layers:
             errors[l].append(r.relative_error[l])
+            unit_errors[l].append(r.unit_error[l])
     return {"results": results, "relative_error": {l: torch.cat(v) for l, v in errors.items()},
+            "unit_error": {l: torch.cat(v) for l, v in unit_errors.items()},
             "seconds": time.perf_counter() - start}
 
 
@@ -590,11 +617,15 @@ def _ablation_section(report, ab: dict, s: ImageSettings) -> None:
                           "Inception) and the paper's (Inception v1, ImageNet, of 100 images; 'zero' mode only)")
     layers = list(ab["relative_error"])
     errs = torch.cat([ab["relative_error"][l] for l in layers])
-    sec.text("Completeness error of the conductance rankings (per image and layer): " + _err_text(errs) + "; "
+    unit_errs = torch.cat([ab["unit_error"][l] for l in layers])
+    sec.text("Per-unit error of the conductance rankings (per image and layer): " + _err_text(unit_errs)
+             + "; completeness error: " + _err_text(errs) + "; "
              + "; ".join(f"{l}: {_err_text(ab['relative_error'][l])}" for l in layers)
-             + f". Path points per image: {float(ab['n_points'].float().mean()):.0f} on average.")
+             + f". Path points per image: {float(ab['n_points'].float().mean()):.0f} on average. "
+             + f"Rule: {_rule_text(s.fashion_rule)}.")
     sec.numbers(modes=numbers, paper=PAPER_ABLATION, relative_error_max=float(errs.max()),
-                relative_error_mean=float(errs.mean()),
+                relative_error_mean=float(errs.mean()), unit_error_max=float(unit_errs.max()),
+                unit_error_mean=float(unit_errs.mean()),
                 relative_error={l: {"max": float(ab["relative_error"][l].max()),
                                     "mean": float(ab["relative_error"][l].mean())} for l in layers},
                 mean_points=float(ab["n_points"].float().mean()), seconds=round(ab["seconds"], 1))
@@ -632,10 +663,13 @@ def _selection_section(report, sel: dict, s: ImageSettings) -> None:
                           f"{res.select_index.numel()} selection / {res.evaluate_index.numel()} evaluation images")
         err = sel["relative_error"][layer]
         numbers[layer] = {**res.to_dict(), "relative_error_max": float(err.max()),
-                          "relative_error_mean": float(err.mean())}
+                          "relative_error_mean": float(err.mean()),
+                          "unit_error_max": float(sel["unit_error"][layer].max()),
+                          "unit_error_mean": float(sel["unit_error"][layer].mean())}
         numbers[layer].pop("selected", None)
     errs = torch.cat(list(sel["relative_error"].values()))
-    sec.text("Completeness error of conductance on the selection images (own label's logit): " + _err_text(errs)
+    sec.text("Per-unit error of conductance on the selection images (own label's logit): "
+             + _err_text(torch.cat(list(sel["unit_error"].values()))) + "; completeness error: " + _err_text(errs)
              + f". Rule: {_rule_text(s.selection_rule)}.")
     sec.numbers(layers=numbers, relative_error_max=float(errs.max()), relative_error_mean=float(errs.mean()),
                 seconds=round(sel["seconds"], 1), paper="not recovered (PAPER.md section 4)")

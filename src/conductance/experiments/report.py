@@ -1,7 +1,8 @@
 """A self-contained HTML report plus a JSON file of every number.
 
-Figures are matplotlib figures, embedded in the page as base64 PNG (and also saved beside it), so
-the page opens anywhere without its folder. Numbers are kept in a nested dict that is written as
+The page is rendered from Jinja2 templates (``templates/``, autoescaped). Figures are matplotlib
+figures, embedded in the page as base64 PNG (and also saved beside it), so the page opens anywhere
+without its folder. Numbers are kept in a nested dict that is written as
 ``results.json``; tables in the page are built from the same values.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
 import io
 import json
 import math
@@ -18,7 +18,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-__all__ = ["Report", "Section", "to_jsonable"]
+__all__ = ["Report", "Section", "Missing", "percent", "shorten", "to_jsonable"]
+
+#: Folder of the page's Jinja2 templates (report.html.j2, blocks.html.j2, report.css).
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
 
 def to_jsonable(value: Any) -> Any:
@@ -42,13 +45,48 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+class Missing(str):
+    """A table cell with no value, shown as "n/a" with the reason in the table's note."""
+
+    missing = True
+
+    def __new__(cls, why: str = "") -> "Missing":
+        cell = super().__new__(cls, "n/a")
+        cell.why = why
+        return cell
+
+
+def percent(value: Any, digits: int = 1, why: str = "") -> str:
+    """``value`` (a share in [0, 1]) as a percentage, or a :class:`Missing` cell when it is NaN."""
+    value = float(value)
+    if not math.isfinite(value):
+        return Missing(why)
+    return f"{100 * value:.{digits}f}%"
+
+
+def shorten(text: str, n: int = 70) -> str:
+    """``text`` cut to at most ``n`` characters at a word boundary, with an ellipsis when cut."""
+    text = " ".join(str(text).split())
+    if len(text) <= n:
+        return text
+    cut = text[:n - 1]
+    if " " in cut and cut[-1].isalnum() and text[n - 1].isalnum():     # cut inside a word
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,;:.") + "…"
+
+
 def _fmt(value: Any) -> str:
+    if isinstance(value, Missing):
+        return value
     if isinstance(value, float):
         if math.isnan(value):
-            return "–"
+            return Missing()
         if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
             return f"{value:.3g}"
         return f"{value:.4g}"
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?nan\s*%?\s*", value, re.IGNORECASE):
+        # a number formatted from NaN upstream ("nan%"): never shown as if it were a value
+        return Missing()
     return str(value)
 
 
@@ -58,22 +96,24 @@ def _slug(text: str) -> str:
 
 @dataclass
 class Section:
-    """One titled part of a report: paragraphs, figures and tables in the order they were added."""
+    """One titled part of a report: paragraphs, figures and tables in the order they were added.
+
+    ``blocks`` holds dicts with a ``"kind"`` (``"text"``, ``"figure"``, ``"table"``, ``"html"``)
+    that the Jinja2 templates in ``templates/`` render; a plain string is trusted HTML."""
 
     title: str
     key: str
     report: "Report"
-    blocks: list[str] = field(default_factory=list)
+    blocks: list[Any] = field(default_factory=list)
 
     def text(self, paragraph: str) -> "Section":
         """Add a paragraph of plain text (escaped; blank lines start new paragraphs)."""
-        for part in paragraph.strip().split("\n\n"):
-            self.blocks.append(f"<p>{html.escape(part.strip())}</p>")
+        self.blocks.append({"kind": "text", "paragraphs": [p.strip() for p in paragraph.strip().split("\n\n")]})
         return self
 
     def html(self, fragment: str) -> "Section":
         """Add a trusted HTML fragment as it is."""
-        self.blocks.append(fragment)
+        self.blocks.append({"kind": "html", "html": fragment})
         return self
 
     def figure(self, fig: Any, caption: str, name: Optional[str] = None, dpi: int = 110) -> str:
@@ -90,18 +130,22 @@ class Section:
         filename = f"{_slug(name)}.png"
         self.report.files[filename] = png
         data = base64.b64encode(png).decode("ascii")
-        self.blocks.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        self.blocks.append({"kind": "figure", "src": f"data:image/png;base64,{data}", "caption": caption,
+                            "file": filename})
         return filename
 
-    def table(self, rows: Sequence[Sequence[Any]], headers: Sequence[str], caption: Optional[str] = None
-              ) -> "Section":
-        """Add a table; cells are formatted numbers or escaped text."""
-        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>"
-                       for row in rows)
-        cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-        self.blocks.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    def table(self, rows: Sequence[Sequence[Any]], headers: Sequence[str], caption: Optional[str] = None,
+              missing: str = "") -> "Section":
+        """Add a table; cells are formatted numbers or escaped text.
+
+        Cells without a value (NaN, or a :class:`Missing` from :func:`percent`) show "n/a"; the
+        note under the table gives ``missing`` (or each cell's own reason) as the explanation."""
+        cells = [[_fmt(c) for c in row] for row in rows]
+        cells = [[Missing(missing) if isinstance(c, Missing) and not c.why else c for c in row] for row in cells]
+        reasons = list(dict.fromkeys((c.why or missing) for row in cells for c in row if isinstance(c, Missing)))
+        notes = [f"n/a: {r or 'no value for this row (see results.json)'}." for r in reasons]
+        self.blocks.append({"kind": "table", "caption": caption, "headers": [str(h) for h in headers],
+                            "rows": cells, "notes": notes})
         return self
 
     def numbers(self, **values: Any) -> "Section":
@@ -135,33 +179,22 @@ class Report:
         return sec
 
     def to_html(self) -> str:
-        settings = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-                           for k, v in self.settings.items())
-        toc = "".join(f'<li><a href="#{_slug(s.key)}">{html.escape(s.title)}</a></li>' for s in self.sections)
-        body = "".join(f'<section id="{_slug(s.key)}"><h2>{html.escape(s.title)}</h2>{"".join(s.blocks)}</section>'
-                       for s in self.sections)
-        return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(self.title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
-th {{ background: #f2f2f2; }} td:first-child, th:first-child {{ text-align: left; }}
-caption {{ caption-side: top; text-align: left; font-weight: 600; padding: 0.3em 0; }}
-figure {{ margin: 1em 0; }} figure img {{ max-width: 100%; }}
-figcaption {{ font-size: 0.9em; color: #555; }}
-section {{ border-top: 1px solid #ddd; margin-top: 2em; }}
-</style></head>
-<body>
-<h1>{html.escape(self.title)}</h1>
-<p>Generated {self.started.strftime('%Y-%m-%d %H:%M UTC')} by conductance.</p>
-<table class="settings"><caption>Settings</caption><tbody>{settings}</tbody></table>
-<nav><ol>{toc}</ol></nav>
-{body}
-</body></html>
-"""
+        """The page, rendered from the Jinja2 templates in ``templates/`` (autoescaped)."""
+        try:
+            import jinja2
+        except ImportError as exc:
+            raise ModuleNotFoundError("the HTML report needs Jinja2: pip install jinja2 (or pip install "
+                                      "'conductance[report]')") from exc
+        from .. import __version__
+
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                                 undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        sections = [{"title": s.title, "anchor": _slug(s.key),
+                     "blocks": [b if isinstance(b, dict) else {"kind": "html", "html": b} for b in s.blocks]}
+                    for s in self.sections]
+        return env.get_template("report.html.j2").render(
+            title=self.title, version=__version__, generated=self.started.strftime("%Y-%m-%d %H:%M UTC"),
+            settings=[[str(k), _fmt(v)] for k, v in self.settings.items()], sections=sections)
 
     def write(self, out_dir: str) -> tuple[str, str]:
         """Write ``report.html``, ``results.json`` and ``figures/*.png`` into ``out_dir``.

