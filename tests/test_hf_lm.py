@@ -92,6 +92,7 @@ def test_per_example_position_token_targets_equal_single_example_calls(gpt2):
     assert not torch.allclose(other["transformer.h.1"], together["transformer.h.1"][:1])
 
 
+@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")  # few points: only the agreement matters
 def test_index_tuple_matches_captum_and_callable_with_examples(gpt2):
     """One shared (position, token) tuple, a list of tuples, and target(output, examples) agree with Captum."""
     ids = _ids()
@@ -256,6 +257,7 @@ def test_family_heads_and_neurons_match_captum(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")  # 16 points: only the sums matter here
 def test_heads_sum_to_attention_output_conductance(name):
     """A block's heads together carry what its attention branch carries: the output projection's own output."""
     model = _model(name)
@@ -347,7 +349,7 @@ def test_unknown_family_names_layers_by_hand():
 # baselines, errors, modes
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.filterwarnings("ignore:completeness error")  # few points: only the baselines matter here
+@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")  # few points: only the baselines matter here
 def test_baselines_recorded_and_pad_error(gpt2):
     ids = _ids()
     layers = hf.layers(gpt2, "block")
@@ -400,7 +402,7 @@ def test_errors_say_user_layer_names_and_modes(gpt2):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:completeness error")  # 16 points: the equality of two views is what matters
+@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")  # 16 points: the equality of two views is what matters
 def test_real_minilm_family_matches_bert_layers():
     """The pretrained all-MiniLM-L6-v2 (a real BERT), wrapped with a head: found from its modules."""
     from conductance.experiments.transformer import SentimentModel, load_minilm

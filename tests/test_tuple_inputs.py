@@ -52,6 +52,7 @@ def test_tuple_inputs_equal_captum_layer_conductance(two):
     torch.testing.assert_close(r["h"].sum(1), want, rtol=2e-4, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")  # 20 Captum points
 def test_tuple_inputs_neuron_conductance_one_attribution_per_input(two):
     model, x, y, bx, by = two
     ours = cd.neuron_conductance(model, (x, y), "h.1", [2, 4], baselines=(bx, by), target=1, n_steps=20,
