@@ -22,6 +22,18 @@ Usage::
 
     python benchmarks/bench_transformer.py            # batch 4, n_steps 50, 3 repeats
     python benchmarks/bench_transformer.py --quick    # batch 2, n_steps 16, 1 repeat
+
+``--model gpt2``: a 12-layer GPT-2-architecture decoder built from a config (random weights, seed 0;
+width 64, 4 heads, MLP 256, vocabulary 2048: small enough for 2 CPU cores), float32. Target: the
+logit of a fixed next token after the last position of every example, one (position, token)
+tuple shared by the batch. ours: ``cd.hf.layer_conductance`` of all 12 MLP layers (``cd.hf.layers(model, "mlp")``: the
+inputs of the down projections, 256 neurons each) in ONE call, method="captum"; captum:
+LayerConductance on each ``mlp.c_proj`` (``attribute_to_layer_input=True``) looped over the 12 layers,
+the same n_steps Gauss-Legendre points and the same target. Memory: peak resident memory of each
+task alone in a fresh process at 512 tokens. Throughput: a whole-model neuron census (every MLP
+neuron of every block over a batch of sequences through ``cd.aggregate``).
+
+    python benchmarks/bench_transformer.py --model gpt2 [--quick]
 """
 
 from __future__ import annotations
@@ -54,6 +66,12 @@ from conductance.experiments.transformer import SentimentModel, load_minilm
 
 CONFIGS = {"full": dict(batch=4, n_steps=50, repeats=3), "quick": dict(batch=2, n_steps=16, repeats=1)}
 TARGET_RATIO = 0.3
+GPT2_CONFIGS = {"full": dict(batch=2, tokens=64, n_steps=32, repeats=3, memory_tokens=512, memory_steps=8,
+                             census_batch=8),
+                "quick": dict(batch=1, tokens=32, n_steps=8, repeats=1, memory_tokens=128, memory_steps=4,
+                              census_batch=2)}
+GPT2_TARGET_RATIO = 0.10
+GPT2_SHAPE = dict(n_layer=12, n_embd=64, n_head=4, n_inner=256, vocab_size=4096, n_positions=512)
 
 
 def log(msg: str = "") -> None:
@@ -132,12 +150,167 @@ def child(name: str, cfg: dict) -> None:
                       "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+# ---------------------------------------------------------------------------------------------
+# 12-layer GPT-2 architecture: all MLP layers in one call vs Captum looped over them
+# ---------------------------------------------------------------------------------------------
+
+def gpt2_setup(batch: int, tokens: int):
+    import transformers
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**GPT2_SHAPE, bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, GPT2_SHAPE["vocab_size"], (batch, tokens), generator=g)
+    # one (position, token) tuple shared by all examples: Captum indexes a list of per-example tuples row by
+    # row, and the backward of each row's indexing writes a whole (points, tokens, vocab) gradient (measured
+    # 32 s against 0.9 s for ours at batch 2, 64 tokens, 32 steps): a shared tuple times Captum at its best
+    targets = (tokens - 1, int(torch.randint(3, GPT2_SHAPE["vocab_size"], (1,), generator=g)))
+    return model, ids, targets
+
+
+def gpt2_ours(model, ids, targets, n_steps: int) -> dict[str, torch.Tensor]:
+    layers = hf.layers(model, "mlp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.ConductanceWarning)
+        r = hf.layer_conductance(model, ids, layers, target=targets, n_steps=n_steps, method="captum")
+    return {name[:-len(hf.INPUT_SUFFIX)]: r[name] for name in layers}
+
+
+def gpt2_captum(model, ids, targets, n_steps: int) -> dict[str, torch.Tensor]:
+    from captum.attr import LayerConductance
+
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        embeds = emb(ids)
+        base = emb(torch.full_like(ids, model.config.eos_token_id))   # what baseline="auto" takes for GPT-2
+
+    def forward(word_embeds: torch.Tensor) -> torch.Tensor:
+        return model(inputs_embeds=word_embeds).logits
+
+    out = {}
+    for name in hf.family(model).mlp:
+        t0 = time.perf_counter()
+        lc = LayerConductance(forward, model.get_submodule(name))
+        attr = lc.attribute(embeds, baselines=base, target=targets, n_steps=n_steps, attribute_to_layer_input=True)
+        out[name] = attr.detach().sum(1)   # neurons: summed over positions, as ours
+        CAPTUM_LAYER_TIMES.setdefault(name, []).append(time.perf_counter() - t0)
+    return out
+
+
+#: seconds of each of Captum's per-layer runs (the backward of layer l stops at layer l)
+CAPTUM_LAYER_TIMES: dict[str, list] = {}
+
+
+class NextTokenScores(nn.Module):
+    """The GPT-2 model from word embeddings to the next-token scores after the last position (batch, vocab)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, word_embeds: torch.Tensor) -> torch.Tensor:
+        return self.lm(inputs_embeds=word_embeds).logits[:, -1]
+
+
+def gpt2_census(model, ids, batch: int = 2) -> dict[str, Any]:
+    """Every MLP neuron of every block at every position over ``ids`` through cd.aggregate.
+
+    The model is taken from the word embeddings (so the batches are plain float tensors) to the
+    next-token scores after the last position; target "predicted" (each sequence's top next
+    token), default adaptive rule to 1%, one group. Layers: each block's ``mlp.act`` output (the
+    down projection's input), units "neuron" (position x neuron)."""
+    scorer = NextTokenScores(model).eval()
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        embeds = emb(ids)
+        base = emb(torch.full_like(ids[:1], model.config.eos_token_id))[0]
+    data = [(embeds[i:i + batch],) for i in range(0, len(ids), batch)]
+    names = [f"lm.{m.rsplit('.', 1)[0]}.act" for m in hf.family(model).mlp]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.ConductanceWarning)
+        agg = cd.aggregate(scorer, data, names, by=None, units="neuron", target="predicted", baselines=base,
+                           progress=False)
+    wall = time.perf_counter() - t0
+    neurons = hf.family(model).num_neurons * len(names)
+    return {"sequences": len(ids), "tokens": int(ids.shape[1]), "neurons": neurons, "wall_s": wall,
+            "sequences_per_s": len(ids) / wall, "examples_seen": agg.n_examples}
+
+
+def gpt2_child(name: str, cfg: dict) -> None:
+    model, ids, targets = gpt2_setup(1, cfg["memory_tokens"])
+    before = hwm_mb()
+    (gpt2_ours if name == "ours" else gpt2_captum)(model, ids, targets, cfg["memory_steps"])
+    print(json.dumps({"task": name, "vmhwm_mb": hwm_mb(), "vmhwm_before_mb": before}))
+
+
+def gpt2_main(args) -> None:
+    cfg = GPT2_CONFIGS["quick" if args.quick else "full"]
+    if args.child:
+        gpt2_child(args.child, cfg)
+        return
+    model, ids, targets = gpt2_setup(cfg["batch"], cfg["tokens"])
+    log(f"GPT-2 architecture {GPT2_SHAPE}: all 12 MLP layers, batch {cfg['batch']}, {cfg['tokens']} tokens, "
+        f"n_steps {cfg['n_steps']} (method='captum' = Captum's points), repeats {cfg['repeats']}; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    tasks = {"ours": gpt2_ours, "captum": gpt2_captum}
+    results = {k: f(model, ids, targets, cfg["n_steps"]) for k, f in tasks.items()}   # warm-up + agreement
+    times: dict[str, list] = {k: [] for k in tasks}
+    for _ in range(cfg["repeats"]):
+        for k, f in tasks.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            f(model, ids, targets, cfg["n_steps"])
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    for k in tasks:
+        log(f"{k:7s}: {med[k]:7.3f} s  (runs {', '.join(f'{t:.3f}' for t in times[k])})")
+    ratio = med["ours"] / med["captum"]
+    log(f"ratio ours (12 MLP layers, one call) / Captum loop: {ratio:.3f}  (target <= {GPT2_TARGET_RATIO})")
+    per_layer = {n: statistics.median(t[1:]) for n, t in CAPTUM_LAYER_TIMES.items()}  # without the warm-up
+    first, last = list(per_layer)[0], list(per_layer)[-1]
+    floor = per_layer[first] / sum(per_layer.values())
+    log(f"Captum per layer: {per_layer[first]:.3f} s for block 0 (backward through all 12 blocks) down to "
+        f"{per_layer[last]:.3f} s for block 11; one Captum run on block 0 / the whole loop = {floor:.3f} (the ratio "
+        f"if our one call cost what Captum's deepest call costs)")
+    log(f"ours / Captum's block-0 run: {med['ours'] / per_layer[first]:.2f}")
+    agree = max(float((results["ours"][n] - results["captum"][n]).abs().max() / results["captum"][n].abs().max())
+                for n in results["captum"])
+    log(f"agreement, max |ours - Captum| / max |Captum| over the 12 layers: {agree:.2e}")
+    memory = {}
+    for name in tasks:
+        cmd = [sys.executable, __file__, "--model", "gpt2", "--child", name] + (["--quick"] if args.quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        memory[name] = json.loads(out)
+        log(f"peak memory at {cfg['memory_tokens']} tokens, n_steps {cfg['memory_steps']}, {name:6s}: VmHWM "
+            f"{memory[name]['vmhwm_mb']:7.0f} MiB (after building the model: {memory[name]['vmhwm_before_mb']:.0f} MiB)")
+    census_model, census_ids, _ = gpt2_setup(cfg["census_batch"], cfg["tokens"])
+    census = gpt2_census(census_model, census_ids)
+    log(f"neuron census (cd.aggregate): {census['neurons']} MLP neurons x {census['tokens']} positions x "
+        f"{census['sequences']} sequences, adaptive to 1%: {census['wall_s']:.2f} s, "
+        f"{census['sequences_per_s']:.2f} sequences/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": cfg, "shape": GPT2_SHAPE, "times": times, "median": med, "ratio": ratio,
+                       "captum_per_layer": per_layer, "floor": floor,
+                       "agreement": agree, "memory": memory, "census": census}, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", choices=("minilm", "gpt2"), default="minilm")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
+    if args.model == "gpt2":
+        gpt2_main(args)
+        return
     cfg = CONFIGS["quick" if args.quick else "full"]
     if args.child:
         child(args.child, cfg)

@@ -151,11 +151,11 @@ def test_table_top_and_names(tiny):
     top = r.top(5, unit="head")
     assert [t.value for t in top] == sorted((x.value for x in rows if x.unit == "head"), reverse=True)[:5]
     best = top[0]
-    assert best.name == f"L{best.block} head {best.index}"
+    assert best.name == f"L{best.block}.H{best.index}"
     assert best.value == pytest.approx(float(r[best.layer][:, best.index].mean()))
     one = r.top(3, unit="neuron", example=1, absolute=True)
     assert abs(one[0].value) == pytest.approx(float(max(r[l][1].abs().max() for l in layers if layers[l] == "neuron")))
-    assert r.unit_names("encoder.encoder.layer.0.intermediate")[7] == "L0 neuron 7"
+    assert r.unit_names("encoder.encoder.layer.0.intermediate")[7] == "L0.N7"
 
 
 def test_other_measures_in_one_call(tiny):
@@ -279,7 +279,8 @@ def test_minilm_completeness_and_heads():
         else:
             assert r[name].shape == (3, 12)
             assert torch.allclose(r[name].sum(1), r.reduce(name, "layer").squeeze(1), rtol=1e-5, atol=1e-6)
-    assert "head" in r.top(1, unit="head")[0].name
+    best = r.top(1, unit="head")[0]
+    assert best.name == f"L{best.block}.H{best.index}"
 
 
 @pytest.mark.slow

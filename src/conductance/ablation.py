@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine import _index_args, logits_of
+from .engine import _index_args, call_target, logits_of
 from .errors import ConductanceError, warn
 from .inputs import Target, check_baselines, resolve_target
 from .layers import LayerRef, LayerSpec, replace_element, resolve_layers, select_element
@@ -960,11 +960,12 @@ def _curve(kind: str, model, inputs, layer, ranking, *, ks, mode, values, units,
     agree = (labels == s.labels.view(1, B, 1)).double()
     base_scores = logits_of(s.output)
     if callable(tgt):
-        flat = tgt(scores.reshape(R * B * K, C))
+        rows_ex = torch.arange(B, device=scores.device).view(1, B, 1).expand(R, B, K).reshape(-1)
+        flat = call_target(tgt, scores.reshape(R * B * K, C), rows_ex)
         if not isinstance(flat, torch.Tensor) or flat.shape != (R * B * K,):
             raise ConductanceError("the target callable must return one score per row of a (rows, classes) output")
         logit = flat.view(R, B, K)
-        unabl = tgt(base_scores)
+        unabl = call_target(tgt, base_scores, torch.arange(B, device=scores.device))
         target_arr = None
     else:
         logit = scores.gather(-1, tgt.view(1, B, 1, 1).expand(R, B, K, 1)).squeeze(-1)

@@ -420,16 +420,21 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
     ----------
     model : nn.Module
         Called as ``model(x, *additional_forward_args, **forward_kwargs)``.
-    inputs : Tensor, shape (batch, *input_shape)
-        Floating-point inputs (for token ids, attribute from the embeddings).
+    inputs : Tensor, shape (batch, *input_shape), or a tuple of them (multi-input models)
+        Floating-point inputs (for token ids, attribute from the embeddings). A tuple is passed
+        to the model as ``model(*inputs, ...)``, each input on its own path from its baseline.
     layers : str, nn.Module, or a list of them
         Dotted names from ``model.named_modules()`` or module objects; ``"name[i]"`` picks
         element ``i`` of a tuple output.
-    baselines : None, number or Tensor broadcastable to ``inputs``
+    baselines : None, number or Tensor broadcastable to ``inputs`` (a tuple of them for tuple inputs)
         Start of the path; None means zeros.
-    target : None, int, LongTensor (batch,) or callable
-        The scalar explained: None takes each example's top predicted logit; a callable
-        maps a model output (points, ...) to a tensor (points,).
+    target : None, int, LongTensor (batch,), index tuples, or callable
+        The scalar explained: None takes each example's top predicted logit; for an output
+        with more than two dimensions (e.g. (batch, tokens, vocab)), one index tuple per
+        example into the output without the batch dimension (``[(position, token), ...]``),
+        one tuple for all, or a LongTensor (batch, k); a callable ``target(output)`` or
+        ``target(output, examples)`` maps a model output (points, ...) to a tensor (points,),
+        ``examples`` being each row's example index, LongTensor (points,).
     n_steps : int, optional
         Intervals of a fixed rule (``n_steps + 1`` points per example). With ``tolerance``,
         the intervals of the starting grid.

@@ -18,6 +18,7 @@ difference is the per-unit error estimate, :func:`unit_error`.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -27,7 +28,7 @@ from torch import nn
 
 import contextlib
 
-from .errors import ConductanceError, never_reached, not_dependent
+from .errors import ConductanceError, never_reached, not_dependent, warn
 from .layers import LayerRef, Recorder
 from .paths import Grid
 
@@ -73,6 +74,9 @@ class PathProblem:
     #: hand each recorded layer's value downstream as a copy: needed when the model changes a layer's
     #: output in place (an in-place ReLU after it); switched on for good when that is seen
     copy_layer_outputs: bool = False
+    #: with several input tensors (a tuple), how they are packed into ``inputs`` (an
+    #: ``inputs.InputSpec``); the model gets them unpacked
+    input_spec: Any = None
     n_evaluations: int = 0
     n_forwards: int = 0
     #: whether the model computes in bf16 / fp16 (seen at the first evaluation); recorded values are
@@ -178,6 +182,8 @@ def model_output(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> Any
     extra = _index_args(problem.additional_forward_args, ex, problem.batch_size)
     kwargs = _index_args(problem.forward_kwargs, ex, problem.batch_size)
     problem.n_forwards += 1
+    if problem.input_spec is not None:
+        return problem.model(*problem.input_spec.unpack(x), *extra, **kwargs)
     return problem.model(x, *extra, **kwargs)
 
 
@@ -193,11 +199,33 @@ def logits_of(output: Any) -> torch.Tensor:
                            "the model output to one scalar per example")
 
 
+def target_arity(target: Callable) -> int:
+    """1 for ``target(output)``, 2 for ``target(output, examples)``: two when the callable takes two
+    positional arguments without defaults (or ``*args``)."""
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return 1   # a builtin without a signature: the one-argument form
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return 2
+    required = [p for p in positional if p.default is p.empty]
+    if not positional:
+        raise ConductanceError("the target callable takes no positional argument; it must be target(output) or "
+                               "target(output, examples) returning one score per row of the output")
+    return 2 if len(required) >= 2 else 1
+
+
+def call_target(target: Callable, output: Any, ex: torch.Tensor) -> Any:
+    """Call a target callable, giving it each row's example index (LongTensor (m,)) when it takes two arguments."""
+    return target(output, ex) if target_arity(target) == 2 else target(output)
+
+
 def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.Tensor:
     """F at each point: the target's score, shape (m,)."""
     target = problem.target
     if callable(target):
-        value = target(output)
+        value = call_target(target, output, ex)
         if not isinstance(value, torch.Tensor) or value.shape != (ex.shape[0],):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ConductanceError(f"the target callable must return a tensor of shape (points,) = "
@@ -210,6 +238,11 @@ def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.
     scores = logits_of(output)
     if target is None:
         return scores.reshape(scores.shape[0])
+    if target.dim() == 2:
+        # one index tuple per example into the output without its batch dimension, e.g. (position, token)
+        idx = target[ex]
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        return scores[(rows,) + tuple(idx.to(scores.device).unbind(1))]
     return scores.gather(1, target[ex].unsqueeze(1)).squeeze(1)
 
 
@@ -260,6 +293,11 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     alphas : Tensor (m,)
         Position of each point on its example's path.
     """
+    m = int(ex.shape[0])
+    if m > problem.chunk_size:
+        # the chunk was halved after an out-of-memory error: later chunks are split the same way
+        c = problem.chunk_size
+        return _joined([evaluate(problem, ex[i:i + c], alphas[i:i + c]) for i in range(0, m, c)])
     while True:
         try:
             return _evaluate(problem, ex, alphas)
@@ -272,8 +310,34 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
             elif not problem.copy_layer_outputs and (isinstance(exc, ModifiedInPlace)
                                                      or any(k in str(exc) for k in _IN_PLACE_ERRORS)):
                 problem.copy_layer_outputs = True
+            elif is_out_of_memory(exc) and m > 1:
+                break   # retried below, outside the handler, so the failed attempt's tensors are freed
             else:
                 raise
+    problem.chunk_size = (m + 1) // 2
+    if ex.device.type == "cuda":
+        torch.cuda.empty_cache()
+    warn(f"out of memory evaluating {m} path points at once; halved the chunk to {problem.chunk_size} points "
+         f"and retried (pass internal_batch_size={problem.chunk_size} or less to start there)")
+    return evaluate(problem, ex, alphas)
+
+
+#: what PyTorch's allocators say when memory runs out (CUDA raises torch.OutOfMemoryError)
+_OOM_ERRORS = ("out of memory", "can't allocate memory", "Failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator running out of memory (CUDA, MPS or the CPU)."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(k in str(exc) for k in _OOM_ERRORS)
+
+
+def _joined(parts: list[PointBatch]) -> PointBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return PointBatch(torch.cat([p.ex for p in parts]), torch.cat([p.alphas for p in parts]),
+                      torch.cat([p.F for p in parts]),
+                      {n: torch.cat([p.ys[n] for p in parts]) for n in parts[0].ys},
+                      {n: torch.cat([p.gs[n] for p in parts]) for n in parts[0].gs})
 
 
 def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:

@@ -28,6 +28,11 @@ A layer is named as in :func:`conductance.layer_conductance` (dotted module name
 an element of a tuple output); ``"name:input"`` observes the module's first positional input
 instead of its output, e.g. ``"encoder.layer.3.attention.output.dense:input"``, the concatenated
 per-head context vectors that BERT's attention output projection receives.
+
+:func:`layers` lists the blocks, heads and MLP neurons of GPT-2, Llama-style (Llama, Mistral,
+Qwen2), BERT, RoBERTa and DistilBERT models, found from their modules (:func:`family`);
+:func:`next_token` and :func:`continuation` are the language-model targets; :func:`ablate_heads`
+and :func:`ablate_neurons` switch units off.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ from .result import LayerResult
 
 __all__ = ["layer_conductance", "layer_importance", "TransformerResult", "UnitScore", "bert_layers", "layer_index",
            "reduce_layer", "ablate_heads", "head_inputs", "embedding_module", "num_heads_of", "UNITS",
-           "INPUT_SUFFIX"]
+           "INPUT_SUFFIX", "layers", "family", "Family", "KINDS", "ablate_neurons", "next_token", "continuation",
+           "NextToken", "Continuation", "TOKEN_SCORES"]
 
 #: Unit views of a layer value (batch, tokens, hidden); see the module docstring.
 UNITS = ("neuron", "head", "head_token", "token", "layer", "element")
@@ -196,6 +202,180 @@ def layer_index(name: str) -> Optional[int]:
 
 
 # ----------------------------------------------------------------------------------------------
+# model families, found from the module structure
+# ----------------------------------------------------------------------------------------------
+
+#: Where a block keeps its attention output projection (its input: the heads' context vectors side by
+#: side), relative to the block, in the order tried: GPT-2; Llama / Mistral / Qwen2 / OPT; BERT /
+#: RoBERTa / ELECTRA / MiniLM; DistilBERT; GPT-J / GPT-Neo; Falcon / BLOOM.
+ATTENTION_PROJECTIONS = ("attn.c_proj", "self_attn.o_proj", "attention.output.dense", "attention.out_lin",
+                         "attn.out_proj", "self_attn.out_proj", "attn.attention.out_proj", "self_attention.dense")
+#: Where a block keeps its MLP down projection (its input: the MLP neurons after the activation), in
+#: the order tried: GPT-2; Llama-style; BERT-style; DistilBERT; GPT-J; OPT; Falcon / BLOOM.
+MLP_PROJECTIONS = ("mlp.c_proj", "mlp.down_proj", "output.dense", "ffn.lin2", "mlp.fc_out", "fc2",
+                   "mlp.dense_4h_to_h")
+#: Kinds of :func:`layers`.
+KINDS = ("block", "attention", "mlp", "embeddings")
+
+
+@dataclass
+class Family:
+    """The transformer blocks of a model and where their heads and MLP neurons are, found from its modules.
+
+    Attributes
+    ----------
+    model_type : str, ``config.model_type`` (or the model's class name); only shown in messages
+    blocks : dotted names of the blocks, in order
+    attention : dotted names of each block's attention output projection
+    mlp : dotted names of each block's MLP down projection
+    num_heads : query heads per block (grouped-query models share key/value heads between them;
+        the projection's input holds one slice per query head)
+    head_dim, num_neurons : sizes of a head's slice and of a block's MLP
+    embedding : dotted name of the word-embedding module
+    """
+
+    model_type: str
+    blocks: list[str]
+    attention: list[str]
+    mlp: list[str]
+    num_heads: int
+    head_dim: int
+    num_neurons: int
+    embedding: str
+
+
+def _in_features(module: nn.Module) -> Optional[int]:
+    """Input size of a projection: ``nn.Linear.in_features``, or the first weight dimension of a GPT-2 ``Conv1D``."""
+    size = getattr(module, "in_features", None)
+    if isinstance(size, numbers.Integral):
+        return int(size)
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    return None
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+
+
+def _model_type(model: nn.Module) -> str:
+    for module in model.modules():
+        kind = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(kind, str) and kind:
+            return kind
+    return type(model).__name__
+
+
+def _unknown_family(model: nn.Module, why: str) -> ConductanceError:
+    lists = _block_lists(model)
+    hint = ""
+    if lists:
+        name, blocks = max(lists, key=lambda item: len(item[1]))
+        inner = [n for n, m in blocks[0].named_modules()
+                 if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
+        hint = (f" Its longest block list is {name!r} ({len(blocks)} blocks); the projections of block 0 are "
+                f"{[f'{name}.0.{n}' for n in inner][:10]}.")
+    return ConductanceError(
+        f"cd.hf does not recognise the blocks of this {_model_type(model)} model: {why}.{hint} Name the layers by "
+        "hand, e.g. layers={'<blocks>.3.<attention output projection>:input': 'head', "
+        "'<blocks>.3.<MLP down projection>:input': 'neuron', '<blocks>.3': 'layer'} (the input of a projection "
+        "holds the heads' context vectors side by side, or the MLP neurons), and pass num_heads= if the config "
+        "has no num_attention_heads")
+
+
+def family(model: nn.Module) -> Family:
+    """Find the transformer blocks, their attention output and MLP down projections, and the head count.
+
+    Recognised from the module structure (not the checkpoint's name): a list of blocks each holding
+    an attention output projection at one of :data:`ATTENTION_PROJECTIONS` and an MLP down
+    projection at one of :data:`MLP_PROJECTIONS`. This covers GPT-2, Llama, Mistral, Qwen2, BERT,
+    RoBERTa, DistilBERT, MiniLM and models built like them, bare or wrapped in a user's module.
+
+    Raises
+    ------
+    ConductanceError
+        For a model with no such block list (or several), naming the layers to pass by hand.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = []
+    for name, blocks in _block_lists(model):
+        first = dict(blocks[0].named_modules())
+        attn = next((p for p in ATTENTION_PROJECTIONS if p in first), None)
+        mlp = next((p for p in MLP_PROJECTIONS if p in first and p != attn), None)
+        if attn is not None and mlp is not None:
+            found.append((name, blocks, attn, mlp))
+    if not found:
+        raise _unknown_family(model, "no list of blocks with an attention output projection ("
+                              f"{', '.join(ATTENTION_PROJECTIONS[:4])}, ...) and an MLP down projection ("
+                              f"{', '.join(MLP_PROJECTIONS[:4])}, ...)")
+    if len(found) > 1:
+        raise ConductanceError(
+            f"this model has {len(found)} lists of transformer blocks ({[f[0] for f in found]}, e.g. an encoder "
+            "and a decoder); cd.hf.layers() lists one: name the layers by hand from the list you want")
+    name, blocks, attn, mlp = found[0]
+    heads = num_heads_of(model)
+    if heads is None:
+        raise _unknown_family(model, "its config has no num_attention_heads / n_head")
+    attn_names, mlp_names, sizes, neurons = [], [], set(), set()
+    for i, block in enumerate(blocks):
+        inner = dict(block.named_modules())
+        if attn not in inner or mlp not in inner:
+            raise _unknown_family(model, f"block {i} of {name!r} lacks {attn!r} or {mlp!r}, which block 0 has")
+        sizes.add(_in_features(inner[attn]))
+        neurons.add(_in_features(inner[mlp]))
+        attn_names.append(f"{name}.{i}.{attn}")
+        mlp_names.append(f"{name}.{i}.{mlp}")
+    if len(sizes) != 1 or None in sizes or len(neurons) != 1 or None in neurons:
+        raise _unknown_family(model, f"the projections {attn!r} / {mlp!r} have input sizes {sorted(map(str, sizes))}"
+                              f" / {sorted(map(str, neurons))} across blocks, or no readable input size")
+    size = sizes.pop()
+    if size % heads:
+        raise _unknown_family(model, f"{heads} heads do not divide the attention projection's input size {size}")
+    emb_name, _ = embedding_module(model)
+    return Family(_model_type(model), [f"{name}.{i}" for i in range(len(blocks))], attn_names, mlp_names, heads,
+                  size // heads, neurons.pop(), emb_name)
+
+
+def layers(model: nn.Module, kind: Union[str, Sequence[str]] = ("block", "attention", "mlp")) -> dict[str, str]:
+    """Layer names and units of a transformer, ready to pass as ``layers`` to :func:`layer_conductance`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        GPT-2, Llama-style (Llama, Mistral, Qwen2), BERT, RoBERTa, DistilBERT or a model built like
+        them, found from its modules (see :func:`family`).
+    kind : str or list of str, from :data:`KINDS`
+        ``"block"``: each block's output (the residual stream after it), unit "layer" (a cut:
+        sums to F(x) - F(x')); ``"attention"``: the input of each block's attention output
+        projection, unit "head" (``result[name]`` (batch, heads), names "L3.H5"); ``"mlp"``: the
+        input of each block's MLP down projection, unit "neuron" (batch, neurons), names
+        "L3.N1024"; ``"embeddings"``: the word-embedding module's output, unit "token".
+
+    Returns
+    -------
+    dict name -> unit, kinds in the order given, blocks in order within each.
+    """
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ConductanceError(f"unknown kind {bad or kinds!r}; choose from {KINDS} (a string or a list of them)")
+    fam = family(model)
+    out: dict[str, str] = {}
+    for k in kinds:
+        if k == "block":
+            out.update({b: "layer" for b in fam.blocks})
+        elif k == "attention":
+            out.update({a + INPUT_SUFFIX: "head" for a in fam.attention})
+        elif k == "mlp":
+            out.update({m + INPUT_SUFFIX: "neuron" for m in fam.mlp})
+        else:
+            out[fam.embedding] = "token"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # the embedding-space path
 # ----------------------------------------------------------------------------------------------
 
@@ -260,7 +440,7 @@ def _plan_layers(model: nn.Module, layers: Any, units: Union[str, Mapping[str, s
         layers = list(layers)
         if not layers:
             raise ConductanceError("no layers given: pass names such as 'encoder.layer.0.intermediate' or "
-                                   "cd.hf.bert_layers(model)")
+                                   "cd.hf.layers(model)")
         modules_by_id = {id(m): n for n, m in model.named_modules()}
         names = []
         for item in layers:
@@ -345,15 +525,34 @@ def _check_ids(input_ids: Any) -> torch.Tensor:
     return input_ids
 
 
-def _pad_id(model: nn.Module, pad_token_id: Optional[int]) -> int:
+def _pad_id(model: nn.Module, pad_token_id: Optional[int]) -> tuple[Optional[int], str]:
+    """The pad token id and where it came from (``pad_token_id=``, then the config), or (None, why not)."""
     if pad_token_id is not None:
-        return int(pad_token_id)
+        if not isinstance(pad_token_id, numbers.Integral) or isinstance(pad_token_id, bool):
+            raise ConductanceError(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
+        return int(pad_token_id), "pad_token_id="
     for module in model.modules():
         value = getattr(getattr(module, "config", None), "pad_token_id", None)
-        if isinstance(value, numbers.Integral):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value), "config.pad_token_id"
+    return None, "the config has no pad_token_id"
+
+
+def _eos_id(model: nn.Module) -> Optional[int]:
+    for module in model.modules():
+        value = getattr(getattr(module, "config", None), "eos_token_id", None)
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
-    raise ConductanceError("baseline='pad' needs the pad token id: the model's config has none; pass "
-                           "pad_token_id=... or baseline='zeros'")
+    return None
+
+
+def _token_embeddings(embedding: nn.Module, input_ids: torch.Tensor, token: int, what: str) -> torch.Tensor:
+    ids = torch.full_like(input_ids, token)
+    _check_vocabulary(ids, embedding, "word embedding", what)
+    with torch.no_grad():
+        return embedding(ids).detach()
 
 
 def _check_vocabulary(ids: torch.Tensor, embedding: nn.Module, name: str, what: str) -> None:
@@ -373,17 +572,36 @@ def _check_vocabulary(ids: torch.Tensor, embedding: nn.Module, name: str, what: 
 
 
 def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor, baseline: Any,
-                         pad_id: Any) -> torch.Tensor:
+                         model: nn.Module, pad_token_id: Optional[int]) -> tuple[torch.Tensor, str]:
+    """The baseline embeddings (batch, tokens, hidden) and a description of the choice."""
     if isinstance(baseline, str):
         if baseline == "zeros":
-            return torch.zeros_like(embeds)
-        if baseline == "pad":
-            pads = torch.full_like(input_ids, pad_id())
-            _check_vocabulary(pads, embedding, "word embedding", "the pad token id (baseline='pad')")
-            with torch.no_grad():
-                return embedding(pads).detach()
-        raise ConductanceError(f"unknown baseline {baseline!r}; use 'pad', 'zeros', token ids (batch, tokens) "
-                               "or embeddings (batch, tokens, hidden)")
+            return torch.zeros_like(embeds), "zeros"
+        if baseline in ("pad", "auto"):
+            pad, source = _pad_id(model, pad_token_id)
+            if pad is not None:
+                return (_token_embeddings(embedding, input_ids, pad, f"the pad token id ({source})"),
+                        f"pad token {pad} ({source})")
+            if baseline == "auto":
+                # Decoders usually have no pad token and pad with their eos token. The zero embedding comes
+                # last: in a model without position embeddings (Llama-style, rotary) it makes the first
+                # RMSNorm's input zero, a near-singular start where the integrand is a spike of width
+                # ~sqrt(eps) / |embedding| in alpha (measured: 1e6-fold completeness errors at 128 steps).
+                eos = _eos_id(model)
+                if eos is not None:
+                    return (_token_embeddings(embedding, input_ids, eos, "the eos token id (baseline='auto')"),
+                            f"eos token {eos} (config.eos_token_id; the config has no pad_token_id)")
+                return torch.zeros_like(embeds), "zeros (the config has no pad_token_id and no eos_token_id)"
+            raise ConductanceError(
+                "baseline='pad' needs the pad token id, and the model's config has none (decoders such as GPT-2 "
+                "and Llama usually have no pad token). Pass pad_token_id=..., a token id as the baseline "
+                "(baseline=tokenizer.unk_token_id or the mask token id: that token at every position), "
+                "baseline='zeros' (the zero embedding), or baseline='auto' (pad if known, else zeros)")
+        raise ConductanceError(f"unknown baseline {baseline!r}; use 'auto', 'pad', 'zeros', a token id (int), token "
+                               "ids (batch, tokens) or embeddings (batch, tokens, hidden)")
+    if isinstance(baseline, numbers.Integral) and not isinstance(baseline, bool):
+        return (_token_embeddings(embedding, input_ids, int(baseline), "the baseline token id"),
+                f"token {int(baseline)} at every position")
     if isinstance(baseline, torch.Tensor):
         if not baseline.is_floating_point():
             ids = baseline.to(input_ids.device)
@@ -394,7 +612,7 @@ def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: 
                                        f"{tuple(input_ids.shape)}; give one baseline id per token")
             _check_vocabulary(ids, embedding, "word embedding", "the baseline token ids")
             with torch.no_grad():
-                return embedding(ids).detach()
+                return embedding(ids).detach(), "token ids given"
         if baseline.dim() == 2 and baseline.shape == input_ids.shape and embeds.shape[-1] != input_ids.shape[-1]:
             raise ConductanceError(
                 f"the baseline has the shape of input_ids {tuple(input_ids.shape)} but holds floats: token ids "
@@ -405,8 +623,8 @@ def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: 
         except RuntimeError:
             raise ConductanceError(f"baseline embeddings of shape {tuple(baseline.shape)} do not broadcast to the "
                                    f"embeddings {tuple(embeds.shape)} (batch, tokens, hidden)") from None
-        return out.detach().contiguous()
-    raise TypeError(f"baseline must be 'pad', 'zeros' or a tensor, got {type(baseline).__name__}")
+        return out.detach().contiguous(), "embeddings given"
+    raise TypeError(f"baseline must be 'auto', 'pad', 'zeros', a token id or a tensor, got {type(baseline).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +638,7 @@ class UnitScore(NamedTuple):
     block: Optional[int]       #: transformer block index parsed from the name (None if there is none)
     unit: str                  #: unit kind ("head", "neuron", ...)
     index: Any                 #: int, or (token, head) for "head_token", (token, hidden) for "element"
-    name: str                  #: readable name, e.g. "L3 head 5"
+    name: str                  #: readable name, e.g. "L3.H5" (head 5 of block 3), "L3.N1024" (MLP neuron)
     value: float
 
 
@@ -474,6 +692,8 @@ class TransformerResult:
     num_heads : int or None
     tokens : optional list (batch) of lists of token strings, used in unit names
     raw : the engine's LayerResult (names inside the wrapper)
+    baseline : str, which baseline was used (see ``baseline=`` of :func:`layer_importance`)
+    target : str, what was explained (empty for a target given as a tensor or a plain callable)
     """
 
     measure: str
@@ -489,6 +709,10 @@ class TransformerResult:
     tokens: Optional[list] = None
     attention_mask: Optional[torch.Tensor] = None
     input_ids: Optional[torch.Tensor] = field(default=None, repr=False)
+    #: the path's start as used, e.g. "pad token 0 (config.pad_token_id)" or "zeros (no pad token known)"
+    baseline: str = ""
+    #: the explained scalar as used, e.g. "log-probability of the next token at positions [4, 6]"
+    target: str = ""
 
     def __getitem__(self, layer: str) -> torch.Tensor:
         return self.reduce(layer, self.units[self._check(layer)])
@@ -522,7 +746,7 @@ class TransformerResult:
         """Readable names of the units of ``layer`` (flattened in row-major order)."""
         unit = self.units[self._check(layer)]
         block = layer_index(layer)
-        prefix = f"L{block} " if block is not None else f"{layer} "
+        prefix = f"L{block}" if block is not None else layer
         shape = self[layer].shape[1:]
         tok = self.tokens[example] if self.tokens is not None else None
 
@@ -530,14 +754,15 @@ class TransformerResult:
             return f"token {t}" + (f" {tok[t]!r}" if tok is not None and t < len(tok) else "")
 
         if unit == "layer":
-            return [prefix + "total"]
+            return [prefix + " total"]
         if unit in ("neuron", "head"):
-            return [f"{prefix}{unit} {i}" for i in range(shape[0])]
+            letter = "N" if unit == "neuron" else "H"
+            return [f"{prefix}.{letter}{i}" for i in range(shape[0])]
         if unit == "token":
-            return [prefix + token(t) for t in range(shape[0])]
+            return [f"{prefix} {token(t)}" for t in range(shape[0])]
         if unit == "head_token":
-            return [f"{prefix}head {h} {token(t)}" for t in range(shape[0]) for h in range(shape[1])]
-        return [f"{prefix}{token(t)} dim {d}" for t in range(shape[0]) for d in range(shape[1])]
+            return [f"{prefix}.H{h} {token(t)}" for t in range(shape[0]) for h in range(shape[1])]
+        return [f"{prefix} {token(t)} dim {d}" for t in range(shape[0]) for d in range(shape[1])]
 
     def mean(self, layer: str, examples: Any = None) -> torch.Tensor:
         """Mean over examples (all, or the chosen indices / boolean mask) of ``result[layer]``: (*unit_shape)."""
@@ -600,6 +825,179 @@ class TransformerResult:
         return f"TransformerResult({self.summary()})"
 
 
+
+# ----------------------------------------------------------------------------------------------
+# language-model targets
+# ----------------------------------------------------------------------------------------------
+
+#: What a :func:`next_token` target explains.
+TOKEN_SCORES = ("logit", "logprob", "prob")
+
+
+@dataclass(frozen=True)
+class NextToken:
+    """Target: the score of each example's next token at a position (see :func:`next_token`)."""
+
+    kind: str
+    position: Any
+    token: Any
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """Target: the summed log-probability of each example's continuation (see :func:`continuation`)."""
+
+    length: Any
+
+
+def next_token(kind: str = "logprob", position: Union[int, torch.Tensor] = -1,
+               token: Union[None, int, torch.Tensor] = None) -> NextToken:
+    """A language-model target: each example's next token at a position, as logit, log-probability or probability.
+
+    The model's output (batch, tokens, vocab) at position ``p`` scores the token after ``p``.
+
+    Parameters
+    ----------
+    kind : {"logit", "logprob", "prob"}
+        The explained scalar: the raw logit, ``log_softmax`` over the vocabulary, or its ``exp``.
+    position : int or LongTensor (batch,)
+        Counted over each example's real tokens (``attention_mask`` 1, or all tokens without a
+        mask): -1 is each example's last real token, whatever the padding side; 0 its first.
+    token : None, int or LongTensor (batch,)
+        The token scored; None: each example's top prediction at the input.
+
+    Pass the returned object as ``target=`` to :func:`layer_conductance`; the strings "logit",
+    "logprob" and "prob" are short for ``next_token(kind)``.
+    """
+    if kind not in TOKEN_SCORES:
+        raise ConductanceError(f"next_token kind must be one of {TOKEN_SCORES}, got {kind!r}")
+    return NextToken(kind, position, token)
+
+
+def continuation(length: Union[int, torch.Tensor]) -> Continuation:
+    """A language-model target: the summed log-probability of a continuation, teacher-forced.
+
+    ``input_ids`` hold prompt + continuation; the last ``length`` real tokens of each example are
+    the continuation ``c_1..c_L`` and the explained scalar is ``sum_j log p(c_j | tokens before
+    c_j)``, read from one forward (teacher forcing). Every token's embedding, continuation
+    included, moves along the path.
+
+    Parameters
+    ----------
+    length : int or LongTensor (batch,), >= 1 and below each example's number of real tokens
+    """
+    return Continuation(length)
+
+
+def _per_example(value: Any, batch: int, name: str, device: torch.device) -> torch.Tensor:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return torch.full((batch,), int(value), dtype=torch.long, device=device)
+    if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool:
+        t = value.to(device=device, dtype=torch.long).flatten()
+        if t.numel() == 1:
+            return t.expand(batch).clone()
+        if t.shape == (batch,):
+            return t
+    raise ConductanceError(f"{name} must be an int or a LongTensor of shape ({batch},), got "
+                           f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+
+
+def _real_positions(input_ids: torch.Tensor, mask: Any) -> list[torch.Tensor]:
+    if isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape:
+        return [row.nonzero().flatten().to(input_ids.device) for row in mask.bool()]
+    return [torch.arange(input_ids.shape[1], device=input_ids.device)] * input_ids.shape[0]
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """Scores in at least float32 (bf16 / fp16 models), float64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, extra: tuple,
+                 forward_kwargs: Optional[dict]) -> tuple[Any, str]:
+    """Turn a language-model target into what the engine takes (index tuples or a callable(output, examples))."""
+    if isinstance(target, str):
+        if target not in TOKEN_SCORES:
+            raise ConductanceError(f"unknown target {target!r}: the named targets are {TOKEN_SCORES} (the next "
+                                   "token after each example's last real token), cd.hf.next_token(...) and "
+                                   "cd.hf.continuation(...)")
+        target = NextToken(target, -1, None)
+    if not isinstance(target, (NextToken, Continuation)):
+        return target, ""
+    from .engine import logits_of
+
+    B = input_ids.shape[0]
+    device = input_ids.device
+    real = _real_positions(input_ids, (forward_kwargs or {}).get("attention_mask"))
+    if isinstance(target, Continuation):
+        lengths = _per_example(target.length, B, "continuation length", device)
+        L = int(lengths.max())
+        pred = torch.zeros(B, L, dtype=torch.long, device=device)
+        toks = torch.zeros(B, L, dtype=torch.long, device=device)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=device)
+        for b in range(B):
+            n = int(lengths[b])
+            if not 1 <= n < len(real[b]):
+                raise ConductanceError(f"continuation length {n} of example {b} must be >= 1 and below its "
+                                       f"{len(real[b])} real tokens (a prompt token must precede it)")
+            where = real[b][-n:]
+            pred[b, :n], toks[b, :n], valid[b, :n] = real[b][-n - 1:-1], input_ids[b, where], True
+
+        def summed_logprob(output: Any, examples: torch.Tensor) -> torch.Tensor:
+            logits = logits_of(output)
+            e = examples.to(logits.device)
+            rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
+            lp = torch.log_softmax(_float(logits[rows, pred.to(logits.device)[e]]), -1)
+            picked = lp.gather(2, toks.to(logits.device)[e].unsqueeze(2)).squeeze(2)
+            return (picked * valid.to(logits.device)[e]).sum(1)
+
+        shown = lengths.tolist()
+        return summed_logprob, (f"summed log-probability of the last {shown if B > 1 else shown[0]} tokens "
+                                "(teacher-forced continuation)")
+    position = _per_example(target.position, B, "position", device)
+    pos = torch.empty(B, dtype=torch.long, device=device)
+    for b in range(B):
+        p, n = int(position[b]), len(real[b])
+        if not -n <= p < n:
+            raise ConductanceError(f"position {p} of example {b} is out of range: it has {n} real tokens "
+                                   "(positions count over the tokens with attention_mask 1)")
+        pos[b] = real[b][p]
+    if target.token is None:
+        with torch.no_grad():
+            logits = logits_of(model(input_ids, *extra, **(forward_kwargs or {})))
+        if logits.dim() != 3:
+            raise ConductanceError(f"a next-token target needs a language model output (batch, tokens, vocab); "
+                                   f"the model returns {tuple(logits.shape)}")
+        token = logits[torch.arange(B, device=logits.device), pos.to(logits.device)].argmax(-1).to(device)
+        which = "top predicted token"
+    else:
+        token = _per_example(target.token, B, "token", device)
+        which = "token " + (str(token.tolist()) if B > 1 else str(int(token[0])))
+    label = {"logit": "logit", "logprob": "log-probability", "prob": "probability"}[target.kind]
+    shown = pos.tolist()
+    description = f"{label} of the {which} after position {shown if B > 1 else shown[0]}"
+    if target.kind == "logit":
+        return torch.stack([pos, token], 1), description
+
+    def score(output: Any, examples: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(output)
+        e = examples.to(logits.device)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        lp = torch.log_softmax(_float(logits[rows, pos.to(logits.device)[e]]), -1)
+        value = lp.gather(1, token.to(logits.device)[e].unsqueeze(1)).squeeze(1)
+        return value.exp() if target.kind == "prob" else value
+
+    return score, description
+
+
+def _renamed(exc: Exception, plan: "_Plan") -> str:
+    """An engine message with the wrapper's internal layer names replaced by the user's."""
+    message = str(exc)
+    pairs = sorted(zip(plan.engine_names, plan.user_names), key=lambda p: -len(p[0]))
+    for engine_name, user_name in pairs:
+        message = message.replace(f"'{engine_name}", f"'{user_name}")
+    return message.replace(f"'{_MODEL}.", "'")
+
 # ----------------------------------------------------------------------------------------------
 # public entry points
 # ----------------------------------------------------------------------------------------------
@@ -607,7 +1005,7 @@ class TransformerResult:
 def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersArg, *,
                      measure: Union[str, Sequence[str]] = "conductance",
                      units: Union[str, Mapping[str, str], None] = None,
-                     embedding: Union[str, nn.Module, None] = None, baseline: Any = "pad",
+                     embedding: Union[str, nn.Module, None] = None, baseline: Any = "auto",
                      pad_token_id: Optional[int] = None, forward_kwargs: Optional[dict] = None,
                      additional_forward_args: Any = None, target: Any = None, num_heads: Optional[int] = None,
                      tokens: Optional[list] = None, n_steps: Optional[int] = None, method: Optional[str] = None,
@@ -622,7 +1020,7 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         Called as ``model(input_ids, *additional_forward_args, **forward_kwargs)``; it must embed
         ``input_ids`` with its word-embedding module (not be given ``inputs_embeds``).
     input_ids : LongTensor (batch, tokens)
-    layers : name, list of names, or dict name -> unit (e.g. :func:`bert_layers`)
+    layers : name, list of names, or dict name -> unit (e.g. :func:`layers`, :func:`bert_layers`)
         Module names of ``model``; ``"name[i]"`` picks a tuple element; ``"name:input"`` observes
         the module's first positional input.
     measure : str or list of str
@@ -634,15 +1032,25 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         The word-embedding module (default: ``model.get_input_embeddings()`` or the module named
         ``*word_embeddings``). Only its output is interpolated; position and token-type
         embeddings stay as the model computes them.
-    baseline : "pad", "zeros", LongTensor of token ids (batch, tokens) or (tokens,), or embeddings
+    baseline : "auto", "pad", "zeros", int, LongTensor of token ids (batch, tokens) or (tokens,), or embeddings
         Start of the path. "pad": the pad token's embedding at every position (``pad_token_id``
-        or the model's ``config.pad_token_id``); "zeros": the zero vector; token ids are embedded
-        by the model's embedding module (e.g. keep [CLS]/[SEP] and pad the rest); a float tensor
-        broadcastable to (batch, tokens, hidden) is used as is.
+        or the model's ``config.pad_token_id``; an error when neither exists); "auto" (default):
+        the pad token when one is known, else the eos token (``config.eos_token_id``: decoders
+        such as GPT-2 and Llama have no pad token and pad with eos), else "zeros"; "zeros": the
+        zero vector (singular for Llama-style models: see docs/transformers.md); an int: that token at every position (e.g. the
+        tokenizer's mask or unk id); token ids are embedded by the model's embedding module (e.g.
+        keep [CLS]/[SEP] and pad the rest); a float tensor broadcastable to (batch, tokens,
+        hidden) is used as is. ``result.baseline`` says which was used.
     forward_kwargs : dict, optional
         Passed to the model unchanged at every path point (tensors whose first dimension is the
         batch size, such as ``attention_mask``, follow their example).
-    target : as :func:`conductance.layer_conductance` (None: each example's top class).
+    target : as :func:`conductance.layer_conductance`, or a language-model target
+        None: each example's top class of a (batch, classes) output; int / LongTensor (batch,);
+        one index tuple per example into the output without the batch dimension, e.g.
+        ``[(position, token), ...]`` for (batch, tokens, vocab); :func:`next_token` (or "logit",
+        "logprob", "prob"); :func:`continuation`; a callable ``target(output)`` or
+        ``target(output, examples)`` (examples: LongTensor (rows,), each row's example index)
+        returning (rows,). ``result.target`` describes the named targets.
     num_heads : int, optional
         Heads for "head" units (default ``config.num_attention_heads``).
     tokens : optional list (batch) of lists of token strings, only used for unit names.
@@ -659,9 +1067,12 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
     from .attribute import DEFAULT_MAX_STEPS
     from .attribute import layer_importance as _layer_importance
 
+    from .inputs import check_autograd_available
+
     input_ids = _check_ids(input_ids)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_autograd_available()
     emb_name, emb_module = embedding_module(model, embedding)
     plan = _plan_layers(model, layers, units)
     heads = num_heads if num_heads is not None else num_heads_of(model)
@@ -675,19 +1086,24 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         raise ConductanceError(f"the embedding module {emb_name!r} maps input_ids to {got}; expected float "
                                "embeddings (batch, tokens, hidden): pass embedding= the word-embedding module")
     embeds = embeds.detach()
-    base = _baseline_embeddings(emb_module, input_ids, embeds, baseline, lambda: _pad_id(model, pad_token_id))
+    base, baseline_used = _baseline_embeddings(emb_module, input_ids, embeds, baseline, model, pad_token_id)
     extra = additional_forward_args
     extra = () if extra is None else extra if isinstance(extra, tuple) else (extra,)
+    target, target_used = _bind_target(target, model, input_ids, extra, forward_kwargs)
     wrapper = _EmbeddingPath(model, emb_module, emb_name)
     wrapper.train(model.training)
     names = [measure] if isinstance(measure, str) else list(measure)
     with _probes_attached(wrapper, plan), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = _layer_importance(wrapper, embeds, plan.engine_names, measure=names, baselines=base,
-                                    target=target, additional_forward_args=(input_ids,) + tuple(extra),
-                                    forward_kwargs=forward_kwargs, n_steps=n_steps, method=method,
-                                    tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
-                                    units="neuron", internal_batch_size=internal_batch_size)
+        try:
+            results = _layer_importance(wrapper, embeds, plan.engine_names, measure=names, baselines=base,
+                                        target=target, additional_forward_args=(input_ids,) + tuple(extra),
+                                        forward_kwargs=forward_kwargs, n_steps=n_steps, method=method,
+                                        tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
+                                        units="neuron", internal_batch_size=internal_batch_size)
+        except ConductanceError as exc:
+            # say the layers as the user wrote them, not as the wrapper names them
+            raise ConductanceError(_renamed(exc, plan)) from exc
     # the engine names layers inside the wrapper; say them as the user wrote them
     pairs = sorted(zip(plan.engine_names, plan.user_names), key=lambda p: -len(p[0]))
     for w in caught:
@@ -710,7 +1126,8 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
             relative_error={rename[k]: v for k, v in r.relative_error.items()},
             is_cut={rename[k]: v for k, v in r.is_cut.items()}, output_diff=r.output_diff,
             num_heads=heads, raw=r, tokens=tokens,
-            attention_mask=mask if isinstance(mask, torch.Tensor) else None, input_ids=input_ids)
+            attention_mask=mask if isinstance(mask, torch.Tensor) else None, input_ids=input_ids,
+            baseline=baseline_used, target=target_used)
         for layer, unit in plan.units.items():
             if unit in ("head", "head_token", "neuron", "token"):
                 out[m][layer]  # validate the unit against the layer's shape now, not at first use
@@ -727,7 +1144,7 @@ def layer_conductance(model: nn.Module, input_ids: torch.Tensor, layers: LayersA
         result = cd.hf.layer_conductance(model, enc["input_ids"], cd.hf.bert_layers(model),
                                          forward_kwargs={"attention_mask": enc["attention_mask"]},
                                          target=labels, n_steps=32)
-        result.top(5, unit="head")        # [UnitScore(layer=..., name='L3 head 5', value=...), ...]
+        result.top(5, unit="head")        # [UnitScore(layer=..., name='L3.H5', value=...), ...]
     """
     if "measure" in kwargs:
         raise TypeError("layer_conductance computes conductance; use cd.hf.layer_importance(measure=...)")
@@ -738,57 +1155,45 @@ def layer_conductance(model: nn.Module, input_ids: torch.Tensor, layers: LayersA
 # head ablation
 # ----------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def ablate_heads(model: nn.Module, heads: Union[Iterable[tuple[int, int]], Mapping[int, Sequence[int]]], *,
-                 module: str = HEAD_PROJECTION, num_heads: Optional[int] = None,
-                 values: Optional[Mapping[int, torch.Tensor]] = None) -> Iterator[None]:
-    """Ablate attention heads while the block runs: a forward pre-hook on each block's output projection.
-
-    The projection's input is the concatenation of the heads' context vectors
-    (batch, tokens, heads x head_dim); a head is ablated by zeroing its slice (the projection's
-    bias stays), or by setting it to the slice of ``values``.
-
-    Parameters
-    ----------
-    heads : iterable of (block, head) pairs, or dict block -> list of heads
-    module : the projection's name; ``{block}`` stands for a block's name (BERT-style models) and
-        ``{i}`` for its index, e.g. ``"transformer.h.{i}.attn.c_proj"``.
-    num_heads : default ``config.num_attention_heads``.
-    values : dict block -> Tensor broadcastable to the projection's input (batch, tokens, hidden), optional
-        Replacement values (e.g. from :func:`head_inputs` at a baseline input) instead of zeros.
-
-    Hooks are removed on exit, also on error.
-    """
-    pairs = [(int(b), int(h)) for b, hs in heads.items() for h in hs] if isinstance(heads, Mapping) \
-        else [(int(b), int(h)) for b, h in heads]
-    n = num_heads if num_heads is not None else num_heads_of(model)
-    if n is None:
-        raise ConductanceError("ablate_heads needs the number of heads; pass num_heads=")
-    modules = _module_names(model)
+def _pairs(units: Any, what: str) -> dict[int, list[int]]:
+    if isinstance(units, Mapping):
+        pairs = [(b, u) for b, us in units.items() for u in us]
+    else:
+        pairs = list(units)
     by_block: dict[int, list[int]] = {}
-    for b, h in pairs:
-        if not 0 <= h < n:
-            raise ConductanceError(f"head {h} out of range: the model has {n} heads per block")
-        by_block.setdefault(b, []).append(h)
-    blocks = _bert_blocks(model) if "{block}" in module else None
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in pair)):
+            raise ConductanceError(f"{what} must be (block, index) pairs of integers or a dict block -> list of "
+                                   f"indices; got the entry {pair!r}")
+        by_block.setdefault(int(pair[0]), []).append(int(pair[1]))
+    return by_block
+
+
+@contextlib.contextmanager
+def _ablate_slices(model: nn.Module, projections: dict[int, str], by_block: dict[int, list[int]], n: int,
+                   values: Optional[Mapping[int, torch.Tensor]], what: str) -> Iterator[None]:
+    """Zero (or set from ``values``) slices of the last dimension of each projection's input while it runs.
+
+    The input's last dimension holds ``n`` equal slices (heads; or n = its size for neurons)."""
+    modules = _module_names(model)
     handles = []
     try:
-        for b, hs in by_block.items():
-            if blocks is not None and not 0 <= b < len(blocks):
-                raise ConductanceError(f"block {b} out of range: the model has {len(blocks)} blocks")
-            name = module.format(block=blocks[b] if blocks is not None else "", i=b)
+        for b, idx in by_block.items():
+            if b not in projections:
+                raise ConductanceError(f"block {b} out of range: the model has blocks {sorted(projections)}")
+            name = projections[b]
             if name not in modules:
                 raise ConductanceError(f"the model has no module named {name!r}. {_suggest(name, list(modules))}")
-            idx = sorted(set(hs))
+            idx = sorted(set(idx))
 
             def pre_hook(mod: nn.Module, args: tuple, idx: list = idx, b: int = b) -> tuple:
                 x = args[0]
                 if x.shape[-1] % n:
-                    raise ConductanceError(f"{n} heads do not divide the projection's input size {x.shape[-1]}")
-                d = x.shape[-1] // n
+                    raise ConductanceError(f"{n} {what} do not divide the projection's input size {x.shape[-1]}")
                 keep = torch.ones(n, dtype=x.dtype, device=x.device)
                 keep[idx] = 0
-                keep = keep.repeat_interleave(d)
+                keep = keep.repeat_interleave(x.shape[-1] // n)
                 if values is None:
                     return (x * keep,) + tuple(args[1:])
                 if b not in values:
@@ -808,25 +1213,117 @@ def ablate_heads(model: nn.Module, heads: Union[Iterable[tuple[int, int]], Mappi
             h.remove()
 
 
-def head_inputs(model: nn.Module, input_ids: torch.Tensor, *, module: str = HEAD_PROJECTION,
+def _head_projections(model: nn.Module, module: Optional[str], what: str) -> dict[int, str]:
+    """Block index -> name of the module whose input is ablated (``module`` given, or the model's family)."""
+    if module is None:
+        fam = family(model)
+        return dict(enumerate(fam.attention if what == "heads" else fam.mlp))
+    if "{block}" in module:
+        blocks = _bert_blocks(model)
+        return {i: module.format(block=b, i=i) for i, b in enumerate(blocks)}
+    if "{i}" not in module:
+        raise ConductanceError(f"module={module!r} must contain '{{i}}' (the block index) or '{{block}}' (a "
+                               "BERT-style block's name), or be None to use the model's own projections")
+    # no block list to bound the indices: every index the pattern names a module for is valid
+    modules = _module_names(model)
+    out, i = {}, 0
+    while module.format(i=i) in modules:
+        out[i] = module.format(i=i)
+        i += 1
+    if not out:
+        raise ConductanceError(f"the model has no module named {module.format(i=0)!r}. "
+                               f"{_suggest(module.format(i=0), list(modules))}")
+    return out
+
+
+@contextlib.contextmanager
+def ablate_heads(model: nn.Module, heads: Union[Iterable[tuple[int, int]], Mapping[int, Sequence[int]]], *,
+                 module: Optional[str] = None, num_heads: Optional[int] = None,
+                 values: Optional[Mapping[int, torch.Tensor]] = None) -> Iterator[None]:
+    """Ablate attention heads while the model runs: a forward pre-hook on each block's output projection.
+
+    The projection's input is the concatenation of the heads' context vectors
+    (batch, tokens, heads x head_dim); a head is ablated by zeroing its slice (the projection's
+    bias stays), or by setting it to the slice of ``values``.
+
+    Parameters
+    ----------
+    heads : iterable of (block, head) pairs, or dict block -> list of heads
+    module : the projection's name pattern, optional. Default: the model's own attention output
+        projection (see :func:`family`: GPT-2, Llama-style, BERT, RoBERTa, DistilBERT). Otherwise
+        ``{block}`` stands for a BERT-style block's name and ``{i}`` for a block index, e.g.
+        ``"transformer.h.{i}.attn.c_proj"``.
+    num_heads : default ``config.num_attention_heads`` (query heads, also for grouped-query attention).
+    values : dict block -> Tensor broadcastable to the projection's input (batch, tokens, hidden), optional
+        Replacement values (e.g. from :func:`head_inputs` at a baseline input) instead of zeros.
+
+    Hooks are removed on exit, also on error.
+    """
+    by_block = _pairs(heads, "heads")
+    n = num_heads if num_heads is not None else num_heads_of(model)
+    if n is None:
+        raise ConductanceError("ablate_heads needs the number of heads; pass num_heads=")
+    for hs in by_block.values():
+        bad = [h for h in hs if not 0 <= h < n]
+        if bad:
+            raise ConductanceError(f"head {bad[0]} out of range: the model has {n} heads per block")
+    projections = _head_projections(model, module, "heads")
+    with _ablate_slices(model, projections, by_block, n, values, "heads"):
+        yield
+
+
+@contextlib.contextmanager
+def ablate_neurons(model: nn.Module, neurons: Union[Iterable[tuple[int, int]], Mapping[int, Sequence[int]]], *,
+                   module: Optional[str] = None,
+                   values: Optional[Mapping[int, torch.Tensor]] = None) -> Iterator[None]:
+    """Ablate MLP neurons while the model runs: a forward pre-hook on each block's MLP down projection.
+
+    The down projection's input (batch, tokens, neurons) holds the MLP neurons after the
+    activation (GPT-2 ``mlp.c_proj``, Llama ``mlp.down_proj``, BERT ``output.dense``, DistilBERT
+    ``ffn.lin2``); a neuron is ablated by zeroing its column, or setting it to ``values``.
+
+    Parameters
+    ----------
+    neurons : iterable of (block, neuron) pairs, or dict block -> list of neurons
+    module : name pattern with ``{i}`` for the block index, optional (default: the model's own MLP
+        down projection, see :func:`family`)
+    values : dict block -> Tensor broadcastable to (batch, tokens, neurons), optional
+
+    Hooks are removed on exit, also on error.
+    """
+    by_block = _pairs(neurons, "neurons")
+    projections = _head_projections(model, module, "neurons")
+    modules = _module_names(model)
+    sizes = {b: _in_features(modules[projections[b]]) for b in by_block if b in projections}
+    n = None
+    for b, idx in by_block.items():
+        size = sizes.get(b)
+        if size is not None:
+            bad = [j for j in idx if not 0 <= j < size]
+            if bad:
+                raise ConductanceError(f"neuron {bad[0]} of block {b} out of range: the MLP has {size} neurons")
+            n = size if n is None else n
+    if n is None:
+        raise ConductanceError("cannot read the MLP size from the down projection; pass module= naming an "
+                               "nn.Linear")
+    with _ablate_slices(model, projections, by_block, n, values, "neurons"):
+        yield
+
+
+def head_inputs(model: nn.Module, input_ids: torch.Tensor, *, module: Optional[str] = None,
                 forward_kwargs: Optional[dict] = None) -> dict[int, torch.Tensor]:
     """Each block's attention-output-projection input (batch, tokens, hidden) at ``input_ids``.
 
     For :func:`ablate_heads` ``values=``: e.g. the heads' values at a baseline input (all [PAD]
     ids with the same attention mask). One forward without autograd; hooks removed on exit.
+    ``module``: as in :func:`ablate_heads` (default: the model's own projection).
     """
-    blocks = _bert_blocks(model) if "{block}" in module else None
+    projections = _head_projections(model, module, "heads")
     modules = _module_names(model)
-    if blocks is None:
-        raise ConductanceError("head_inputs needs a BERT-style model (module='{block}...')")
     found: dict[int, torch.Tensor] = {}
     handles = []
     try:
-        for i, b in enumerate(blocks):
-            name = module.format(block=b, i=i)
-            if name not in modules:
-                raise ConductanceError(f"the model has no module named {name!r}. {_suggest(name, list(modules))}")
-
+        for i, name in projections.items():
             def pre_hook(mod: nn.Module, args: tuple, i: int = i) -> None:
                 found[i] = args[0].detach()
 

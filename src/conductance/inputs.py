@@ -6,6 +6,7 @@ import itertools
 import math
 import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -17,7 +18,7 @@ from .errors import ConductanceError, warn
 from .layers import LayerSpec, resolve_layers
 from .paths import CAPTUM_RULES
 
-Target = Union[None, int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
+Target = Union[None, int, Sequence[int], Sequence[tuple], torch.Tensor, Callable[..., torch.Tensor]]
 
 #: Input elements per chunk of path points when the user gives no internal_batch_size.
 DEFAULT_CHUNK_ELEMENTS = 2 ** 21
@@ -28,7 +29,8 @@ MAX_POINTS = 20_000
 
 def check_inputs(inputs: Any) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor of shape (batch, ...), got {type(inputs).__name__}")
+        raise TypeError(f"inputs must be a torch.Tensor of shape (batch, ...) (or, for layer and neuron conductance "
+                        f"of a multi-input model, a tuple of them), got {type(inputs).__name__}")
     if not inputs.is_floating_point():
         raise TypeError(
             f"inputs have dtype {inputs.dtype}: integer inputs (such as token ids) cannot be interpolated "
@@ -69,6 +71,68 @@ def check_baselines(baselines: Any, inputs: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(value).all():
         raise ConductanceError("baselines contain NaN or Inf")
     return value
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a tuple of input tensors is packed into one flat tensor (batch, sum of per-example sizes).
+
+    The engine interpolates, indexes and chunks one tensor; :meth:`unpack` gives the model its
+    inputs back. Interpolating the packed vector is interpolating each input between its own
+    baseline and its value, with one ``alpha`` per point, as Captum does."""
+
+    shapes: tuple    # per-example shape of each input
+    dtypes: tuple
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(*lead, N) -> tuple of (*lead, *shape_i) in each input's dtype."""
+        lead = tuple(flat.shape[:-1])
+        return tuple(part.reshape(lead + tuple(shape)).to(dtype)
+                     for part, shape, dtype in zip(flat.split(self.sizes, -1), self.shapes, self.dtypes))
+
+
+def pack_inputs(inputs: Sequence[Any], baselines: Any) -> tuple[torch.Tensor, torch.Tensor, InputSpec]:
+    """Check a tuple of inputs and their baselines (None, a number, or a tuple of one per input) and pack them."""
+    if len(inputs) == 0:
+        raise ConductanceError("inputs is an empty tuple; pass one tensor or a tuple of tensors")
+    parts = []
+    for i, t in enumerate(inputs):
+        try:
+            parts.append(check_inputs(t))
+        except (TypeError, ConductanceError) as exc:
+            raise type(exc)(f"inputs[{i}]: {exc}") from None
+    batch = {int(t.shape[0]) for t in parts}
+    devices = {t.device for t in parts}
+    if len(batch) != 1 or len(devices) != 1:
+        raise ConductanceError(f"the inputs of a tuple must share the batch size and the device; got batch sizes "
+                               f"{[int(t.shape[0]) for t in parts]} on {[str(t.device) for t in parts]}")
+    if isinstance(baselines, (tuple, list)):
+        if len(baselines) != len(parts):
+            raise ConductanceError(f"{len(baselines)} baselines for {len(parts)} inputs; give one baseline per "
+                                   "input (None, a number or a tensor each), as Captum does")
+        bases = baselines
+    elif baselines is None or isinstance(baselines, numbers.Number):
+        bases = [baselines] * len(parts)
+    else:
+        raise ConductanceError("the inputs are a tuple, so the baselines must be a tuple too (one per input: None, "
+                               "a number or a tensor), or None / one number for all of them")
+    base_parts = []
+    for i, (b, t) in enumerate(zip(bases, parts)):
+        try:
+            base_parts.append(check_baselines(b, t))
+        except (TypeError, ConductanceError) as exc:
+            raise type(exc)(f"baselines[{i}]: {exc}") from None
+    dtype = parts[0].dtype
+    for t in parts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    spec = InputSpec(tuple(tuple(t.shape[1:]) for t in parts), tuple(t.dtype for t in parts))
+    flat = torch.cat([t.reshape(t.shape[0], -1).to(dtype) for t in parts], 1)
+    flat_base = torch.cat([b.reshape(b.shape[0], -1).to(dtype) for b in base_parts], 1)
+    return flat, flat_base, spec
 
 
 def _float_params(model: nn.Module) -> list[torch.Tensor]:
@@ -127,20 +191,32 @@ def default_chunk(inputs: torch.Tensor) -> int:
 
 
 def resolve_target(target: Target, output: Any, batch: int, device: torch.device) -> Any:
-    """Turn ``target`` into a LongTensor (batch,), a callable, or None (scalar outputs)."""
+    """Turn ``target`` into a LongTensor, a callable, or None (scalar outputs).
+
+    For an output (batch, classes) the tensor is (batch,), one class per example; for an output
+    with more dimensions, such as a language model's (batch, positions, vocab), it is
+    (batch, output.dim() - 1): one index tuple per example into the output without its batch
+    dimension (Captum's convention), e.g. ``(position, token)``.
+    """
     if callable(target) and not isinstance(target, torch.Tensor):
+        engine.target_arity(target)  # a callable that takes no output is refused before the path runs
         return target
     scores = logits_of(output)
     if target is None:
         if scores.dim() == 1 or (scores.dim() == 2 and scores.shape[1] == 1):
             return None
         if scores.dim() != 2:
-            raise ConductanceError(f"the model output has shape {tuple(scores.shape)}; target=None needs "
-                                   "(batch, classes): pass a callable target that returns (batch,) scores")
+            raise ConductanceError(
+                f"the model output has shape {tuple(scores.shape)}; target=None needs (batch, classes). Pass one "
+                "index tuple per example into the output without the batch dimension (for a language model "
+                "(batch, positions, vocab): target=[(position, token), ...]), cd.hf.next_token(...), or a "
+                "callable target(output, examples) returning one score per row")
         return scores.argmax(1).to(device)
-    if scores.dim() != 2:
-        raise ConductanceError(f"a class target needs a model output of shape (batch, classes); got "
-                               f"{tuple(scores.shape)}. Pass a callable target instead")
+    if scores.dim() < 2:
+        raise ConductanceError(f"the model output has shape {tuple(scores.shape)}, one score per example: "
+                               "there is nothing to pick, pass target=None")
+    if scores.dim() > 2:
+        return _index_target(target, scores, batch, device)
     n_classes = scores.shape[1]
     if isinstance(target, numbers.Integral) and not isinstance(target, bool):
         t = torch.full((batch,), int(target), dtype=torch.long, device=device)
@@ -164,6 +240,52 @@ def resolve_target(target: Target, output: Any, batch: int, device: torch.device
     return t
 
 
+def _index_target(target: Any, scores: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """Index tuples (batch, k) into an output (batch, *dims) with k = len(dims) >= 2; negatives count from the end."""
+    dims = tuple(scores.shape[1:])
+    k = len(dims)
+    example = ", ".join(["i"] * k)
+    hint = (f"pass one index tuple of {k} integers per example into the output without its batch dimension "
+            f"{dims}, e.g. target=[({example}), ...] with {batch} tuples" + (" ((position, token) for a language "
+            "model)" if k == 2 else "") + f", one tuple ({example}) for every example, a LongTensor ({batch}, {k}), or a "
+            "callable target(output, examples)")
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        raise ConductanceError(f"an int target picks a class of a (batch, classes) output, but the model output "
+                               f"has shape {tuple(scores.shape)}; {hint}")
+    if isinstance(target, tuple) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                         for i in target):
+        t = torch.tensor([int(i) for i in target], dtype=torch.long, device=device).expand(batch, -1).clone()
+    elif isinstance(target, (list, tuple)):
+        rows = []
+        for row in target:
+            if isinstance(row, torch.Tensor):
+                row = row.tolist()
+            if not isinstance(row, (list, tuple)) or not all(isinstance(i, numbers.Integral)
+                                                              and not isinstance(i, bool) for i in row):
+                raise ConductanceError(f"target entry {row!r} is not a tuple of integers; {hint}")
+            rows.append([int(i) for i in row])
+        if any(len(r) != k for r in rows):
+            raise ConductanceError(f"target entries have {sorted({len(r) for r in rows})} indices; {hint}")
+        t = torch.tensor(rows, dtype=torch.long, device=device).view(-1, k)
+    elif isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise TypeError(f"target tensor must hold indices (an integer dtype), got {target.dtype}")
+        # a 1-D tensor is ambiguous here (one class per example, or one tuple for all): only (batch, k) is taken
+        t = target.to(device=device, dtype=torch.long)
+    else:
+        raise TypeError(f"target must be index tuples or a callable for an output of shape {tuple(scores.shape)}; "
+                        f"got {type(target).__name__}. {hint}")
+    if t.shape != (batch, k):
+        raise ConductanceError(f"target has shape {tuple(t.shape)}, expected ({batch}, {k}); {hint}")
+    size = torch.tensor(dims, dtype=torch.long, device=device)
+    bad = ((t < -size) | (t >= size)).any(1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ConductanceError(f"target {tuple(t[i].tolist())} of example {i} is out of range for an output of "
+                               f"shape {dims} per example")
+    return torch.where(t < 0, t + size, t)
+
+
 def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
                   *, baselines: Any, target: Target, additional_forward_args: Any,
                   forward_kwargs: Optional[dict], internal_batch_size: Optional[int],
@@ -176,9 +298,16 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
                         f"{type(model).__name__}")
-    inputs = check_inputs(inputs)
-    check_model_fits(model, inputs)
-    base = check_baselines(baselines, inputs)
+    check_autograd_available()
+    spec = None
+    if isinstance(inputs, (tuple, list)):
+        # several input tensors: packed into one, unpacked for each call of the model (engine.model_output)
+        inputs, base, spec = pack_inputs(inputs, baselines)
+        check_model_fits(model, inputs)
+    else:
+        inputs = check_inputs(inputs)
+        check_model_fits(model, inputs)
+        base = check_baselines(baselines, inputs)
     extra, kwargs = check_forward_args(additional_forward_args, forward_kwargs)
     unclear = engine.ambiguous_args(extra, inputs.shape[0], "additional_forward_args") + \
         engine.ambiguous_args(kwargs, inputs.shape[0], "forward_kwargs")
@@ -197,6 +326,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                           additional_forward_args=extra, forward_kwargs=kwargs,
                           refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),
                           track_input=track_input)
+    problem.input_spec = spec
     problem.channels_last = method not in CAPTUM_RULES and engine.wants_channels_last(model, inputs)
     with torch.no_grad():
         ex = torch.arange(inputs.shape[0], device=inputs.device)
@@ -219,6 +349,15 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {why}") from exc
     problem.target = resolve_target(target, output, inputs.shape[0], inputs.device)
     return problem, output
+
+
+def check_autograd_available() -> None:
+    """Conductance needs gradients: refuse to start inside ``torch.inference_mode()``."""
+    if torch.is_inference_mode_enabled():
+        raise ConductanceError(
+            "torch.inference_mode() is active: conductance integrates gradients along a path, and inference mode "
+            "forbids autograd (tensors made in it cannot be differentiated). Call it outside inference_mode; "
+            "torch.no_grad() around the call is fine, autograd is switched on where it is needed")
 
 
 def check_steps(n_steps: Optional[int], tolerance: Optional[float], max_steps: int) -> None:

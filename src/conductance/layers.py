@@ -3,7 +3,7 @@
 A layer is named by its dotted name in ``model.named_modules()`` (or given as the
 module object). When the module returns a tuple, a list or a dict (an LSTM, most
 transformer blocks), the element is named in brackets: ``"lstm[0]"``,
-``"encoder.layer.3[0]"``, ``"block[hidden_states]"``.
+``"encoder.layer.3.attention[0]"``, ``"block[hidden_states]"``.
 """
 
 from __future__ import annotations
@@ -113,6 +113,13 @@ def select_element(ref: LayerRef, value: Any) -> torch.Tensor:
         raise ConductanceError(
             f"layer {ref.name!r} {'receives' if ref.use_input else 'returns'} a {kind}, not a tensor; "
             f"name the element to observe, e.g. '{ref.name}[{hint}]'")
+    if isinstance(value, torch.Tensor):
+        # indexing a tensor would pick one example's row and look like a valid layer
+        base = ref.name.rsplit("[", 1)[0]
+        raise ConductanceError(
+            f"layer {ref.name!r} {'receives' if ref.use_input else 'returns'} a tensor of shape "
+            f"{tuple(value.shape)}, not a tuple, so there is no element {ref.element!r} to pick (transformers 5.x "
+            f"blocks return tensors); name it without the brackets: {base!r}")
     try:
         selected = value[ref.element]
     except (IndexError, KeyError, TypeError) as exc:

@@ -135,7 +135,8 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
 
     Returns
     -------
-    Tensor, shape (len(neurons), batch, *input_shape)
+    Tensor, shape (len(neurons), batch, *input_shape); for a tuple of inputs, a tuple of such tensors
+    (one per input)
         Summed over the input features, each unit's row approaches its layer conductance
         as the path is refined (a tangent-form quadrature against a difference form).
     Tensor, shape (len(neurons), batch), with ``return_unit_error``
@@ -188,6 +189,9 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
              f"(first: unit {bad[0][0]}, example {bad[0][1]}); "
              + (f"raise max_steps (now {max_steps}) or loosen tolerance" if method == "adaptive"
                 else "use the adaptive rule (tolerance=0.02) or more n_steps"))
+    if problem.input_spec is not None:
+        # several inputs: one attribution per input tensor, (len(neurons), batch, *input_i_shape) each
+        out = problem.input_spec.unpack(out)
     return (out, err) if return_unit_error else out
 
 
