@@ -233,3 +233,35 @@ def test_summary_and_warning_show_the_per_unit_error():
     text = r.summary()
     assert "per-unit error" in text and "completeness error" in text
     assert r.tolerance == 0.02
+
+
+def test_transformer_heads_get_their_own_per_unit_error():
+    """cd.hf reduces element values to heads after the engine; the estimate follows the same reduction
+    and matches the distance of the heads' values to a converged run."""
+    transformers = pytest.importorskip("transformers")
+    from conductance import hf
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=20, max_position_embeddings=12, initializer_range=0.4)
+    model = transformers.BertModel(config).double().eval()
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = model
+            self.out = nn.Linear(16, 2).double()
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.out(self.bert(input_ids, attention_mask=attention_mask).last_hidden_state[:, 0])
+
+    net = Head().eval()
+    ids = torch.randint(3, 30, (2, 6))
+    layers = hf.layers(net, kind="attention")
+    coarse = hf.layer_conductance(net, ids, layers, target=0, n_steps=8)
+    fine = hf.layer_conductance(net, ids, layers, target=0, n_steps=2000)
+    for layer in layers:
+        est = coarse.unit_error[layer]
+        actual = _distance(coarse[layer], fine[layer])
+        assert est.shape == (2,) and (actual > 1e-4).all()
+        assert (actual <= 1.5 * est).all()
+    assert "per-unit error" in coarse.summary()

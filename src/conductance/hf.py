@@ -692,6 +692,7 @@ class TransformerResult:
     num_heads : int or None
     tokens : optional list (batch) of lists of token strings, used in unit names
     raw : the engine's LayerResult (names inside the wrapper)
+    coarse : dict layer -> Tensor, the element-level values on the coarse grid (see ``unit_error``)
     baseline : str, which baseline was used (see ``baseline=`` of :func:`layer_importance`)
     target : str, what was explained (empty for a target given as a tensor or a plain callable)
     """
@@ -713,6 +714,21 @@ class TransformerResult:
     baseline: str = ""
     #: the explained scalar as used, e.g. "log-probability of the next token at positions [4, 6]"
     target: str = ""
+    coarse: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def unit_error(self) -> dict[str, torch.Tensor]:
+        """Per layer, each example's estimated per-unit error in the layer's requested unit, (batch,)."""
+        return {n: self.unit_error_of(n, self.units[n]) for n in self.layers}
+
+    def unit_error_of(self, layer: str, unit: str) -> torch.Tensor:
+        """The estimated per-unit error (batch,) of ``layer`` read in any unit view: the relative L2
+        distance of the example's vector of unit values to the same rule on a grid with half the points
+        (see :func:`conductance.engine.unit_error`)."""
+        from .engine import unit_error
+        coarse = reduce_layer(self.coarse[self._check(layer)], unit, self.num_heads, layer)
+        scale = self.output_diff if self.measure in ("conductance", "layer_integrated_gradients") else None
+        return unit_error(self.reduce(layer, unit), coarse, scale)
 
     def __getitem__(self, layer: str) -> torch.Tensor:
         return self.reduce(layer, self.units[self._check(layer)])
@@ -816,8 +832,10 @@ class TransformerResult:
         lines = [f"{self.measure} of {len(self.layers)} layers, {self.raw.method}"
                  + (f" n_steps={self.raw.n_steps}" if self.raw.n_steps else "")
                  + f", points per example {self.raw.n_points.tolist()}"]
+        unit_errors = self.unit_error if self.coarse else {}
         for n, cut, mean, worst in self.completeness():
             lines.append(f"  {n} [{self.units[n]}] shape {tuple(self[n].shape)}"
+                         + (f", max per-unit error {100 * float(unit_errors[n].max()):.2f}%" if n in unit_errors else "")
                          + (f", cut, relative completeness error max {100 * worst:.2f}%" if cut else ", not a cut"))
         return "\n".join(lines)
 
@@ -1127,7 +1145,8 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
             is_cut={rename[k]: v for k, v in r.is_cut.items()}, output_diff=r.output_diff,
             num_heads=heads, raw=r, tokens=tokens,
             attention_mask=mask if isinstance(mask, torch.Tensor) else None, input_ids=input_ids,
-            baseline=baseline_used, target=target_used)
+            baseline=baseline_used, target=target_used,
+            coarse={rename[k]: v for k, v in r.extra.get("coarse", {}).items()})
         for layer, unit in plan.units.items():
             if unit in ("head", "head_token", "neuron", "token"):
                 out[m][layer]  # validate the unit against the layer's shape now, not at first use
