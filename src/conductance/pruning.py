@@ -35,7 +35,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("conductance.pruning needs Torch-Pruning: pip install 'conductance[pruning]' "
                       "(torch-pruning==1.6.1)") from exc
 
-__all__ = ["ConductanceImportance", "CalibratedTaylorImportance", "STATISTICS", "prunable_layers"]
+__all__ = ["ConductanceImportance", "CalibratedTaylorImportance", "STATISTICS", "COMPENSATIONS", "prunable_layers",
+           "input_fill", "prune"]
 
 #: How the per-example channel values of a measure become one score per channel.
 #: ``"mean"``: the signed mean over all calibration examples; ``"class_abs"``: the mean over
@@ -195,6 +196,25 @@ class ConductanceImportance(tp.importance.Importance):
         """Layer name -> (channels,) score of each output channel, as last computed."""
         return {self._names[m]: s.clone() for m, s in self._scores.items()}
 
+    def bind(self, model: nn.Module) -> "ConductanceImportance":
+        """Use the scores computed for another copy of the same network (``copy.deepcopy``) on ``model``.
+
+        Layers are matched by name and must have the same channel counts; saves recomputing the
+        scores when one network is pruned at several ratios.
+        """
+        if not self._scores:
+            raise ConductanceError("no scores yet: call fit(model) (or let a pruner call the importance) first")
+        modules = dict(model.named_modules())
+        scores, names = {}, {}
+        for old, name in self._names.items():
+            new = modules.get(name)
+            if new is None or _out_channels(new) != self._scores[old].numel():
+                raise ConductanceError(f"layer {name!r} is missing or has another channel count in this model; "
+                                       "bind only to an unpruned copy of the network the scores were computed on")
+            scores[new], names[new] = self._scores[old], name
+        self._scores, self._names, self._model = scores, names, model
+        return self
+
     def _stale(self, model: nn.Module) -> bool:
         if model is not self._model or not self._scores:
             return True
@@ -269,6 +289,7 @@ class CalibratedTaylorImportance(tp.importance.GroupTaylorImportance):
         self.seconds = 0.0
         self._model: Optional[nn.Module] = None
         self._shapes: Optional[list] = None
+        self._grads: dict[str, torch.Tensor] = {}
 
     def fit(self, model: nn.Module) -> "CalibratedTaylorImportance":
         """Accumulate the calibration-set gradient into ``model``'s ``.grad`` (previous gradients are cleared)."""
@@ -294,6 +315,22 @@ class CalibratedTaylorImportance(tp.importance.GroupTaylorImportance):
         self.seconds = time.perf_counter() - start
         self._model = model
         self._shapes = [tuple(p.shape) for p in model.parameters()]
+        self._grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return self
+
+    def bind(self, model: nn.Module) -> "CalibratedTaylorImportance":
+        """Copy the calibration gradient of the fitted model onto an unpruned copy of it (by parameter name)."""
+        if self._model is None:
+            raise ConductanceError("no gradient yet: call fit(model) first")
+        grads = self._grads
+        for name, p in model.named_parameters():
+            g = grads.get(name)
+            if g is None or g.shape != p.shape:
+                raise ConductanceError(f"parameter {name!r} has no matching gradient; bind only to an unpruned copy "
+                                       "of the fitted network")
+            p.grad = g.clone()
+        self._model = model
+        self._shapes = [tuple(p.shape) for p in model.parameters()]
         return self
 
     def __call__(self, group: Any) -> Optional[torch.Tensor]:
@@ -303,3 +340,136 @@ class CalibratedTaylorImportance(tp.importance.GroupTaylorImportance):
         if model is not self._model or self._shapes != [tuple(p.shape) for p in model.parameters()]:
             self.fit(model)
         return super().__call__(group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning with compensation
+# ----------------------------------------------------------------------------------------------
+
+#: What a removed channel is replaced by in the layers that read it: nothing (``None``: zero, what a
+#: pruner does), its mean over the calibration data (``"mean"``), or its value at the baseline input
+#: (``"baseline"``: what conductance measures the removal against).
+COMPENSATIONS = (None, "mean", "baseline")
+_IN_FNS = (_fn.prune_conv_in_channels, _fn.prune_linear_in_channels)
+
+
+def _foldable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.modules.conv._ConvNd) and not getattr(module, "transposed", False)
+            and module.groups == 1)
+
+
+@torch.no_grad()
+def input_fill(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
+    """Mean of each input channel of every convolution (groups=1) and linear layer over ``batches``.
+
+    Returns module -> (in_channels,) float64 tensor: for a convolution the mean over examples and
+    positions of input channel c, for a linear layer the mean of input feature c. A module called
+    more than once per forward gets no entry (its inputs are not one channel set).
+    """
+    sums: dict[nn.Module, torch.Tensor] = {}
+    counts: dict[nn.Module, int] = {}
+    calls: dict[nn.Module, int] = {}
+    handles = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        x = args[0].detach().double()
+        if isinstance(module, nn.Linear):
+            flat = x.reshape(-1, x.shape[-1])
+        else:
+            flat = x.transpose(0, 1).reshape(x.shape[1], -1).T
+        sums[module] = sums.get(module, 0) + flat.sum(0)
+        counts[module] = counts.get(module, 0) + flat.shape[0]
+
+    modules = [m for m in model.modules() if _foldable(m)]
+    try:
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(hook))
+        n_batches = 0
+        for x in batches:
+            before = dict(calls)
+            model(x)
+            n_batches += 1
+            for m in modules:
+                if calls.get(m, 0) - before.get(m, 0) > 1:
+                    calls[m] = -10 ** 9              # called twice in one forward: never folded
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: (sums[m] / counts[m]).cpu() for m in sums if calls.get(m, 0) > 0}
+
+
+def _fold(module: nn.Module, idxs: Sequence[int], fill: torch.Tensor) -> None:
+    """Add what input channels ``idxs`` held constant at ``fill[idxs]`` contribute to ``module``'s bias."""
+    w = module.weight.detach()
+    idx = torch.as_tensor(list(idxs), dtype=torch.long, device=w.device)
+    value = fill.to(w.device, torch.float64)[idx]
+    if isinstance(module, nn.Linear):
+        shift = w[:, idx].double() @ value
+    else:                                    # a constant input channel: the kernel's sum times the value
+        shift = w[:, idx].double().flatten(2).sum(2) @ value
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    module.bias.data += shift.to(w.dtype)
+
+
+def prune(model: nn.Module, example_inputs: torch.Tensor, importance: Any, *, pruning_ratio: float = 0.5,
+          global_pruning: bool = False, ignored_layers: Optional[Sequence[nn.Module]] = None,
+          compensate: Optional[str] = None, fill_data: Optional[Iterable] = None, baselines: Any = None,
+          **pruner_options: Any) -> nn.Module:
+    """Prune ``model`` in place with Torch-Pruning's ``MetaPruner`` and ``importance``; returns it.
+
+    Parameters
+    ----------
+    model : nn.Module in eval() mode.
+    example_inputs : tensor (1, ...) used to trace the model's dependency graph.
+    importance : a Torch-Pruning importance (``ConductanceImportance``, ``MagnitudeImportance``, ...).
+    pruning_ratio, global_pruning, ignored_layers, **pruner_options : as for ``MetaPruner``.
+    compensate : {None, "mean", "baseline"}
+        None: removed channels are gone (every reader sees zero), as Torch-Pruning does. ``"mean"``:
+        each reading convolution / linear layer gets the removed channels' calibration mean folded
+        into its bias (mean replacement). ``"baseline"``: their value at the baseline input, which
+        is the removal conductance measures (a unit moved to its baseline value). Exact for linear
+        layers; for a padded convolution exact away from the border (the kernel sum is used).
+    fill_data : iterable of batches, needed for ``compensate="mean"`` (inputs only are used).
+    baselines : None (zeros like ``example_inputs``), a number or a tensor (1, ...), for ``"baseline"``.
+    """
+    from .aggregate import split_batch
+
+    if compensate not in COMPENSATIONS:
+        raise ConductanceError(f"compensate must be one of {COMPENSATIONS}; got {compensate!r}")
+    if not 0.0 <= pruning_ratio < 1.0:
+        raise ConductanceError(f"pruning_ratio must be in [0, 1); got {pruning_ratio!r}")
+    if model.training:
+        raise ConductanceError("put the model in eval() mode before pruning (BatchNorm statistics and the "
+                               "compensation are read in eval mode)")
+    fill: dict[nn.Module, torch.Tensor] = {}
+    if compensate == "mean":
+        if fill_data is None:
+            raise ConductanceError("compensate='mean' needs fill_data: an iterable of batches (e.g. the "
+                                   "calibration DataLoader) to take the channel means over")
+        fill = input_fill(model, (split_batch(b)[0] for b in fill_data))
+    elif compensate == "baseline":
+        if baselines is None:
+            base = torch.zeros_like(example_inputs)
+        elif isinstance(baselines, torch.Tensor):
+            base = baselines.to(example_inputs.device, example_inputs.dtype).expand_as(example_inputs)
+        else:
+            base = torch.full_like(example_inputs, float(baselines))
+        fill = input_fill(model, [base])
+    pruner = tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=pruning_ratio,
+                                  global_pruning=global_pruning, ignored_layers=list(ignored_layers or []),
+                                  **pruner_options)
+    for group in pruner.step(interactive=True):
+        if compensate is not None:
+            for dep, idxs in group:
+                module = dep.target.module
+                if dep.handler in _IN_FNS and module in fill and len(idxs) > 0:
+                    _fold(module, idxs, fill[module])
+                    keep = torch.ones(fill[module].numel(), dtype=torch.bool)
+                    keep[list(idxs)] = False
+                    fill[module] = fill[module][keep]        # stay aligned with the pruned input channels
+        group.prune()
+    return model
