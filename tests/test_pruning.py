@@ -278,3 +278,25 @@ def test_bad_arguments_raise_clear_errors(mlps):
         small = copy.deepcopy(mlps[0])
         prune(small, X[:1], tp.importance.MagnitudeImportance(), pruning_ratio=0.5, ignored_layers=[small[4]])
         imp.bind(small)
+
+
+def test_fashion_resnet_stage_channels_are_coupled_and_prune():
+    from conductance.experiments.pruning import FashionResNet, classifier, prune_copy
+
+    torch.manual_seed(0)
+    model = FashionResNet().eval()
+    x = torch.rand(3, 1, 28, 28)
+    imp = ConductanceImportance([x], n_steps=8, target=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        imp.fit(model)
+        scores = imp.scores()
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+        group = dg.get_pruning_group(model.layer2[0].conv2, tp.prune_conv_out_channels, idxs=list(range(32)))
+        # the second stage's residual stream: its first block's conv2 and shortcut, the second block's conv2
+        expected = scores["layer2.0.conv2"] + scores["layer2.0.shortcut.0"] + scores["layer2.1.conv2"]
+        torch.testing.assert_close(imp(group), expected)
+        pruned = prune_copy(model, imp, 0.5, x[:1])
+    assert classifier(pruned).out_features == 10
+    assert pruned.layer2[1].conv2.out_channels == 16
+    assert pruned(x).shape == (3, 10)

@@ -30,7 +30,7 @@ from . import cache_dir
 from . import fashion_inception as fi
 
 __all__ = ["FashionResNet", "ResNetConfig", "RESNET_QUICK", "RESNET_FULL", "load_or_train_resnet", "CRITERIA",
-           "make_importance", "prune_copy", "fine_tune", "run", "QUICK", "FULL"]
+           "make_importance", "classifier", "prune_copy", "fine_tune", "run", "QUICK", "FULL"]
 
 RESNET_VERSION = "fashion-resnet-v1"
 #: Criteria compared, in the order shown.
@@ -194,17 +194,28 @@ def make_importance(criterion: str, calibration: list, **conductance_options: An
     raise ValueError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
 
 
+def classifier(model: nn.Module) -> nn.Module:
+    """The last linear layer of ``model`` (its classifier, whose outputs are never pruned)."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError("the model has no linear classifier to keep")
+    return linear[-1]
+
+
 def prune_copy(model: nn.Module, importance: Any, ratio: float, example: torch.Tensor, *, compensate=None,
                fill_data=None, global_pruning: bool = False, seed: int = 0) -> nn.Module:
-    """An unpruned copy of ``model`` pruned with ``importance`` (fitted on ``model``; bound to the copy)."""
+    """An unpruned copy of ``model`` pruned with ``importance`` (fitted on ``model``; bound to the copy).
+
+    Every convolution loses ``ratio`` of its output channels; the classifier keeps its outputs.
+    """
     from ..pruning import prune
 
     m = copy.deepcopy(model).eval()
     if hasattr(importance, "bind") and getattr(importance, "_model", None) is not None:
         importance.bind(m)
     torch.manual_seed(seed)                          # the random criterion draws its scores here
-    prune(m, example, importance, pruning_ratio=ratio, global_pruning=global_pruning, ignored_layers=[m.fc]
-          if hasattr(m, "fc") else [], compensate=compensate, fill_data=fill_data)
+    prune(m, example, importance, pruning_ratio=ratio, global_pruning=global_pruning, ignored_layers=[classifier(m)],
+          compensate=compensate, fill_data=fill_data)
     return m.eval()
 
 
@@ -219,9 +230,9 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float =
 # ----------------------------------------------------------------------------------------------
 
 QUICK = dict(ratios=[0.1, 0.3, 0.5, 0.7], n_cal=256, n_test=2000, n_ft=2000, seeds=3, n_steps=16,
-             inception=fi.QUICK_CONFIG, resnet=RESNET_QUICK, effnet_ratios=[0.1, 0.3])
+             inception=fi.QUICK_CONFIG, resnet=RESNET_QUICK, effnet_ratios=[0.05, 0.1])
 FULL = dict(ratios=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], n_cal=512, n_test=10000, n_ft=5000, seeds=3, n_steps=32,
-            inception=fi.FULL_CONFIG, resnet=RESNET_FULL, effnet_ratios=[0.1, 0.2, 0.3, 0.5])
+            inception=fi.FULL_CONFIG, resnet=RESNET_FULL, effnet_ratios=[0.05, 0.1, 0.2, 0.3])
 
 
 def _completeness(importance: Any) -> dict:
@@ -371,14 +382,36 @@ def _curves(name: str, res: dict):
     return fig
 
 
-def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str], None] = print, **_: Any) -> dict:
-    """Add the pruning study to ``report``; returns its numbers."""
+PARTS = ("inception", "resnet", "efficientnet")
+
+
+def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str], None] = print,
+        parts: tuple = PARTS, **_: Any) -> dict:
+    """Add the pruning study to ``report``; returns its numbers.
+
+    ``parts``: which of :data:`PARTS` to run (``CONDUCTANCE_PRUNING_PARTS=inception,resnet`` from the
+    command line). Each finished part is also written to ``$CONDUCTANCE_PRUNING_JSON`` when set.
+    """
     torch.manual_seed(seed)
     settings = QUICK if quick else FULL
+    env_parts = os.environ.get("CONDUCTANCE_PRUNING_PARTS")
+    if env_parts:
+        parts = tuple(p.strip() for p in env_parts.split(",") if p.strip())
+    dump = os.environ.get("CONDUCTANCE_PRUNING_JSON")
     results: dict = {}
+
+    def save() -> None:
+        if dump:
+            from .report import to_jsonable
+
+            with open(dump, "w") as f:
+                json.dump(to_jsonable(results), f, indent=1)
+
     nets = [("inception", lambda: fi.load_or_train(settings["inception"], log=log)),
             ("resnet", lambda: load_or_train_resnet(settings["resnet"], log=log))]
     for name, load in nets:
+        if name not in parts:
+            continue
         trained = load()
         log(f"{name}: test accuracy {trained.test_accuracy:.4f} ({trained.path})")
         start = time.perf_counter()
@@ -398,6 +431,9 @@ def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str],
                              float(np.mean([a[i] for a in r["fine_tuned"]]))])
         sec.table(rows, ["criterion", "ratio", "pruned", "pruned, mean fill", "fine-tuned"])
         sec.numbers(**res)
+        save()
+    if "efficientnet" not in parts:
+        return results
     start = time.perf_counter()
     try:
         eff = study_efficientnet(settings, log)
@@ -412,6 +448,7 @@ def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str],
                    for c, r in eff["criteria"].items() for i, ratio in enumerate(eff["ratios"])],
                   ["criterion", "ratio", "top-1 agreement", "agreement, mean fill", "mean margin change"])
         sec.numbers(**eff)
+        save()
     except ImportError as exc:
         log(f"efficientnet part skipped: {exc}")
     return results
