@@ -42,7 +42,8 @@ __all__ = ["ConductanceImportance", "CalibratedTaylorImportance", "STATISTICS", 
 #: ``"mean"``: the signed mean over all calibration examples; ``"class_abs"``: the mean over
 #: classes of the absolute class mean, weighted by the examples per class; ``"rms"``: the root mean
 #: square over all examples.
-STATISTICS = ("mean", "class_abs", "rms")
+#: ``"class_max"``: the largest absolute class mean (a unit that one class relies on scores high).
+STATISTICS = ("mean", "class_abs", "rms", "class_max")
 _GROUP_REDUCTIONS = ("sum", "mean", "max", "first")
 _OUT_FNS = (_fn.prune_conv_out_channels, _fn.prune_linear_out_channels)
 _AGGREGATE_OPTIONS = ("by", "target", "near_zero", "limit_batches", "progress", "checkpoint", "checkpoint_every",
@@ -73,9 +74,10 @@ class ConductanceImportance(tp.importance.Importance):
     measure : str
         ``"conductance"`` (default), or another measure of :func:`conductance.layer_importance`:
         ``"grad_x_activation"``, ``"activation"``, ``"gradient"``, ``"internal_influence"``.
-    statistic : {"class_abs", "mean", "rms"}
+    statistic : {"class_max", "class_abs", "mean", "rms"}
         How a channel's per-example values become its score (see :data:`STATISTICS`). The default
-        ``"class_abs"`` was chosen by measurement (docs/pruning.md).
+        ``"class_max"`` (the largest absolute class mean) was chosen by measurement: averaging over
+        classes removes the channels that only a few classes use, together (docs/pruning.md).
     group_reduction : {"sum", "mean", "max", "first"}
         How the scores of the coupled output layers of a group are combined (Torch-Pruning's own
         criteria use the same names). Default ``"sum"``: conductances through coupled channels add.
@@ -103,7 +105,7 @@ class ConductanceImportance(tp.importance.Importance):
     channel count has changed since (iterative pruning) or after :meth:`reset`.
     """
 
-    def __init__(self, calibration_data: Iterable, measure: str = "conductance", *, statistic: str = "class_abs",
+    def __init__(self, calibration_data: Iterable, measure: str = "conductance", *, statistic: str = "class_max",
                  group_reduction: str = "sum", normalizer: Optional[str] = None,
                  layers: Optional[Sequence[str]] = None, **aggregate_options: Any):
         from .measures import MEASURES, LIG
@@ -190,6 +192,8 @@ class ConductanceImportance(tp.importance.Importance):
             return np.sqrt(stats["sumsq"].sum(0) / counts.sum())
         have = counts > 0                               # class_abs: |class mean| weighted by class size
         class_means = stats["sum"][have] / counts[have, None]
+        if self.statistic == "class_max":
+            return np.abs(class_means).max(0)
         return (np.abs(class_means) * counts[have, None]).sum(0) / counts.sum()
 
     def scores(self) -> dict[str, torch.Tensor]:

@@ -34,9 +34,9 @@ __all__ = ["FashionResNet", "ResNetConfig", "RESNET_QUICK", "RESNET_FULL", "load
 
 RESNET_VERSION = "fashion-resnet-v1"
 #: Criteria compared, in the order shown.
-CRITERIA = ("conductance", "grad_x_activation", "activation", "taylor", "l1", "random")
+CRITERIA = ("conductance", "conductance_class_abs", "grad_x_activation", "activation", "taylor", "l1", "random")
 #: Statistic of the calibration values used for conductance and gradient x activation (docs/pruning.md).
-SIGNED_STATISTIC = "class_abs"
+SIGNED_STATISTIC = "class_max"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +181,8 @@ def make_importance(criterion: str, calibration: list, **conductance_options: An
 
     if criterion == "conductance":
         return ConductanceImportance(calibration, statistic=SIGNED_STATISTIC, **conductance_options)
+    if criterion == "conductance_class_abs":          # the class-averaged statistic, for comparison
+        return ConductanceImportance(calibration, statistic="class_abs", **conductance_options)
     if criterion == "grad_x_activation":
         return ConductanceImportance(calibration, "grad_x_activation", statistic=SIGNED_STATISTIC)
     if criterion == "activation":
