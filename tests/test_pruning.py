@@ -61,7 +61,9 @@ def mlps():
 
 def _small_cnn() -> nn.Module:
     torch.manual_seed(0)
-    block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())  # noqa: E731
+    def block(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
     m = nn.Sequential(block(1, 8), block(8, 12), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 3))
     for bn in (m[0][1], m[1][1]):                         # non-trivial BatchNorm statistics
         bn.running_mean.uniform_(-0.2, 0.2)
@@ -306,3 +308,12 @@ def test_fashion_resnet_stage_channels_are_coupled_and_prune():
     assert classifier(pruned).out_features == 10
     assert pruned.layer2[1].conv2.out_channels == 16
     assert pruned(x).shape == (3, 10)
+
+
+def test_reproduce_command_knows_the_pruning_study():
+    from conductance.cli import build_parser
+    from conductance.experiments import pruning as study
+
+    args = build_parser().parse_args(["reproduce", "pruning", "--out", "somewhere", "--quick"])
+    assert args.experiment == "pruning" and args.quick
+    assert callable(study.run) and set(study.PARTS) == {"inception", "resnet", "efficientnet"}

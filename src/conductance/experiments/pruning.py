@@ -132,7 +132,8 @@ def _train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
             if sched is not None:
                 sched.step()
             total += float(loss.detach()) * batch.numel()
-        history.append({"epoch": epoch + 1, "loss": total / x.shape[0], "seconds": round(time.perf_counter() - start, 1)})
+        history.append({"epoch": epoch + 1, "loss": total / x.shape[0],
+                        "seconds": round(time.perf_counter() - start, 1)})
     with torch.no_grad():
         recalibrate_batchnorm(model, [x[s:s + 500] for s in range(0, min(5000, x.shape[0]), 500)])
     return history
@@ -289,7 +290,8 @@ def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[st
         out["criteria"][criterion] = rows
         log(f"{name}: {criterion}: pruned {np.round(np.mean(rows['pruned'], 0), 3).tolist()} "
             f"mean-filled {np.round(np.mean(rows['pruned_mean_fill'], 0), 3).tolist()} "
-            f"fine-tuned {np.round(np.mean(rows['fine_tuned'], 0), 3).tolist()} (scores {seconds and round(seconds, 2)} s)")
+            f"fine-tuned {np.round(np.mean(rows['fine_tuned'], 0), 3).tolist()} "
+            f"(scores {seconds and round(seconds, 2)} s)")
     return out
 
 
@@ -298,7 +300,7 @@ EFFNET_HELD_OUT = ["motorcycle", "china", "flower", "grace_hopper"]
 
 
 def _views(names: list) -> torch.Tensor:
-    """Each photo at three scales (resize 256, 288, 320; centre crop 224) and mirrored: (6 * len(names), 3, 224, 224)."""
+    """Each photo at three scales (resize 256, 288, 320; crop 224) and mirrored: (6 * len(names), 3, 224, 224)."""
     from ..assets import photo_batch
 
     views = [photo_batch(names, resize=r) for r in (256, 288, 320)]
@@ -324,7 +326,8 @@ def study_efficientnet(settings: dict, log: Callable[[str], None]) -> dict:
         return logits[torch.arange(len(top)), top] - others.max(1).values
 
     base_margin = margin(ref)
-    out: dict = {"ratios": settings["effnet_ratios"], "calibration_photos": EFFNET_CAL, "held_out_photos": EFFNET_HELD_OUT,
+    out: dict = {"ratios": settings["effnet_ratios"], "calibration_photos": EFFNET_CAL,
+                 "held_out_photos": EFFNET_HELD_OUT,
                  "views": int(x_held.shape[0]), "base_mean_margin": float(base_margin.mean()), "criteria": {}}
     for criterion in CRITERIA:
         imp = make_importance(criterion, calibration, n_steps=settings["n_steps"])
@@ -424,7 +427,8 @@ def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str],
         sec.text(f"Per-layer pruning with Torch-Pruning's MetaPruner of the {name} network (test accuracy "
                  f"{res['base_accuracy']:.4f} on {settings['n_test']} test images); every criterion scores the "
                  f"channels on the same {settings['n_cal']} calibration images.")
-        sec.figure(_curves(name, res), f"{name}: accuracy against the share of channels removed", name=f"pruning-{name}")
+        sec.figure(_curves(name, res), f"{name}: accuracy against the share of channels removed",
+                   name=f"pruning-{name}")
         rows = []
         for criterion, r in res["criteria"].items():
             for i, ratio in enumerate(res["ratios"]):
