@@ -1,6 +1,6 @@
 """Time to compute each pruning criterion on the same calibration set, and the choice of statistic.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_pruning.py [--n-cal 256] [--statistics]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_pruning.py [--n-cal 256] [--statistics] [--no-timing]
 
 Part 1 (always): the Fashion-MNIST Inception-style network of the quick reproduction (cached or trained,
 about 30 s): for each criterion, the wall time of scoring every channel of every convolution on the
@@ -60,7 +60,7 @@ def _statistics(seeds: int) -> None:
     from sklearn.datasets import load_digits
     from torch import nn
 
-    from conductance.pruning import ConductanceImportance, prune
+    from conductance.pruning import CalibratedTaylorImportance, ConductanceImportance, prune
 
     d = load_digits()
     X = torch.tensor(d.data, dtype=torch.float32) / 16
@@ -88,8 +88,12 @@ def _statistics(seeds: int) -> None:
             return float((m(X[te]).argmax(1) == Y[te]).float().mean())
 
     criteria = {f"conductance {s}": (lambda s=s: ConductanceImportance(cal, statistic=s, n_steps=32))
-                for s in ("class_abs", "mean", "rms")}
-    criteria["grad_x_activation class_abs"] = lambda: ConductanceImportance(cal, "grad_x_activation")
+                for s in ("class_max", "class_abs", "mean", "rms")}
+    criteria["grad_x_activation class_max"] = lambda: ConductanceImportance(cal, "grad_x_activation")
+    criteria["grad_x_activation class_abs"] = lambda: ConductanceImportance(cal, "grad_x_activation",
+                                                                            statistic="class_abs")
+    criteria["activation rms"] = lambda: ConductanceImportance(cal, "activation", statistic="rms")
+    criteria["taylor (calibrated)"] = lambda: CalibratedTaylorImportance(cal)
     criteria["l1"] = lambda: tp.importance.MagnitudeImportance(p=1)
     table: dict = {}
     for seed in range(seeds):
@@ -122,11 +126,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-cal", type=int, default=256)
     parser.add_argument("--statistics", action="store_true", help="also compare the statistics on digits")
+    parser.add_argument("--no-timing", action="store_true", help="skip part 1")
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    _time_criteria(args.n_cal)
+    if not args.no_timing:
+        _time_criteria(args.n_cal)
     if args.statistics:
         _statistics(args.seeds)
 
