@@ -133,6 +133,9 @@ def test_coupled_layers_of_a_residual_group_are_summed_on_torchvision_resnet():
     coupled = ["conv1", "layer1.0.conv2", "layer1.1.conv2"]     # the stem and the two blocks adding into it
     expected = sum(scores[n] for n in coupled)
     torch.testing.assert_close(imp(group), expected)
+    imp.normalizer = "max"                                       # Torch-Pruning's normalisations apply after the sum
+    torch.testing.assert_close(imp(group), expected / expected.max())
+    imp.normalizer = None
     # per-layer and global pruning both run on the real architecture
     for global_pruning in (False, True):
         m = copy.deepcopy(model)
@@ -268,6 +271,8 @@ def test_bad_arguments_raise_clear_errors(mlps):
         ConductanceImportance(CAL, "weights")
     with pytest.raises(ConductanceError, match="statistic must be one of"):
         ConductanceImportance(CAL, statistic="median")
+    with pytest.raises(ConductanceError, match="normalizer must be"):
+        ConductanceImportance(CAL, normalizer="median")
     with pytest.raises(ConductanceError, match="units and measure are fixed"):
         ConductanceImportance(CAL, units="neuron")
     with pytest.raises(TypeError, match="passes on only"):

@@ -45,6 +45,7 @@ __all__ = ["ConductanceImportance", "CalibratedTaylorImportance", "STATISTICS", 
 #: ``"class_max"``: the largest absolute class mean (a unit that one class relies on scores high).
 STATISTICS = ("mean", "class_abs", "rms", "class_max")
 _GROUP_REDUCTIONS = ("sum", "mean", "max", "first")
+_NORMALIZERS = ("mean", "max", "sum", "standarization", "gaussian", "lamp")
 _OUT_FNS = (_fn.prune_conv_out_channels, _fn.prune_linear_out_channels)
 _AGGREGATE_OPTIONS = ("by", "target", "near_zero", "limit_batches", "progress", "checkpoint", "checkpoint_every",
                       "class_names", "baselines", "additional_forward_args", "forward_kwargs", "n_steps", "method",
@@ -118,6 +119,10 @@ class ConductanceImportance(tp.importance.Importance):
             raise ConductanceError(f"statistic must be one of {STATISTICS}; got {statistic!r}")
         if group_reduction not in _GROUP_REDUCTIONS:
             raise ConductanceError(f"group_reduction must be one of {_GROUP_REDUCTIONS}; got {group_reduction!r}")
+        if not (normalizer is None or callable(normalizer) or normalizer in _NORMALIZERS
+                or (isinstance(normalizer, str) and normalizer.startswith("sentinel_"))):
+            raise ConductanceError(f"normalizer must be None, a callable or one of Torch-Pruning's {_NORMALIZERS} "
+                                   f"(or 'sentinel_q'); got {normalizer!r}")
         if "units" in aggregate_options or "measure" in aggregate_options:
             raise ConductanceError("units and measure are fixed by ConductanceImportance (channels of one measure); "
                                    "remove them from the keyword arguments")
