@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the paper's image and text experiments (and the transformer study) on the real "
                     "networks and data sets that install offline, and writes report.html, results.json and "
                     "figures/ into --out. The report is rewritten after each experiment.")
-    rep.add_argument("experiment", choices=["image", "text", "transformer", "all"],
+    rep.add_argument("experiment", choices=["image", "text", "transformer", "pruning", "all"],
                      help="which experiment to run (all: one after the other, into one report)")
     rep.add_argument("--out", required=True, help="output folder (created; not a file)")
     rep.add_argument("--quick", action="store_true", help="reduced version that runs in a few minutes")
