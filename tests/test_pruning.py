@@ -177,7 +177,8 @@ def test_scores_equal_aggregate_statistics_and_per_example_conductance(mlps):
             if statistic == "mean":
                 expected = agg.mean(layer)
             elif statistic == "rms":
-                expected = np.sqrt(agg.stats[layer]["sumsq"].sum(0) / counts.sum())
+                squares = agg.stats[layer]["m2"] + agg.stats[layer]["sum"] ** 2 / np.maximum(counts, 1)[:, None]
+                expected = np.sqrt(squares.sum(0) / counts.sum())
             elif statistic == "class_abs":
                 expected = np.abs(agg.stats[layer]["sum"][counts > 0]).sum(0) / counts.sum()
             else:

@@ -49,8 +49,8 @@ IMPORTANCE_KWARGS = ("baselines", "additional_forward_args", "forward_kwargs", "
 #: Settings that do not change the values, so a checkpoint may be resumed with another value.
 _NOT_FINGERPRINTED = ("internal_batch_size",)
 _UNIT_STATS = ("sum", "m2", "positive", "negative", "near_zero")
-_GROUP_STATS = ("error_sum", "error_max", "error_above")
-_INT_STATS = ("positive", "negative", "near_zero", "error_above")
+_GROUP_STATS = ("error_sum", "error_max", "error_above", "unit_error_sum", "unit_error_max", "unit_error_above")
+_INT_STATS = ("positive", "negative", "near_zero", "error_above", "unit_error_above")
 ALL = "all"
 
 
@@ -87,7 +87,9 @@ class AggregateResult:
         deviations from the group's mean; float64),
         ``"positive"``, ``"negative"``, ``"near_zero"`` (int64; ``|v| <= near_zero`` is near zero).
     errors : dict layer -> dict of arrays (n_groups,): ``"error_sum"``, ``"error_max"`` (relative
-        completeness error, float64), ``"error_above"`` (examples above ``error_threshold``).
+        completeness error, float64), ``"error_above"`` (examples above ``error_threshold``), and the
+        same three for the per-unit error estimate (``"unit_error_sum"``, ``"unit_error_max"``,
+        ``"unit_error_above"``).
     output_diff_sum : float64 (n_groups,), sum of F(x) - F(x'); ``points_sum``: int64, path points.
     n_batches : batches aggregated.
     """
@@ -260,17 +262,23 @@ class AggregateResult:
 
     def completeness(self, group: Any = None) -> dict[str, dict[str, Any]]:
         """Per layer: ``count``, ``mean`` and ``max`` relative completeness error, examples ``above``
-        ``threshold``, and ``is_cut`` (the error only means something on a cut)."""
+        ``threshold``, and ``is_cut`` (the error only means something on a cut); the same for the
+        per-unit error estimate (``unit_error_mean``, ``unit_error_max``, ``unit_error_above``), which
+        holds for every layer."""
         out = {}
         n = self.count(group)
         for layer in self.layers:
             e = self.errors[layer]
             rows = self._rows(group)
             mx = e["error_max"][rows]
+            umx = e["unit_error_max"][rows]
             out[layer] = dict(count=n, mean=float(self._total(e["error_sum"], group)) / max(n, 1),
                               max=float(np.max(mx)) if np.size(mx) else 0.0,
                               above=int(self._total(e["error_above"], group)), threshold=self.error_threshold,
-                              is_cut=bool(self.is_cut.get(layer, False)))
+                              is_cut=bool(self.is_cut.get(layer, False)),
+                              unit_error_mean=float(self._total(e["unit_error_sum"], group)) / max(n, 1),
+                              unit_error_max=float(np.max(umx)) if np.size(umx) else 0.0,
+                              unit_error_above=int(self._total(e["unit_error_above"], group)))
         return out
 
     def plot(self, layer: Optional[str] = None, group: Any = None, k: int = 10, ax: Any = None,
@@ -326,9 +334,12 @@ class AggregateResult:
         for layer, c in self.completeness().items():
             kind = ("cut" if c["is_cut"] else "not a cut: completeness does not apply") if promise else \
                 f"{self.measure} does not promise completeness"
-            lines.append(f"  {layer}: units {self.unit_shapes[layer]}, {kind}; relative completeness error "
-                         f"mean {100 * c['mean']:.3g}%, max {100 * c['max']:.3g}%, "
+            unit = (f"per-unit error mean {100 * c['unit_error_mean']:.3g}%, max {100 * c['unit_error_max']:.3g}%, "
+                    f"{c['unit_error_above']} examples above {100 * c['threshold']:g}%; ")
+            if promise and c["is_cut"]:
+                unit += (f"relative completeness error mean {100 * c['mean']:.3g}%, max {100 * c['max']:.3g}%, "
                          f"{c['above']} examples above {100 * c['threshold']:g}%")
+            lines.append(f"  {layer}: units {self.unit_shapes[layer]}, {kind}; {unit}".rstrip("; "))
         if k:
             for g in self.groups:
                 lines.append(f"{self.group_name(g)}: {self.count(g)} examples, mean F(x) - F(x') "
@@ -372,7 +383,7 @@ class AggregateResult:
                     if k != "m2":
                         out.stats[layer][k][:n] += v
                 for k, v in part.errors[layer].items():
-                    if k == "error_max":
+                    if k in ("error_max", "unit_error_max"):
                         np.maximum(out.errors[layer][k][:n], v, out=out.errors[layer][k][:n])
                     else:
                         out.errors[layer][k][:n] += v
@@ -1449,6 +1460,12 @@ def _accumulate(result: AggregateResult, out: Any, groups: torch.Tensor, names: 
         as_t(e["error_sum"]).index_add_(0, groups, err)
         as_t(e["error_max"]).scatter_reduce_(0, groups, err, reduce="amax")
         as_t(e["error_above"]).index_add_(0, groups, (err > error_threshold).long())
+        # measures read at one point have no integration error: their estimate is 0
+        unit_err = out.unit_error[name].detach().to("cpu", torch.float64) if name in out.unit_error \
+            else torch.zeros_like(err)
+        as_t(e["unit_error_sum"]).index_add_(0, groups, unit_err)
+        as_t(e["unit_error_max"]).scatter_reduce_(0, groups, unit_err, reduce="amax")
+        as_t(e["unit_error_above"]).index_add_(0, groups, (unit_err > error_threshold).long())
     result.n_batches += 1
 
 

@@ -63,6 +63,13 @@ def _out_channels(module: nn.Module) -> int:
     return int(module.weight.shape[0])
 
 
+def _sum_of_squares(stats: dict, counts: np.ndarray) -> np.ndarray:
+    """Per group, the sum of the squared values (n_groups, units), from the aggregate's sums and squared
+    deviations from the group means: m2 + sum^2 / n."""
+    n = np.maximum(counts, 1)[:, None]
+    return stats["m2"] + stats["sum"] ** 2 / n
+
+
 class ConductanceImportance(tp.importance.Importance):
     """Torch-Pruning importance from dataset-level conductance (or another measure) of each channel.
 
@@ -194,7 +201,7 @@ class ConductanceImportance(tp.importance.Importance):
         stats = result.stats[layer]
         counts = result.counts.astype(np.float64)
         if self.statistic == "rms":
-            return np.sqrt(stats["sumsq"].sum(0) / counts.sum())
+            return np.sqrt(_sum_of_squares(stats, counts).sum(0) / counts.sum())
         have = counts > 0                               # class_abs: |class mean| weighted by class size
         class_means = stats["sum"][have] / counts[have, None]
         if self.statistic == "class_max":
