@@ -496,3 +496,23 @@ def test_fashion_mnist_loader():
     x, y = load_fashion_mnist("test")
     assert x.shape == (10000, 28, 28) and x.dtype == np.uint8 and y.dtype == np.int64
     assert np.array_equal(np.bincount(y), np.full(10, 1000))
+
+
+def test_saved_results_get_the_usual_permissions_and_progress_counts_whole_examples(tmp_path):
+    import stat
+    model = agg_entry.model()
+    old = os.umask(0o022)
+    try:
+        path = str(tmp_path / "r.npz")
+        result = cd.aggregate(model, agg_entry.data(), LAYERS, limit_batches=1, **FIXED)
+        result.save(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    finally:
+        os.umask(old)
+    pytest.importorskip("tqdm")
+    from conductance.aggregate import _Progress
+    bar = _Progress(True, 64, 0, "test")
+    bar.update(8)
+    shown = str(bar.bar)
+    bar.bar.close()
+    assert "8/64" in shown and "8.00" not in shown

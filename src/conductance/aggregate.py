@@ -439,6 +439,10 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); a result file gets the usual permissions (umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -846,7 +850,8 @@ class _Progress:
             self.n, self.start, self.last, self.initial, self.total, self.desc = initial, time.perf_counter(), 0.0, \
                 initial, total, desc
             return
-        self.bar = tqdm(total=total, initial=initial, unit="ex", unit_scale=True, desc=desc, dynamic_ncols=True,
+        # whole examples: unit_scale would print "8.00/64.0"
+        self.bar = tqdm(total=total, initial=initial, unit="ex", desc=desc, dynamic_ncols=True,
                         smoothing=0.1)
 
     def update(self, n: int, **postfix: Any) -> None:
