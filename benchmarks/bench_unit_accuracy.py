@@ -117,7 +117,15 @@ def run(args: argparse.Namespace) -> dict:
               f"  {seconds:6.1f}s", flush=True)
         return entry
 
-    runs = []
+    runs: list = []
+    out["runs"] = runs
+
+    def checkpoint() -> None:
+        # written after every run, so that a run that dies keeps what it measured
+        os.makedirs(OUT_DIR, exist_ok=True)
+        with open(os.path.join(OUT_DIR, args.json_name), "w") as f:
+            json.dump(out, f, indent=1)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rule in FIXED:
@@ -127,6 +135,7 @@ def run(args: argparse.Namespace) -> dict:
                 r = cd.layer_conductance(model, x, ALL_LAYERS, n_steps=points - 1, method=rule, **common)
                 runs.append(record(rule, points, ALL_LAYERS, r, time.perf_counter() - t0,
                                    r.extra["model_evaluations"]))
+                checkpoint()
         for name, layers in LAYER_SETS.items():
             for tol in args.tolerances:
                 with EvalTimer() as timer:
@@ -137,13 +146,16 @@ def run(args: argparse.Namespace) -> dict:
                 entry["set"] = name
                 entry["bookkeeping_share"] = (total - timer.seconds) / timer.seconds
                 runs.append(entry)
+                checkpoint()
         from captum.attr import LayerConductance
         modules = dict(model.named_modules())
         for points in args.captum_points:
             for L in ALL_LAYERS:
                 t0 = time.perf_counter()
+                # Captum's internal_batch_size bounds its memory (one expanded batch of all points
+                # through EfficientNet with autograd everywhere did not fit beside other jobs)
                 attr = LayerConductance(model, modules[L]).attribute(x, baselines=BLACK, target=target,
-                                                                     n_steps=points - 1)
+                                                                     n_steps=points - 1, internal_batch_size=64)
                 values = attr.detach().sum(dim=(2, 3))
                 ours = cd.layer_conductance(model, x, L, n_steps=points - 1, method="captum", **common)
                 runs.append({"rule": "captum_library", "setting": points, "layers": [L],
@@ -151,10 +163,10 @@ def run(args: argparse.Namespace) -> dict:
                              "points": [points] * x.shape[0],
                              "actual": {L: per_unit_error(values, ref[L]).tolist()},
                              "agreement_with_ours": float(((values - ours[L]).norm() / values.norm()))})
+                checkpoint()
                 print(f"captum library {points:6d} {L:34s} per-unit worst "
                       f"{100 * max(runs[-1]['actual'][L]):6.2f}%  agreement with method='captum' "
                       f"{runs[-1]['agreement_with_ours']:.1e}", flush=True)
-    out["runs"] = runs
     return out
 
 
@@ -273,11 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.report_only) as f:
             out = json.load(f)
     else:
+        args.json_name = "unit_accuracy_quick.json" if args.quick else "unit_accuracy.json"
         out = run(args)
-        os.makedirs(OUT_DIR, exist_ok=True)
-        name = "unit_accuracy_quick.json" if args.quick else "unit_accuracy.json"
-        with open(os.path.join(OUT_DIR, name), "w") as f:
-            json.dump(out, f, indent=1)
     text = report(out)
     print(text)
     if not args.quick:
