@@ -726,7 +726,8 @@ def record_values(problem: PathProblem, x: torch.Tensor) -> dict[str, torch.Tens
 def endpoint(problem: PathProblem, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """F (batch,) and every recorded layer's value (batch, *layer_shape) at ``x``, an end of the path,
     from forwards without autograd (in chunks); the input itself is layer ``INPUT``."""
-    Fs, values = [], {n: [] for n in problem.layer_names}
+    Fs: list[torch.Tensor] = []
+    values: dict[str, list[torch.Tensor]] = {n: [] for n in problem.layer_names}
     for start, stop in _chunks(x.shape[0], problem.chunk_size):
         ex = torch.arange(start, stop, device=x.device)
         recorder = Recorder(problem.refs, cut_below=False)

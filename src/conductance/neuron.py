@@ -93,10 +93,10 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
             attribute_to_layer_input=kwargs["attribute_to_layer_input"], refine_on_input=True)
     _warn_accuracy(result, max_steps)
     problem.n_evaluations += result.extra["model_evaluations"]
-    alphas = [a.numpy() for a in result.extra["alphas"]]
+    grids = [a.numpy() for a in result.extra["alphas"]]
     masks = [m.numpy() for m in result.extra["coarse_masks"]]
-    return (alphas, [point_weights(a, "trapezoid") for a in alphas],
-            [_coarse_weights(a, m, "trapezoid") for a, m in zip(alphas, masks)])
+    return (grids, [point_weights(a, "trapezoid") for a in grids],
+            [_coarse_weights(a, m, "trapezoid") for a, m in zip(grids, masks)])
 
 
 def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, neurons: Sequence[Neuron],
@@ -171,17 +171,18 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
                   forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input)
     spec = ref.module if ref.element is None and not ref.use_input else ref.name
     grid_tolerance = tolerance
+    # a fixed rule's warning limit, or the adaptive rule's tolerance (set by resolve_method)
+    limit = WARN_RELATIVE_ERROR if tolerance is None else float(tolerance)
     for attempt in range(3):
         grids = _path_points(problem, spec, method, n_steps, grid_tolerance, max_steps, units, kwargs)
         out, err = _integrate_neurons(problem, ref, neurons, units, *grids, progress=progress)
         worst = float(err.max())
-        if method != "adaptive" or worst <= tolerance * (1 + 1e-9):
+        if method != "adaptive" or worst <= limit * (1 + 1e-9):
             break
         if all(len(a) + 2 > max_steps for a in grids[0]) or attempt == 2:
             break
         # the grid met its own targets but these units' input-side values need a finer one
-        grid_tolerance = grid_tolerance * max(0.2, min(0.7, tolerance / worst))
-    limit = tolerance if method == "adaptive" else WARN_RELATIVE_ERROR
+        grid_tolerance = (grid_tolerance or limit) * max(0.2, min(0.7, limit / worst))
     bad = (err > limit * (1 + 1e-9)).nonzero().tolist()
     if bad:
         warn(f"neuron conductance ({method}): per-unit error estimate above {100 * limit:g}% for "
