@@ -45,7 +45,6 @@ class _Example:
     pairs: dict = field(default_factory=dict)                 # (id0, mid, id1) -> ||e|| per steering site
     residuals: dict = field(default_factory=dict)             # (id0, id1) -> residual per cut layer
     best: tuple = (float("inf"), 0)                           # (lowest estimate so far, points then)
-    done: bool = False
     precision_limited: bool = False
 
 
@@ -283,7 +282,6 @@ class AdaptiveIntegrator:
     def finish(self, e: int) -> None:
         """Drop a finished example's stored points."""
         ex = self.examples[e]
-        ex.done = True
         for pid in ex.ids:
             self.stored -= self.point_bytes(pid)
             for n in self.names:

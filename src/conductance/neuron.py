@@ -23,7 +23,6 @@ import warnings
 from .errors import ConductanceError, never_reached, not_dependent, warn
 from .inputs import Target, build_problem, check_budget, check_steps
 from .layers import LayerSpec, Recorder
-from .engine import coarse_positions
 from .paths import CAPTUM_RULES, captum_point_rule, coarse_point_weights, fixed_grid, point_weights
 from .progress import Progress, check_progress
 
@@ -76,7 +75,7 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
     if method != "adaptive":
         grid = fixed_grid(method, n_steps)
         if grid.interval_rule == "trapezoid":
-            coarse = _coarse_weights(grid.alphas, coarse_positions(grid.n_points), "trapezoid")
+            coarse = coarse_point_weights(grid.alphas)
         else:   # a left sum is compared with the trapezoid rule on the same points (see integrate_fixed)
             coarse = point_weights(grid.alphas, "trapezoid")
         return [grid.alphas] * B, [point_weights(grid.alphas, grid.interval_rule)] * B, [coarse] * B
