@@ -16,7 +16,7 @@ from .errors import ConductanceError, warn
 from .inputs import Target, build_problem, check_budget, check_steps
 from .layers import LayerSpec
 from .measures import LIG, MEASURES, PATH_MEASURES, POINT_MEASURES
-from .paths import CAPTUM_RULES, METHODS, captum_point_rule, coarse_point_weights, fixed_grid
+from .paths import CAPTUM_RULES, METHODS, captum_point_rule, comparison_point_weights, fixed_grid
 from .result import LayerResult
 
 #: Relative error the adaptive default aims for, per unit (the L2 distance of each layer's vector of
@@ -94,8 +94,9 @@ def run_path(problem: PathProblem, measures: Sequence[str], units: str, method: 
 
 def _add_end_pieces(problem: PathProblem, integral: engine.Integral, fns: dict, units: str) -> None:
     """For a grid that misses both ends of the path (Captum's), take F at the ends and add the two
-    missing end pieces, with the nearest point's gradient, to the comparison sum: the estimate then
-    sees the part of the path the rule leaves out."""
+    missing end pieces, with the nearest point's gradient, to the comparison sums (every level of
+    ``integral.levels``), then settle the comparison values: the estimate then sees the part of the
+    path the rule leaves out."""
     F_start, y_start = engine.endpoint(problem, problem.baselines)
     F_end, y_end = engine.endpoint(problem, problem.inputs)
     integral.F_start, integral.F_end = F_start, F_end
@@ -109,7 +110,9 @@ def _add_end_pieces(problem: PathProblem, integral: engine.Integral, fns: dict, 
                 parts = engine.interval_contributions(fns, y0, g, y1.to(y0.dtype), g, width.to(torch.float64),
                                                       "left", units, scratch)
                 for m, c in parts.items():
-                    integral.coarse[m][name].index_add_(0, ex, c.to(integral.coarse[m][name].device))
+                    for level in integral.levels.values():
+                        level[m][name].index_add_(0, ex, c.to(level[m][name].device))
+    integral.settle()
 
 
 def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
@@ -218,9 +221,10 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
                                   **{**settings, "method": "none", "n_steps": None, "tolerance": None})
     if weighted:
         alphas, weights = captum_point_rule(method, n_steps, "internal_influence")
-        sums, sums_coarse = _weighted_gradient_sums(problem, alphas, weights)
+        sums, levels = _weighted_gradient_sums(problem, alphas, weights)
         values = {n: engine.reduce_units(v, units) for n, v in sums.items()}
-        coarse = {n: engine.reduce_units(v, units) for n, v in sums_coarse.items()}
+        coarse = {n: engine.comparison_values(values[n], **{k: engine.reduce_units(v[n], units)
+                                                            for k, v in levels.items()}) for n in values}
         integral = engine.Integral({}, F_start, F_end, torch.full((problem.batch_size,), len(alphas)))
         results["internal_influence"] = _package("internal_influence", values, coarse, integral=integral, is_cut=is_cut,
                                                  output_diff=F_end - F_start, **settings)
@@ -247,9 +251,10 @@ def _point_measures(problem: PathProblem, measures: Sequence[str], units: str) -
 
 
 def _weighted_gradient_sums(problem: PathProblem, alphas, weights
-                            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """``sum_k w_k dF/dy(a_k)`` for every layer, each (batch, *layer_shape), streamed in chunks, and
-    the same sum with the comparison weights of :func:`conductance.paths.coarse_point_weights`.
+    the same sums with each set of comparison weights of :func:`conductance.paths.comparison_point_weights`
+    (level -> layer -> sum).
 
     Captum's InternalInfluence and LayerIntegratedGradients integrate this way: a weight per
     point (its step size), where our rules take a Stieltjes sum over intervals."""
@@ -257,23 +262,24 @@ def _weighted_gradient_sums(problem: PathProblem, alphas, weights
     device = problem.inputs.device
     n = len(alphas)
     flat_alpha = torch.as_tensor(alphas, dtype=torch.float64).repeat_interleave(B)
-    flat_w = torch.as_tensor(weights, dtype=torch.float64).repeat_interleave(B)
-    flat_c = torch.as_tensor(coarse_point_weights(alphas), dtype=torch.float64).repeat_interleave(B)
+    weight_sets = {"values": weights, **comparison_point_weights(alphas)}
+    flat = {k: torch.as_tensor(w, dtype=torch.float64).repeat_interleave(B) for k, w in weight_sets.items()}
     flat_ex = torch.arange(B, device=device).repeat(n)
-    acc: dict[str, torch.Tensor] = {}
-    acc_coarse: dict[str, torch.Tensor] = {}
+    sums: dict[str, dict[str, torch.Tensor]] = {k: {} for k in flat}
     for start, stop in engine._chunks(n * B, problem.chunk_size):
         ex = flat_ex[start:stop]
         pts = engine.evaluate(problem, ex, flat_alpha[start:stop].to(device))
         for ref in problem.refs:
             g = pts.gs[ref.name]
             shape = (-1,) + (1,) * (g.dim() - 1)
-            for target, wts in ((acc, flat_w), (acc_coarse, flat_c)):
+            for key, wts in flat.items():
+                target = sums[key]
                 contrib = (g * wts[start:stop].to(device=g.device, dtype=g.dtype).view(shape)).to(device)
                 if ref.name not in target:
                     target[ref.name] = torch.zeros((B,) + tuple(g.shape[1:]), dtype=g.dtype, device=device)
                 target[ref.name].index_add_(0, ex, contrib)
-    return acc, acc_coarse
+    values = sums.pop("values")
+    return values, sums
 
 
 def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], units: str, method: str,
@@ -304,10 +310,11 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], u
             # Captum's LayerIntegratedGradients: integrated gradients in the layer's space, a weight
             # per point; (y - y') times the weighted sum of dF/dy
             alphas, weights = captum_point_rule(method, n_steps, LIG)
-            sums, sums_coarse = _weighted_gradient_sums(single, alphas, weights)
+            sums, levels = _weighted_gradient_sums(single, alphas, weights)
             diff = y_end[ref.name] - y_start[ref.name]
             value = engine.reduce_units(sums[ref.name] * diff.to(sums[ref.name].device), units)
-            value_coarse = engine.reduce_units(sums_coarse[ref.name] * diff.to(sums[ref.name].device), units)
+            value_coarse = engine.comparison_values(value, **{
+                k: engine.reduce_units(v[ref.name] * diff.to(v[ref.name].device), units) for k, v in levels.items()})
             integral = engine.Integral({"conductance": {ref.name: value}}, F_start, F_end,
                                        torch.full((problem.batch_size,), len(alphas)),
                                        coarse={"conductance": {ref.name: value_coarse}})

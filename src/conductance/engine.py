@@ -12,8 +12,9 @@ point's layer values ``y`` and gradients ``g = dF/dy`` to small measure function
   each example's path where its per-unit error estimate or its completeness residual is
   largest, until both meet the requested tolerance.
 
-Both drivers also sum the rule on a coarser grid (:attr:`Integral.coarse`); the
-difference is the per-unit error estimate, :func:`unit_error`.
+Both drivers also sum the rule on coarser grids and give, in :attr:`Integral.coarse`, the
+comparison values the per-unit error estimate :func:`unit_error` measures against (see
+:func:`comparison_values`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import contextlib
 
 from .errors import ConductanceError, never_reached, not_dependent, warn
 from .layers import LayerRef, Recorder
-from .paths import Grid
+from .paths import Grid, coarse_positions, quarter_positions
 
 #: Name under which the (interpolated) input itself is recorded as a layer. Its
 #: conductance is the integrated gradients of the input, and it is always a cut.
@@ -512,9 +513,29 @@ def interval_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tenso
     """
     # the rule's gradient for each interval: its left end, or the mean of both ends
     gbar = g0 if rule == "left" else torch.lerp(g0, g1, 0.5, out=scratch.like("g", g0))
+    return _contributions(measures, gbar, y0, y1, width, units, scratch, "")
+
+
+def left_and_right_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tensor, g0: torch.Tensor,
+                                 y1: torch.Tensor, g1: torch.Tensor, width: Union[torch.Tensor, float],
+                                 units: Any, scratch: Scratch
+                                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The left sums (gradient at each interval's start) and right sums (at its end) of ``m``
+    intervals, as :func:`interval_contributions` gives them; their mean is the trapezoid rule.
+    The layer's change is formed once for both."""
+    dy = torch.sub(y1, y0, out=scratch.like("dy", y0))
+    return (_contributions(measures, g0, y0, y1, width, units, scratch, "", dy),
+            _contributions(measures, g1, y0, y1, width, units, scratch, ":right", dy))
+
+
+def _contributions(measures: dict[str, IntervalMeasure], gbar: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor,
+                   width: Union[torch.Tensor, float], units: Any, scratch: Scratch, suffix: str,
+                   dy: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    if dy is None:
+        dy = torch.sub(y1, y0, out=scratch.like("dy", y0))
     if isinstance(width, torch.Tensor):
         width = width.to(device=y0.device, dtype=y0.dtype).view((-1,) + (1,) * (y0.dim() - 1))
-    return {mname: reduce_units(fn(gbar, y0, y1, width, scratch.like(mname, y0)), units)
+    return {mname: reduce_units(fn(gbar, dy, width, scratch.like(mname + suffix, y0)), units)
             for mname, fn in measures.items()}
 
 
@@ -533,9 +554,12 @@ def trapezoid_total(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: to
 class Integral:
     """What a driver returns.
 
-    ``values[measure][layer]``: (batch, *unit_shape), the rule on the final grid. ``coarse`` holds the
-    same rule on a grid with every other point removed (fixed rules) or without the midpoints added last
-    (the adaptive rule); ``values - coarse`` is the per-unit error estimate (see :func:`unit_error`).
+    ``values[measure][layer]``: (batch, *unit_shape), the rule on the final grid. ``coarse`` holds
+    the comparison values of the same shapes: ``values - coarse`` is the per-unit error estimate
+    (see :func:`unit_error` and :func:`comparison_values`). A fixed rule keeps the sums it builds
+    them from in ``levels`` (``"trapezoid"``: the trapezoid rule on the same points, for left sums;
+    ``"coarse"`` and ``"quarter"``: the trapezoid rule on every other and every fourth point), so
+    that pieces added later (Captum's missing ends) reach every level before :meth:`settle`.
     """
 
     values: dict[str, dict[str, torch.Tensor]]
@@ -552,15 +576,73 @@ class Integral:
     precision_limited: list = field(default_factory=list)
     #: grids without end points: per block of examples, its (first, last) positions' points
     ends: list = field(default_factory=list)
+    #: a fixed rule's comparison sums, level -> measure -> layer -> (batch, *unit_shape)
+    levels: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def settle(self) -> None:
+        """Set :attr:`coarse` from :attr:`levels` (see :func:`comparison_values`)."""
+        if not self.levels:
+            return
+        trapezoid = self.levels.get("trapezoid", self.values)
+        quarter = self.levels.get("quarter")
+        self.coarse = {m: {n: comparison_values(v, self.levels["coarse"][m][n], trapezoid[m][n],
+                                                None if quarter is None else quarter[m][n])
+                           for n, v in per.items()} for m, per in self.values.items()}
 
 
-def coarse_positions(n_points: int) -> np.ndarray:
-    """Indices of the coarse grid of a fixed rule with ``n_points`` points: every other point from the
-    first, and always the last (so both grids span the whole path)."""
-    idx = np.arange(0, n_points, 2)
-    if idx[-1] != n_points - 1:
-        idx = np.append(idx, n_points - 1)
-    return idx
+#: Largest factor by which :func:`comparison_values` stretches the change from halving the points, for
+#: grids whose changes do not shrink when the points double (not yet converging at all).
+STRETCH_MAX = 4.0
+
+
+def comparison_values(values: torch.Tensor, coarse: torch.Tensor, trapezoid: Optional[torch.Tensor] = None,
+                      quarter: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The values a rule's per-unit error is measured against; shape of ``values``.
+
+    :func:`unit_error` reads ``||values - comparison||``, built here to be the sum of two bounds
+    (a triangle inequality), per example:
+
+    - ``||values - T||``, the rule's distance to the trapezoid rule ``T`` on its own points (0 for
+      trapezoid rules, where ``T`` is ``values``; a left sum misses what the gradient does inside
+      each interval), and
+    - ``f ||T - T_2||``, the trapezoid rule's remaining error: ``T_2`` is the trapezoid rule on
+      every other point. With ``T_4`` on every fourth point and ``r = ||T - T_2|| / ||T_2 - T_4||``
+      (how much the change shrank when the points doubled), a converging sequence leaves about
+      ``r / (1 - r)`` times its last change, so ``f = r / (1 - r)``, at least 1 (the plain halving
+      estimate, which is cautious once the rule converges) and at most :data:`STRETCH_MAX`; grids
+      of 16-32 points are often not converging yet (``r`` near 1), where plain halving was too low.
+      Without ``quarter``, ``f = 1``.
+
+    The difference ``values - comparison`` lies in the plane of the two changes, so reducing units
+    further (heads from elements) reduces it consistently. For a trapezoid rule (no ``trapezoid``)
+    the comparison is ``T - f (T - T_2)``: the coarse values themselves when ``f = 1``.
+
+    Parameters
+    ----------
+    values, coarse, trapezoid, quarter : Tensor (batch, *unit_shape)
+    """
+    T = values if trapezoid is None else trapezoid
+    flat = (-1,) + (1,) * (values.dim() - 1)
+    b = (T - coarse).detach().flatten(1).double()
+    nb = b.norm(dim=1)
+    stretch = torch.ones_like(nb)
+    if quarter is not None:
+        n2 = (coarse - quarter).detach().flatten(1).double().norm(dim=1)
+        ratio = nb / n2.clamp(min=torch.finfo(torch.float64).tiny)
+        stretch = (ratio / (1 - ratio).clamp(min=1.0 / (1.0 + STRETCH_MAX))).clamp(1.0, STRETCH_MAX)
+        stretch = torch.where(nb == 0, torch.ones_like(stretch), stretch)
+    if trapezoid is None:
+        return (T - (T - coarse) * stretch.to(values.dtype).view(flat)).to(values.dtype)
+    a = (values - trapezoid).detach().flatten(1).double()
+    na, bound = a.norm(dim=1), stretch * nb
+    direction = b / nb.clamp(min=torch.finfo(torch.float64).tiny)[:, None]
+    inner = (a * direction).sum(1)
+    direction = direction * torch.where(inner < 0, -1.0, 1.0)[:, None]
+    beta = inner.abs()
+    # the length t along the change that makes ||a + t direction|| = ||a|| + bound
+    t = -beta + torch.sqrt(beta ** 2 + 2 * na * bound + bound ** 2)
+    difference = a + t[:, None] * direction
+    return (values.detach().double() - difference.view(values.shape)).to(values.dtype)
 
 
 def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, IntervalMeasure],
@@ -571,46 +653,67 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
     (position-major, examples inner, as Captum batches its steps). Intervals are read as slices
     (views) of the chunk and of the last position carried from the previous chunk.
 
-    The comparison sum for the per-unit error estimate (``Integral.coarse``) runs alongside: for
-    the trapezoid rule, the same rule on every other point; for the left sum, the trapezoid rule
-    on the same points (halving a left sum's points does not see a gradient that jumps in the
-    second interval of a pair, which is common in ReLU networks). A grid without end points also
-    returns its first and last positions (``Integral.ends``) for the missing end pieces.
+    The comparison sums for the per-unit error estimate run alongside (``Integral.levels``, see
+    :func:`comparison_values`): the trapezoid rule on every other and on every fourth point, and
+    for a left sum also the trapezoid rule on its own points (halving a left sum's points does not
+    see a gradient that jumps in the second interval of a pair, which is common in ReLU networks).
+    A grid without end points also returns its first and last positions (``Integral.ends``) for
+    the missing end pieces; the caller adds them to the levels and calls ``settle()`` again.
     """
     B = problem.batch_size
     n = grid.n_points
     device = problem.inputs.device
     alphas_all = torch.as_tensor(grid.alphas, dtype=torch.float64)
-    halving = grid.interval_rule == "trapezoid"
-    in_coarse = np.zeros(n, dtype=bool)
-    in_coarse[coarse_positions(n)] = True
+    left = grid.interval_rule == "left"
+    on_grid = {"coarse": np.zeros(n, dtype=bool), "quarter": np.zeros(n, dtype=bool)}
+    on_grid["coarse"][coarse_positions(n)] = True
+    on_grid["quarter"][quarter_positions(n)] = True
     names = problem.layer_names
     acc: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
-    acc_coarse: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
+    levels: dict[str, dict[str, dict[str, torch.Tensor]]] = {level: {m: {} for m in measures}
+                                                             for level in ("coarse", "quarter")}
+    right_sums: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}   # left sums only
     scratch = Scratch()
     F_start = torch.zeros(B, device=device, dtype=accumulation_dtype(problem.inputs.dtype))
     F_end = torch.zeros_like(F_start)
     ends: list[tuple[PointBatch, PointBatch]] = []
 
-    def accumulate(target: dict, lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice,
-                   rule: str) -> None:
+    def add(target: dict, mname: str, name: str, ex_int: torch.Tensor, contrib: torch.Tensor,
+            weight: float = 1.0) -> None:
+        # a layer may live on another device (models split with device_map): its sums are
+        # gathered on the inputs' device once reduced to units
+        contrib = contrib.to(device)
+        if name not in target[mname]:
+            target[mname][name] = _zeros_in_layout((B,) + contrib.shape[1:], contrib)
+        target[mname][name].index_add_(0, ex_int, contrib, alpha=weight)
+
+    def accumulate(target: dict, lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
+        """The trapezoid rule over intervals lo -> hi into ``target``."""
         ex_int = hi_pts.ex[hi]
         width = (hi_pts.alphas[hi] - lo_pts.alphas[lo]).to(torch.float64)
         for name in names:
             parts = interval_contributions(measures, lo_pts.ys[name][lo], lo_pts.gs[name][lo],
-                                           hi_pts.ys[name][hi], hi_pts.gs[name][hi], width, rule, units, scratch)
+                                           hi_pts.ys[name][hi], hi_pts.gs[name][hi], width, "trapezoid", units,
+                                           scratch)
             for mname, contrib in parts.items():
-                # a layer may live on another device (models split with device_map): its sums are
-                # gathered on the inputs' device once reduced to units
-                contrib = contrib.to(device)
-                if name not in target[mname]:
-                    target[mname][name] = _zeros_in_layout((B,) + contrib.shape[1:], contrib)
-                target[mname][name].index_add_(0, ex_int, contrib)
+                add(target, mname, name, ex_int, contrib)
 
     def intervals(lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
-        accumulate(acc, lo_pts, lo, hi_pts, hi, grid.interval_rule)
-        if not halving:
-            accumulate(acc_coarse, lo_pts, lo, hi_pts, hi, "trapezoid")
+        """The rule's own sum over intervals lo -> hi (and, for a left sum, the trapezoid rule)."""
+        if not left:
+            accumulate(acc, lo_pts, lo, hi_pts, hi)
+            return
+        ex_int = hi_pts.ex[hi]
+        width = (hi_pts.alphas[hi] - lo_pts.alphas[lo]).to(torch.float64)
+        for name in names:
+            # both measures are linear in the gradient: the trapezoid rule is the mean of the left
+            # and right sums, so one more product per interval gives it
+            lefts, rights = left_and_right_contributions(measures, lo_pts.ys[name][lo], lo_pts.gs[name][lo],
+                                                         hi_pts.ys[name][hi], hi_pts.gs[name][hi], width, units,
+                                                         scratch)
+            for mname in lefts:
+                add(acc, mname, name, ex_int, lefts[mname])
+                add(right_sums, mname, name, ex_int, rights[mname])
 
     block = max(1, min(B, problem.chunk_size))
     per_chunk = max(1, problem.chunk_size // block)
@@ -620,7 +723,7 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         b = e1 - e0
         block_ex = torch.arange(e0, e1, device=device)
         last: Optional[PointBatch] = None          # the previous position (b points)
-        last_coarse: Optional[PointBatch] = None   # the previous position of the coarse grid
+        previous: dict[str, Optional[PointBatch]] = {"coarse": None, "quarter": None}
         first: Optional[PointBatch] = None
         for k0 in range(0, n, per_chunk):
             k1 = min(n, k0 + per_chunk)
@@ -637,20 +740,31 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
             if last is not None:
                 intervals(last, everything, pts, slice(0, b))
             for k in range(k0, k1):
-                if halving and in_coarse[k]:
-                    here = _slice(pts, slice((k - k0) * b, (k - k0 + 1) * b))
-                    if last_coarse is not None:
-                        accumulate(acc_coarse, last_coarse, everything, here, everything, grid.interval_rule)
-                    last_coarse = here
+                for level in ("coarse", "quarter"):
+                    if on_grid[level][k]:
+                        here = _slice(pts, slice((k - k0) * b, (k - k0 + 1) * b))
+                        before = previous[level]
+                        if before is not None:
+                            accumulate(levels[level], before, everything, here, everything)
+                        previous[level] = here
             last = _slice(pts, slice(m - b, m))
         if not grid.has_endpoints and first is not None and last is not None:
             ends.append((first, last))
     n_points = torch.full((B,), n, dtype=torch.long)
     values = {m: {name: v.contiguous() for name, v in per.items()} for m, per in acc.items()}
-    if n == 1:   # one point: no interval, nothing to compare with
-        acc_coarse = acc
-    coarse = {m: {name: v.contiguous() for name, v in per.items()} for m, per in acc_coarse.items()}
-    return Integral(values, F_start, F_end, n_points, coarse=coarse, ends=ends)
+    if left:
+        levels["trapezoid"] = {m: {name: 0.5 * (v + right_sums[m][name]) for name, v in per.items()}
+                               for m, per in acc.items()}
+    levels = {level: {m: {name: v.contiguous() for name, v in per.items()} for m, per in sums.items()}
+              for level, sums in levels.items()}
+    if len(coarse_positions(n)) == n:
+        # two points: no coarser grid to learn from, so the estimate says the values may be
+        # entirely wrong (the distance to zero) rather than claim they are exact
+        levels["coarse"] = {m: {name: torch.zeros_like(v) for name, v in per.items()} for m, per in values.items()}
+        del levels["quarter"]
+    integral = Integral(values, F_start, F_end, n_points, ends=ends, levels=levels)
+    integral.settle()
+    return integral
 
 
 def _zeros_in_layout(shape: tuple, like: torch.Tensor) -> torch.Tensor:

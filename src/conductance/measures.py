@@ -4,12 +4,13 @@ A path measure maps one path interval to its contribution, from
 
 - ``gbar``: the interval's gradient ``dF/dy`` as the rule takes it: ``(g0 + g1) / 2`` for the
   trapezoid rule, ``g0`` for the left rule,
-- ``y0, y1``: the layer's values at the interval's ends,
-- ``width``: ``a1 - a0``, broadcastable against ``y0``,
-- ``out``: a scratch tensor of ``y0``'s shape that the measure may overwrite and return,
+- ``dy``: the layer's change ``y1 - y0`` over the interval,
+- ``width``: ``a1 - a0``, broadcastable against ``dy``,
+- ``out``: a scratch tensor of ``dy``'s shape that the measure may overwrite and return,
 
-each (m, *layer_shape) but ``width``. Writing into ``out`` keeps the adaptive rule's bookkeeping
-free of large temporary allocations. Nothing here runs the model.
+each (m, *layer_shape) but ``width``. Both measures are linear in ``gbar``, which the engine uses
+(the trapezoid rule is the mean of the left and right sums). Writing into ``out`` keeps the
+bookkeeping free of large temporary allocations. Nothing here runs the model.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from __future__ import annotations
 import torch
 
 
-def conductance(gbar: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, width: torch.Tensor,
-                out: torch.Tensor) -> torch.Tensor:
+def conductance(gbar: torch.Tensor, dy: torch.Tensor, width: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Stieltjes sum of ``dF/dy`` against the change of ``y`` over one interval (the efficient form)."""
-    return torch.sub(y1, y0, out=out).mul_(gbar)
+    return torch.mul(gbar, dy, out=out)
 
 
-def internal_influence(gbar: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, width: torch.Tensor,
-                       out: torch.Tensor) -> torch.Tensor:
+def internal_influence(gbar: torch.Tensor, dy: torch.Tensor, width: torch.Tensor, out: torch.Tensor
+                       ) -> torch.Tensor:
     """``integral dF/dy da`` over one interval (Leino et al. 2018), on the same straight path."""
     return torch.mul(gbar, width, out=out)
 

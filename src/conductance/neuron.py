@@ -23,7 +23,7 @@ import warnings
 from .errors import ConductanceError, never_reached, not_dependent, warn
 from .inputs import Target, build_problem, check_budget, check_steps
 from .layers import LayerSpec, Recorder
-from .paths import CAPTUM_RULES, captum_point_rule, coarse_point_weights, fixed_grid, point_weights
+from .paths import CAPTUM_RULES, captum_point_rule, comparison_point_weights, fixed_grid, point_weights
 from .progress import Progress, check_progress
 
 Neuron = Union[int, Sequence[int]]
@@ -64,21 +64,20 @@ def _coarse_weights(alphas: np.ndarray, coarse: np.ndarray, rule: str) -> np.nda
 
 def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_steps: Optional[int],
                  tolerance: Optional[float], max_steps: int, units: str, kwargs: dict
-                 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Per example, the path positions, their quadrature weights and the coarse grid's weights."""
+                 ) -> tuple[list[np.ndarray], list[np.ndarray], list[dict[str, np.ndarray]]]:
+    """Per example, the path positions, their quadrature weights and the comparison sums' weights
+    (level -> weights, see :func:`conductance.engine.comparison_values`)."""
     B = problem.batch_size
     if method in CAPTUM_RULES:
         # the comparison is the plain trapezoid rule on every other point: it also shows what Captum's
         # weights leave out (the default's sum to (n - 1) / n)
         alphas, weights = captum_point_rule(method, n_steps, "neuron_conductance")
-        return [alphas] * B, [weights] * B, [coarse_point_weights(alphas)] * B
+        return [alphas] * B, [weights] * B, [comparison_point_weights(alphas)] * B
     if method != "adaptive":
+        # a left sum is compared with the trapezoid rule on its points and coarser (see integrate_fixed)
         grid = fixed_grid(method, n_steps)
-        if grid.interval_rule == "trapezoid":
-            coarse = coarse_point_weights(grid.alphas)
-        else:   # a left sum is compared with the trapezoid rule on the same points (see integrate_fixed)
-            coarse = point_weights(grid.alphas, "trapezoid")
-        return [grid.alphas] * B, [point_weights(grid.alphas, grid.interval_rule)] * B, [coarse] * B
+        return ([grid.alphas] * B, [point_weights(grid.alphas, grid.interval_rule)] * B,
+                [comparison_point_weights(grid.alphas)] * B)
     # The grid is refined on the layer's units and on the input's integrated gradients feature by
     # feature, then reused: the units' attributions are integrals on the input side, and a layer
     # followed by a linear map meets its own accuracy on a grid far too coarse for them.
@@ -95,7 +94,7 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
     grids = [a.numpy() for a in result.extra["alphas"]]
     masks = [m.numpy() for m in result.extra["coarse_masks"]]
     return (grids, [point_weights(a, "trapezoid") for a in grids],
-            [_coarse_weights(a, m, "trapezoid") for a, m in zip(grids, masks)])
+            [{"coarse": _coarse_weights(a, m, "trapezoid")} for a, m in zip(grids, masks)])
 
 
 def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, neurons: Sequence[Neuron],
@@ -196,7 +195,7 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
 
 
 def _integrate_neurons(problem: engine.PathProblem, ref: Any, neurons: Sequence[Neuron], units: str,
-                       alphas: list[np.ndarray], weights: list[np.ndarray], coarse_weights: list[np.ndarray],
+                       alphas: list[np.ndarray], weights: list[np.ndarray], coarse_weights: list[dict[str, np.ndarray]],
                        progress: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each unit's attribution over the inputs on the given grids, (units, batch, *input_shape), and
     its per-unit error estimate (units, batch)."""
@@ -205,10 +204,12 @@ def _integrate_neurons(problem: engine.PathProblem, ref: Any, neurons: Sequence[
     ex = torch.cat([torch.full((len(a),), e, dtype=torch.long) for e, a in enumerate(alphas)]).to(device)
     al = torch.cat([torch.as_tensor(a, dtype=torch.float64) for a in alphas]).to(device)
     w = torch.cat([torch.as_tensor(x, dtype=torch.float64) for x in weights]).to(device)
-    wc = torch.cat([torch.as_tensor(x, dtype=torch.float64) for x in coarse_weights]).to(device)
+    # comparison sums (see engine.comparison_values): level -> weights of every point
+    wc = {k: torch.cat([torch.as_tensor(x[k], dtype=torch.float64) for x in coarse_weights]).to(device)
+          for k in coarse_weights[0]}
     diff = problem.inputs - problem.baselines
     out: Optional[torch.Tensor] = None
-    out_coarse: Optional[torch.Tensor] = None
+    out_levels: dict[str, torch.Tensor] = {}
     index: Optional[list] = None
     F_start = torch.zeros(B, dtype=torch.float64, device=device)
     F_end = torch.zeros(B, dtype=torch.float64, device=device)
@@ -242,11 +243,14 @@ def _integrate_neurons(problem: engine.PathProblem, ref: Any, neurons: Sequence[
             shape = (1, -1) + (1,) * (contrib.dim() - 2)
             if out is None:
                 out = torch.zeros((len(index), B) + tuple(diff.shape[1:]), dtype=contrib.dtype, device=device)
-                out_coarse = torch.zeros_like(out)
+                out_levels = {k: torch.zeros_like(out) for k in wc}
             out.index_add_(1, e, contrib * w[start:stop].to(contrib.dtype).view(shape))
-            out_coarse.index_add_(1, e, contrib * wc[start:stop].to(contrib.dtype).view(shape))
+            for k, level in out_levels.items():
+                level.index_add_(1, e, contrib * wc[k][start:stop].to(contrib.dtype).view(shape))
             bar.update(int(e.shape[0]))
-    err = torch.stack([engine.unit_error(out[u], out_coarse[u], F_end - F_start) for u in range(out.shape[0])])
+    assert out is not None
+    err = torch.stack([engine.unit_error(out[u], engine.comparison_values(out[u], **{k: v[u] for k, v in out_levels.items()}),
+                                         F_end - F_start) for u in range(out.shape[0])])
     return out.detach(), err
 
 

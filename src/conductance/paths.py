@@ -178,23 +178,48 @@ def point_weights(alphas: np.ndarray, interval_rule: str) -> np.ndarray:
     return weights
 
 
-def coarse_point_weights(alphas: np.ndarray) -> np.ndarray:
-    """Point weights of the comparison rule for a point-weighted integral ``integral h(a) da``: the
-    trapezoid rule on every other point (and the last), with the pieces a grid leaves out at either
-    end of [0, 1] given to its first and last points. Zero at the points it leaves out; shape (n,).
+def coarse_positions(n_points: int) -> np.ndarray:
+    """Indices of the coarse grid of a fixed rule with ``n_points`` points: every other point from the
+    first, and always the last (so both grids span the whole path)."""
+    idx = np.arange(0, n_points, 2)
+    if idx[-1] != n_points - 1:
+        idx = np.append(idx, n_points - 1)
+    return idx
 
-    ``sum_k (w_k - c_k) h(a_k)`` is then the change from halving the points (see
-    :func:`conductance.engine.unit_error`)."""
-    alphas = np.asarray(alphas, dtype=np.float64)
-    n = alphas.shape[0]
-    weights = np.zeros(n)
-    if n == 1:
+
+def quarter_positions(n_points: int) -> np.ndarray:
+    """Indices of the grid two halvings down: :func:`coarse_positions` of the coarse grid."""
+    coarse = coarse_positions(n_points)
+    return coarse[coarse_positions(len(coarse))]
+
+
+def _trapezoid_on(alphas: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Trapezoid point weights on the points ``keep`` (zero elsewhere), with the pieces the grid
+    leaves out at either end of [0, 1] given to its first and last points."""
+    weights = np.zeros(alphas.shape[0])
+    if alphas.shape[0] == 1:
         weights[0] = 1.0
         return weights
-    keep = np.arange(0, n, 2)
-    if keep[-1] != n - 1:
-        keep = np.append(keep, n - 1)
     weights[keep] = point_weights(alphas[keep], "trapezoid")
     weights[0] += alphas[0]
     weights[-1] += 1.0 - alphas[-1]
     return weights
+
+
+def comparison_point_weights(alphas: np.ndarray) -> dict[str, np.ndarray]:
+    """Point weights of the comparison sums for a point-weighted integral ``integral h(a) da``.
+
+    ``"trapezoid"``: the trapezoid rule on all the points; ``"coarse"`` and ``"quarter"``: on every
+    other and every fourth point (the last always kept). Each gives the pieces a grid leaves out at
+    either end of [0, 1] to its first and last points. The sums with these weights go to
+    :func:`conductance.engine.comparison_values`; each array has shape (n_points,). A grid of one
+    or two points has no coarser grid: ``"coarse"`` is then zero and there is no ``"quarter"``.
+    """
+    alphas = np.asarray(alphas, dtype=np.float64)
+    n = alphas.shape[0]
+    if len(coarse_positions(n)) == n:
+        # one or two points: no coarser grid; zero weights make the estimate the distance to zero
+        return {"trapezoid": _trapezoid_on(alphas, np.arange(n)), "coarse": np.zeros(n)}
+    return {"trapezoid": _trapezoid_on(alphas, np.arange(n)),
+            "coarse": _trapezoid_on(alphas, coarse_positions(n)),
+            "quarter": _trapezoid_on(alphas, quarter_positions(n))}

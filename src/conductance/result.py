@@ -32,8 +32,9 @@ class LayerResult(Mapping):
         ``|delta| / |F(x) - F(x')|``.
     unit_error : dict[str, Tensor (batch,)]
         Estimated relative L2 distance of each example's vector of unit values (in ``units``) to the
-        exact integral: ``||values - coarse|| / ||values||``, where ``coarse`` is the same rule on a
-        grid with half the points (``extra["coarse"]``). It needs no cut, so it holds for every layer;
+        exact integral: ``||values - comparison|| / ||values||``, the comparison values
+        (``extra["coarse"]``) coming from the same rule on coarser grids (see
+        :func:`conductance.engine.comparison_values`). It needs no cut, so it holds for every layer;
         0 for measures read at one point (activation, gradient, grad x activation). See
         docs/accuracy.md for how it is computed and how cautious it is.
     output_diff : Tensor (batch,)
