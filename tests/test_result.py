@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import conductance as cd
-from conductance import ablation as A
 from conductance import hf, io
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -174,6 +173,12 @@ def test_transformer_result_round_trip_keeps_its_views(transformer, tmp_path):
         assert torch.equal(back.reduce(name, "element"), transformer.reduce(name, "element"))
     assert back.raw == transformer.raw and back.tokens == transformer.tokens
     assert back.top(3) == transformer.top(3)
+    # the values are the engine result's own tensors: stored once, and shared again when read
+    for name in transformer.layers:
+        assert any(back.elements[name] is t for t in back.raw.attributions.values())
+    _, arrays = io.read(path)
+    assert sum(a.size for a in arrays.values()) < 1.1 * sum(
+        t.numel() for t in list(transformer.raw.attributions.values()) + list(transformer.raw.extra["coarse"].values()))
 
 
 def test_layer_result_file_keeps_dtypes_and_extra(layer, tmp_path):
@@ -187,6 +192,8 @@ def test_layer_result_file_keeps_dtypes_and_extra(layer, tmp_path):
     assert isinstance(back.extra["alphas"], list) and len(back.extra["alphas"]) == 6
     assert all(torch.equal(a, b) for a, b in zip(back.extra["alphas"], layer.extra["alphas"]))
     assert all(torch.equal(back.extra["coarse"][n], layer.extra["coarse"][n]) for n in layer)
+    df = half.to_dataframe()
+    assert np.array_equal(df[df.layer == "1"].value.to_numpy(), half["1"].double().flatten().numpy())
 
 
 def test_aggregate_file_is_readable_by_both_loaders(aggregate, tmp_path):
@@ -217,8 +224,10 @@ def test_truncated_and_foreign_files_are_refused(layer, tmp_path):
 
     path = str(tmp_path / "r.safetensors")
     layer.save(path)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
     with pytest.raises(cd.ConductanceError, match="not a readable conductance result file"):
         cd.load(path)
     foreign = str(tmp_path / "weights.safetensors")

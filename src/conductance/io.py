@@ -108,7 +108,7 @@ def write(path: str, content: dict, arrays: dict[str, np.ndarray]) -> None:
     else:
         def to_npz(tmp: str) -> None:
             with open(tmp, "wb") as f:
-                np.savez(f, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
+                np.savez(f, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)  # type: ignore[arg-type]
         atomic_write(path, to_npz)
 
 
@@ -179,16 +179,22 @@ _TENSOR, _ARRAY, _TUPLE, _DICT, _RESULT, _FLOAT = "tensor", "array", "tuple", "d
 
 
 def encode(value: Any, arrays: dict[str, np.ndarray], fallback: Optional[Callable[[Any], Any]] = None,
-           where: str = "value") -> Any:
+           where: str = "value", _seen: Optional[dict[int, tuple[Any, str]]] = None) -> Any:
     """``value`` as JSON-able data; its tensors and arrays go into ``arrays`` (named ``a0``, ``a1``, ...).
 
     Handles None, bool, int, float (NaN and infinities too), str, lists, tuples, dicts (any
     hashable encodable keys), ``torch.Tensor`` (dtype kept; bfloat16 / float16 through float32,
     exactly), numpy arrays and scalars, and result objects (:class:`conductance.result.ResultProtocol`).
     Anything else raises a ConductanceError naming ``where``, unless ``fallback`` maps it to an
-    encodable value.
+    encodable value. A tensor met twice (a TransformerResult holds its values and its engine
+    result's, the same objects) is stored once.
     """
     from .result import ResultProtocol
+
+    seen: dict[int, tuple[Any, str]] = {} if _seen is None else _seen
+
+    def sub(v: Any, w: str) -> Any:
+        return encode(v, arrays, fallback, w, seen)
 
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -198,11 +204,15 @@ def encode(value: Any, arrays: dict[str, np.ndarray], fallback: Optional[Callabl
         # json writes NaN / Infinity, which strict readers refuse; a tag keeps the file portable
         return value if np.isfinite(value) else {_FLOAT: repr(value)}
     if isinstance(value, torch.Tensor):
-        t = value.detach().cpu()
-        stored = t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
-        key = f"a{len(arrays)}"
-        arrays[key] = np.ascontiguousarray(stored.numpy())
-        return {_TENSOR: key, "dtype": str(t.dtype).replace("torch.", "")}
+        if id(value) in seen and seen[id(value)][0] is value:
+            key = seen[id(value)][1]
+        else:
+            t = value.detach().cpu()
+            stored = t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+            key = f"a{len(arrays)}"
+            arrays[key] = np.ascontiguousarray(stored.numpy())
+            seen[id(value)] = (value, key)      # holding the tensor keeps its id unique while encoding
+        return {_TENSOR: key, "dtype": str(value.dtype).replace("torch.", "")}
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biufc":
             raise ConductanceError(f"cannot save {where}: a numpy array of dtype {value.dtype} (only numbers "
@@ -211,18 +221,17 @@ def encode(value: Any, arrays: dict[str, np.ndarray], fallback: Optional[Callabl
         arrays[key] = np.ascontiguousarray(value)
         return {_ARRAY: key}
     if isinstance(value, np.generic):
-        return encode(value.item(), arrays, fallback, where)
+        return sub(value.item(), where)
     if isinstance(value, tuple):
-        return {_TUPLE: [encode(v, arrays, fallback, f"{where}[{i}]") for i, v in enumerate(value)]}
+        return {_TUPLE: [sub(v, f"{where}[{i}]") for i, v in enumerate(value)]}
     if isinstance(value, list):
-        return [encode(v, arrays, fallback, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [sub(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {_DICT: [[encode(k, arrays, fallback, f"a key of {where}"),
-                         encode(v, arrays, fallback, f"{where}[{k!r}]")] for k, v in value.items()]}
+        return {_DICT: [[sub(k, f"a key of {where}"), sub(v, f"{where}[{k!r}]")] for k, v in value.items()]}
     if isinstance(value, ResultProtocol):
-        return {_RESULT: value.FORMAT, "fields": encode(value._fields(), arrays, fallback, where)}
+        return {_RESULT: value.FORMAT, "fields": sub(value._fields(), where)}
     if fallback is not None:
-        return encode(fallback(value), arrays, None, where)
+        return encode(fallback(value), arrays, None, where, seen)
     raise ConductanceError(f"cannot save {where}: a {type(value).__name__} is not a number, string, list, dict, "
                            "tensor or array")
 
@@ -231,25 +240,29 @@ def _hashable(value: Any) -> Any:
     return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
-def decode(data: Any, arrays: dict[str, np.ndarray]) -> Any:
-    """Inverse of :func:`encode`: tensors come back on the CPU with their saved dtype."""
+def decode(data: Any, arrays: dict[str, np.ndarray], _made: Optional[dict[str, torch.Tensor]] = None) -> Any:
+    """Inverse of :func:`encode`: tensors come back on the CPU with their saved dtype (a tensor stored
+    once for several places is one tensor again)."""
+    made: dict[str, torch.Tensor] = {} if _made is None else _made
     if isinstance(data, list):
-        return [decode(v, arrays) for v in data]
+        return [decode(v, arrays, made) for v in data]
     if not isinstance(data, dict):
         return data
     if _TENSOR in data:
-        dtype = getattr(torch, data["dtype"])
-        return torch.from_numpy(np.array(arrays[data[_TENSOR]])).to(dtype)
+        key, dtype = data[_TENSOR], getattr(torch, data["dtype"])
+        if key not in made or made[key].dtype != dtype:
+            made[key] = torch.from_numpy(np.array(arrays[key])).to(dtype)
+        return made[key]
     if _ARRAY in data:
         return np.array(arrays[data[_ARRAY]])
     if _FLOAT in data:
         return float(data[_FLOAT])
     if _TUPLE in data:
-        return tuple(decode(v, arrays) for v in data[_TUPLE])
+        return tuple(decode(v, arrays, made) for v in data[_TUPLE])
     if _DICT in data:
-        return {_hashable(decode(k, arrays)): decode(v, arrays) for k, v in data[_DICT]}
+        return {_hashable(decode(k, arrays, made)): decode(v, arrays, made) for k, v in data[_DICT]}
     if _RESULT in data:
-        return _registry()[data[_RESULT]]._from_fields(decode(data["fields"], arrays))
+        return _registry()[data[_RESULT]]._from_fields(decode(data["fields"], arrays, made))
     raise ValueError(f"unknown tagged value with keys {sorted(data)}")
 
 

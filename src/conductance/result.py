@@ -292,7 +292,7 @@ class LayerResult(ResultProtocol, Mapping):
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ConductanceError(f"k must be a positive integer, got {k!r}")
         names = list(self.attributions) if layer is None else [self._check_layer(layer)]
-        rows = []
+        rows: list[UnitValue] = []
         for name in names:
             values = self.attributions[name]
             if not -values.shape[0] <= example < values.shape[0]:
@@ -317,10 +317,11 @@ class LayerResult(ResultProtocol, Mapping):
         for name, values in self.attributions.items():
             v = values.detach().cpu().flatten(1)
             batch, n = v.shape
-            err = self.unit_error.get(name)
-            err = err.detach().cpu().double().repeat_interleave(n).numpy() if err is not None else np.nan
+            known = self.unit_error.get(name)
+            err: Any = known.detach().cpu().double().repeat_interleave(n).numpy() if known is not None else np.nan
+            # float64 holds every float16 / bfloat16 / float32 value exactly (numpy has no bfloat16)
             frames.append(pd.DataFrame({"layer": name, "example": np.repeat(np.arange(batch), n),
-                                        "unit": np.tile(np.arange(n), batch), "value": v.reshape(-1).numpy(),
+                                        "unit": np.tile(np.arange(n), batch), "value": v.reshape(-1).double().numpy(),
                                         "unit_error": err}))
         return pd.concat(frames, ignore_index=True)
 
