@@ -3,6 +3,7 @@ plot(color=...), top(k), summary() and lookup by module (conductance.result, con
 
 import json
 import os
+import pickle
 import sys
 import warnings
 
@@ -443,6 +444,8 @@ def test_layer_result_indexed_by_module(layer, mlp, tmp_path):
     with pytest.raises(cd.ConductanceError, match="bind"):
         back[model[1]]
     assert back.bind(model)[model[1]] is back["1"]
+    copied = pickle.loads(pickle.dumps(layer))      # still picklable; the copy knows names only
+    assert copied == layer and "1" in copied and model[1] not in copied
 
 
 def test_other_results_take_modules(aggregate, curve, selection, transformer, minilm, mlp):

@@ -131,6 +131,15 @@ class ResultProtocol:
         object.__setattr__(self, "_modules", table)
         return self
 
+    def __getstate__(self) -> dict:
+        # the weak module table cannot be pickled (nor should a pickle carry the model): drop it
+        state = dict(self.__dict__)
+        state.pop("_modules", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     def _name_of(self, layer: Any) -> Any:
         """``layer`` as a layer name: a module is looked up among the bound ones; anything else is returned."""
         if not isinstance(layer, nn.Module):
