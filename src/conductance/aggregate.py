@@ -237,13 +237,13 @@ class AggregateResult(ResultProtocol):
         return int(self._total(self.counts, group))
 
     # ---- statistics ---------------------------------------------------------------------------
-    def mean(self, layer: Optional[str] = None, group: Any = None) -> np.ndarray:
+    def mean(self, layer: Union[str, nn.Module, None] = None, group: Any = None) -> np.ndarray:
         """Mean value of every unit, shape ``unit_shapes[layer]``."""
         layer = self._layer(layer)
         n = self.count(group)
         return (self._total(self.stats[layer]["sum"], group) / max(n, 1)).reshape(self.unit_shapes[layer])
 
-    def std(self, layer: Optional[str] = None, group: Any = None, ddof: int = 0) -> np.ndarray:
+    def std(self, layer: Union[str, nn.Module, None] = None, group: Any = None, ddof: int = 0) -> np.ndarray:
         """Standard deviation of every unit over the group's examples (``ddof=1`` for the sample std)."""
         layer = self._layer(layer)
         n = self.count(group)
@@ -264,7 +264,7 @@ class AggregateResult(ResultProtocol):
             shift = np.where(n > 0, s / np.maximum(n, 1) - mean, 0.0)
         return m2.sum(0) + (n * shift * shift).sum(0)
 
-    def sign_shares(self, layer: Optional[str] = None, group: Any = None) -> dict[str, np.ndarray]:
+    def sign_shares(self, layer: Union[str, nn.Module, None] = None, group: Any = None) -> dict[str, np.ndarray]:
         """Share of examples where each unit is ``positive`` (> near_zero), ``negative`` (< -near_zero)
         or ``near_zero``; the three add up to 1."""
         layer = self._layer(layer)
