@@ -234,7 +234,7 @@ def main() -> int:
     print(f"\n(c) {single.summary()}")
     print("top 3 units of relu3 (the 64-unit hidden layer) per class, mean conductance:")
     for g in single.groups:
-        top = single.top(3, g, "relu3")
+        top = single.top(3, "relu3", group=g)
         print(f"  {g} {FASHION_MNIST_CLASSES[g]:<12} n={single.count(g):<4} "
               + ", ".join(f"{t.unit:>2} ({t.mean:+.3f}, {100 * t.positive:.0f}% +)" for t in top)
               + f"   mean F(x)-F(x') {single.mean_output_diff(g):+.2f}")

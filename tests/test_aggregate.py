@@ -92,7 +92,7 @@ def test_streaming_equals_one_big_batch_and_the_literal_statistics():
             assert c["above"] == int((err > 0.05).sum()) and c["threshold"] == 0.05
         np.testing.assert_allclose(streamed.mean(layer), v.mean(0), rtol=1e-5, atol=1e-6)
     assert streamed.mean_output_diff() == pytest.approx(float(ref.output_diff.double().mean()), rel=1e-4)
-    top = streamed.top(2, 1, "2")
+    top = streamed.top(2, "2", group=1)
     best = np.argsort(-streamed.mean("2", 1))[:2]
     assert [t.unit for t in top] == list(best) and top[0].count == streamed.count(1)
 
@@ -212,7 +212,7 @@ def test_save_load_roundtrip(tmp_path):
     assert back.settings["n_steps"] == 8 and back.settings["method"] == "gausslegendre"
     assert back.unit_shapes == {"0": (4,), "2": (5,)} and back.class_names == ["a", "b", "c"]
     assert back.is_cut == r.is_cut and back.group_name(1) == "class 1 (b)"
-    assert back.top(3, 0) == r.top(3, 0)
+    assert back.top(3, group=0) == r.top(3, group=0)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]        # no temporary left behind
     with pytest.raises(cd.ConductanceError, match="several measures"):
         both = cd.aggregate(agg_entry.model(), _batches()[:1], LAYERS, measure=["conductance", "gradient"], **FIXED)
@@ -458,7 +458,7 @@ def test_cli_aggregate_then_show(tmp_path):
     assert r.equals(_whole())
     for g in r.groups:
         assert f"class {g}: {r.count(g)} examples" in shown
-    best = r.top(1, 2, "2")[0]
+    best = r.top(1, "2", group=2)[0]
     assert f"unit {best.unit:>5}  mean {best.mean:+.4g}" in shown
     from conductance.cli import main
 

@@ -181,7 +181,7 @@ def test_aggregate_file_has_the_usual_permissions(tmp_path, capsys):
 
 def _expected_rows(r: AggregateResult, top: int) -> list[tuple]:
     return [(g, layer, u.unit, u.mean, u.std, u.positive, u.negative) for g in r.groups for layer in r.layers
-            for u in r.top(top, g, layer)]
+            for u in r.top(top, layer, group=g)]
 
 
 def test_show_json_and_csv_hold_the_result(result_file, capsys):
@@ -207,7 +207,7 @@ def test_show_text_by_class_name(result_file, capsys):
     code, out, err = run(["show", path, "--group", name, "--top", "1"], capsys)
     assert code == 0, err
     assert f"class {group} ({name}): {r.count(group)} examples" in out
-    best = r.top(1, group, LAYERS[0])[0]
+    best = r.top(1, LAYERS[0], group=group)[0]
     assert f"unit {best.unit:>5}  mean {best.mean:+.4g}" in out
     code, out2, _ = run(["show", path, "--group", str(group), "--top", "1"], capsys)
     assert out2 == out

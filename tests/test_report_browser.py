@@ -234,7 +234,7 @@ def build_small_report(out_dir: Path):
               ["rule", "points", "max relative error"], caption="Error per rule")
     acc.numbers(errors={m: e for m, (_, e) in errors.items()})
 
-    top = result.top("3", k=1)[0][0]
+    top = result.top(1, "3")[0].unit
     pixels = cd.neuron_conductance(model, x, "3", [top], units="channel", n_steps=32)   # (1, 1, 3, H, W)
     pix = report.section("Pixels through the top filter", key="pixels")
     pix.figure(plots.pixel_maps(x[0], {f"filter {top} (overlay)": pixels[0, 0]}, mode="overlay"),

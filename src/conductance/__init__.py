@@ -11,6 +11,7 @@ from .aggregate import AggregateResult, aggregate
 from .attribute import layer_conductance, layer_importance
 from .engine import shared
 from .errors import ConductanceError, ConductanceWarning
+from .io import load
 from .neuron import neuron_conductance
 from .result import LayerResult
 from .selection import FeatureSelectionResult, feature_selection
@@ -27,5 +28,7 @@ __all__ = [
     "ablation_summary", "compare_rankings", "AblationCurve", "AblationSummary",
     # errors, and shared forward arguments
     "ConductanceError", "ConductanceWarning", "shared",
+    # every result type: result.save(path), cd.load(path)
+    "load",
 ]
 __version__ = "0.1.0"

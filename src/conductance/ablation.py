@@ -28,7 +28,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from .engine import _index_args, call_target, logits_of
 from .errors import ConductanceError, warn
 from .inputs import Target, check_baselines, resolve_target
 from .layers import LayerRef, LayerSpec, replace_element, resolve_layers, select_element
+from .result import ResultProtocol, pandas
 
 MODES = ("zero", "baseline", "mean")
 UNIT_TYPES = ("neuron", "channel")
@@ -805,8 +806,16 @@ def _trapezoid(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (0.5 * (y[..., 1:] + y[..., :-1]) * np.diff(t)).sum(-1)
 
 
-@dataclass
-class AblationCurve:
+class ExampleArea(NamedTuple):
+    """One row of :meth:`AblationCurve.top`."""
+
+    example: int
+    auc_logit: float          #: the example's area under its target-score curve
+    unablated_logit: float    #: its target score without ablation
+
+
+@dataclass(eq=False)
+class AblationCurve(ResultProtocol):
     """A deletion or insertion curve of one ranking, with random rankings as the floor.
 
     Attributes
@@ -840,6 +849,46 @@ class AblationCurve:
     random_logit: Optional[np.ndarray]
     random_agreement: Optional[np.ndarray]
     seeds: list[int] = field(default_factory=list)
+
+    FORMAT: ClassVar[str] = "conductance.ablation_curve/1"
+
+    def _layer_names(self) -> list[str]:
+        return [self.layer]
+
+    def _check_layer(self, layer: Any) -> None:
+        if layer is not None and self._name_of(layer) != self.layer:
+            raise ConductanceError(f"this curve is of layer {self.layer!r} only, not {layer!r}")
+
+    def top(self, k: int = 5, layer: Union[str, nn.Module, None] = None) -> list[ExampleArea]:
+        """The ``k`` examples the ranking moves most: for a deletion curve the smallest area under
+        the target score (it falls fastest as top units go), for an insertion curve the largest
+        (it recovers fastest as top units come back).
+
+        A curve has one layer: ``layer`` may only name it (or be None). Returns
+        :class:`ExampleArea` rows, most moved first.
+        """
+        self._check_layer(layer)
+        area = self.auc_logit_per_example
+        order = np.argsort(area if self.kind == "deletion" else -area, kind="stable")[:int(k)]
+        return [ExampleArea(int(i), float(area[i]), float(self.unablated_logit[i])) for i in order]
+
+    def to_dataframe(self) -> Any:
+        """A tidy pandas table, one row per (ranking, seed, example, k): ``ranking`` ("ranking", or
+        "random" for the random rankings), ``seed`` (None for the ranking), ``example``, ``k``,
+        ``logit`` (target score) and ``agreement`` (1.0 where the top-1 label is unchanged). Needs pandas."""
+        pd = pandas()
+        batch, n_k = self.logit.shape
+
+        def frame(ranking: str, seed: Any, logit: np.ndarray, agreement: np.ndarray) -> Any:
+            return pd.DataFrame({"ranking": ranking, "seed": seed, "example": np.repeat(np.arange(batch), n_k),
+                                 "k": np.tile(np.asarray(self.ks), batch), "logit": np.asarray(logit).reshape(-1),
+                                 "agreement": np.asarray(agreement).reshape(-1)})
+
+        frames = [frame("ranking", None, self.logit, self.agreement)]
+        if self.random_logit is not None and self.random_agreement is not None:
+            frames += [frame("random", seed, self.random_logit[i], self.random_agreement[i])
+                       for i, seed in enumerate(self.seeds)]
+        return pd.concat(frames, ignore_index=True)
 
     @property
     def mean_logit(self) -> np.ndarray:
@@ -899,12 +948,14 @@ class AblationCurve:
         }
 
     def plot(self, what: str = "logit", *, label: str = "ranking", random: bool = True, ax: Any = None,
-             title: Optional[str] = None) -> Any:
+             title: Optional[str] = None, **kwargs: Any) -> Any:
         """The mean curve against k, with the random rankings' mean and min-max band over seeds.
 
         ``what``: "logit" (the target score) or "agreement" (share keeping the unablated top-1
         label). To compare rankings on one axes, call it for each curve with the same ``ax``,
-        a ``label`` per ranking and ``random=False`` after the first. Returns the Figure.
+        a ``label`` per ranking and ``random=False`` after the first. ``kwargs`` go to the
+        ranking's ``ax.plot`` (e.g. ``color="red"``), not to the random rankings'. Returns the
+        Figure (no pyplot figure left open).
         """
         from .plots import curves
 
@@ -920,9 +971,10 @@ class AblationCurve:
         verb = "removed" if self.kind == "deletion" else "kept"
         if title is None:
             title = f"{self.kind} curve of {self.layer!r} ({self.mode} ablation, {self.logit.shape[0]} examples)"
+        styles = {next(iter(series)): kwargs}
         return curves(series, f"top-k {self.units}s {verb}",
                       "mean target score" if what == "logit" else "share with unchanged top-1 label",
-                      ax=ax, title=title)
+                      ax=ax, title=title, styles=styles)
 
     def summary(self) -> str:
         """A short text: the areas of the ranking and of the random rankings."""
@@ -977,7 +1029,7 @@ def _curve(kind: str, model, inputs, layer, ranking, *, ks, mode, values, units,
                          ks=np.asarray(ks_list), logit=logit[0], agreement=agree[0],
                          unablated_logit=unabl.detach().double().cpu().numpy(), target=target_arr,
                          random_logit=logit[1:] if seeds else None, random_agreement=agree[1:] if seeds else None,
-                         seeds=seeds)
+                         seeds=seeds).bind(model)
 
 
 def deletion_curve(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ranking: Ranking, *,
@@ -1022,8 +1074,8 @@ def insertion_curve(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ra
 # the paper's summary
 
 
-@dataclass
-class AblationSummary:
+@dataclass(eq=False)
+class AblationSummary(ResultProtocol):
     """Flip statistics per measure, reported the way the paper does.
 
     ``rows[name]`` holds: ``examples``; ``flipped`` (finite counts); ``mean_flips`` and
@@ -1041,6 +1093,43 @@ class AblationSummary:
     top_k: dict[str, torch.Tensor]
     layer: Optional[str] = None
     mode: Optional[str] = None
+
+    FORMAT: ClassVar[str] = "conductance.ablation_summary/1"
+
+    def _layer_names(self) -> list[str]:
+        return [self.layer] if self.layer else []
+
+    def summary(self) -> str:
+        """The paper's table (:meth:`format_table`)."""
+        return self.format_table()
+
+    def top(self, k: int = 5, layer: Union[str, nn.Module, None] = None) -> list[tuple[str, dict]]:
+        """The ``k`` best measures, as ``(name, rows[name])``: the largest share of examples whose
+        label the removal of their top ``self.k`` units changes, ties broken by the smaller median
+        flip count (measures that never flipped last).
+
+        A summary has (at most) one layer: ``layer`` may only name it (or be None).
+        """
+        if layer is not None and self._name_of(layer) != self.layer:
+            raise ConductanceError(f"this summary is of layer {self.layer!r} only, not {layer!r}")
+
+        def key(item: tuple[str, dict]) -> tuple:
+            r = item[1]
+            median = r["median_flips"] if r["median_flips"] is not None else math.inf
+            return (-r["top_k_share"], median)
+
+        return sorted(self.rows.items(), key=key)[:int(k)]
+
+    def to_dataframe(self) -> Any:
+        """A tidy pandas table, one row per (measure, example): ``measure``, ``example``,
+        ``flip_count`` (units removed until the label changed; inf: never within the units tried)
+        and ``top_k_flipped`` (whether removing its top ``k`` units changed it). Needs pandas."""
+        pd = pandas()
+        frames = [pd.DataFrame({"measure": name, "example": np.arange(counts.numel()),
+                                "flip_count": counts.double().numpy(),
+                                "top_k_flipped": self.top_k[name].bool().numpy()})
+                  for name, counts in self.flip_counts.items()]
+        return pd.concat(frames, ignore_index=True)
 
     def format_table(self) -> str:
         head = ["measure", "flipped", "mean flips", "median", f"> {self.k}", "never", "max",
@@ -1066,15 +1155,16 @@ class AblationSummary:
             lines.append(f"* estimated as flip count <= {self.k} (an upper bound: a label can flip back)")
         return "\n".join(lines)
 
-    def plot(self, ax: Any = None, title: Optional[str] = None) -> Any:
+    def plot(self, ax: Any = None, title: Optional[str] = None, **kwargs: Any) -> Any:
         """Share of examples whose label has changed after removing up to n units, one step curve per
-        measure, with a line at ``k``. Returns the matplotlib Figure."""
+        measure, with a line at ``k``. ``kwargs`` go to every ``ax.plot`` (e.g. ``color="red"``).
+        Returns the matplotlib Figure (no pyplot figure left open)."""
         from .plots import flip_share
 
         if title is None:
             title = "label changes under ablation" + (f" of {self.layer!r}" if self.layer else "") + (
                 f" ({self.mode})" if self.mode else "")
-        return flip_share(self.flip_counts, k=self.k, ax=ax, title=title)
+        return flip_share(self.flip_counts, k=self.k, ax=ax, title=title, **kwargs)
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "mode": self.mode, "k": self.k, "rows": self.rows,

@@ -34,14 +34,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import io as _io
 from .errors import ConductanceError, warn
 from .layers import LayerSpec, resolve_layers
 from .measures import LIG, MEASURES, POINT_MEASURES
+from .result import ResultProtocol, pandas, plain
 
 #: Version of the file layout written by :meth:`AggregateResult.save` and checkpoints.
 FORMAT = "conductance.aggregate/2"
 #: Key of the content checksum in a file's JSON metadata (sha256 of the metadata and every array).
-CHECKSUM = "sha256"
+CHECKSUM = _io.CHECKSUM
 BY = ("class", "label", "predicted", None)
 #: Keyword arguments passed on to :func:`conductance.layer_importance`.
 IMPORTANCE_KWARGS = ("baselines", "additional_forward_args", "forward_kwargs", "n_steps", "method", "tolerance",
@@ -70,12 +72,13 @@ class TopUnit(NamedTuple):
 # The result
 # ----------------------------------------------------------------------------------------------
 
-class AggregateResult:
+class AggregateResult(ResultProtocol):
     """Per-group, per-unit statistics of one measure over a data set.
 
     Groups are classes (``grouping == "label"`` or ``"predicted"``: group ``g`` holds the examples
     whose label, or predicted class, is ``g``) or a single pooled group (``grouping == "all"``).
-    Every accessor takes ``group=None`` for all examples pooled.
+    Every accessor takes ``group=None`` for all examples pooled, and a layer as its name or as
+    the module; ``result[layer]`` is the mean over all examples, like ``result.mean(layer)``.
 
     Attributes
     ----------
@@ -117,6 +120,32 @@ class AggregateResult:
         self.points_sum = points_sum
         self.n_batches = int(n_batches)
         self.class_names = list(class_names) if class_names is not None else None
+
+    FORMAT = FORMAT
+
+    def _layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def __getitem__(self, layer: Union[str, nn.Module]) -> np.ndarray:
+        """The mean of every unit of ``layer`` (name or module) over all examples, shape ``unit_shapes[layer]``."""
+        return self.mean(layer)
+
+    def __eq__(self, other: object) -> bool:
+        """Identical settings, metadata and statistics (every array equal, same dtype)."""
+        if not isinstance(other, AggregateResult):
+            return NotImplemented
+        mine, theirs = self._arrays(), other._arrays()
+        return (json.dumps(self._meta(), sort_keys=True) == json.dumps(other._meta(), sort_keys=True)
+                and list(mine) == list(theirs)
+                and all(mine[k].dtype == theirs[k].dtype and np.array_equal(mine[k], theirs[k], equal_nan=True)
+                        for k in mine))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self) -> dict:
+        """Plain content (JSON-serialisable): the metadata and every statistic as nested lists."""
+        return plain({**self._meta(), "counts": self.counts, "output_diff_sum": self.output_diff_sum,
+                      "points_sum": self.points_sum, "stats": self.stats, "errors": self.errors})
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -189,12 +218,13 @@ class AggregateResult:
             raise ConductanceError(f"no examples in group {group!r}; groups with examples: {self.groups}")
         return int(group)
 
-    def _layer(self, layer: Optional[str]) -> str:
+    def _layer(self, layer: Union[str, nn.Module, None]) -> str:
         if layer is None:
             if len(self.layers) != 1:
                 raise ConductanceError(f"this result has several layers {self.layers}; name one")
             return self.layers[0]
-        if layer not in self.stats:
+        layer = self._name_of(layer)
+        if not isinstance(layer, str) or layer not in self.stats:
             raise ConductanceError(f"no layer {layer!r} in this result; it has {self.layers}")
         return layer
 
@@ -207,13 +237,13 @@ class AggregateResult:
         return int(self._total(self.counts, group))
 
     # ---- statistics ---------------------------------------------------------------------------
-    def mean(self, layer: Optional[str] = None, group: Any = None) -> np.ndarray:
+    def mean(self, layer: Union[str, nn.Module, None] = None, group: Any = None) -> np.ndarray:
         """Mean value of every unit, shape ``unit_shapes[layer]``."""
         layer = self._layer(layer)
         n = self.count(group)
         return (self._total(self.stats[layer]["sum"], group) / max(n, 1)).reshape(self.unit_shapes[layer])
 
-    def std(self, layer: Optional[str] = None, group: Any = None, ddof: int = 0) -> np.ndarray:
+    def std(self, layer: Union[str, nn.Module, None] = None, group: Any = None, ddof: int = 0) -> np.ndarray:
         """Standard deviation of every unit over the group's examples (``ddof=1`` for the sample std)."""
         layer = self._layer(layer)
         n = self.count(group)
@@ -234,7 +264,7 @@ class AggregateResult:
             shift = np.where(n > 0, s / np.maximum(n, 1) - mean, 0.0)
         return m2.sum(0) + (n * shift * shift).sum(0)
 
-    def sign_shares(self, layer: Optional[str] = None, group: Any = None) -> dict[str, np.ndarray]:
+    def sign_shares(self, layer: Union[str, nn.Module, None] = None, group: Any = None) -> dict[str, np.ndarray]:
         """Share of examples where each unit is ``positive`` (> near_zero), ``negative`` (< -near_zero)
         or ``near_zero``; the three add up to 1."""
         layer = self._layer(layer)
@@ -242,13 +272,28 @@ class AggregateResult:
         return {k: (self._total(self.stats[layer][k], group) / n).reshape(self.unit_shapes[layer])
                 for k in ("positive", "negative", "near_zero")}
 
-    def top(self, k: int = 5, group: Any = None, layer: Optional[str] = None, absolute: bool = False
-            ) -> list[TopUnit]:
+    def top(self, k: int = 5, layer: Union[str, nn.Module, None] = None, *, group: Any = None,
+            absolute: bool = False) -> list[TopUnit]:
         """The ``k`` units with the largest mean in each layer (or in ``layer``), for ``group``.
 
-        ``absolute=True`` ranks by the size of the mean, so strongly negative units count too.
-        Rows are grouped by layer, in the result's layer order, best first within a layer.
+        Parameters
+        ----------
+        k : int
+            Units per layer.
+        layer : str or nn.Module, optional
+            One layer; None: every layer.
+        group : class index, "all" or None (all examples pooled)
+        absolute : bool
+            Rank by the size of the mean, so strongly negative units count too.
+
+        Returns
+        -------
+        list of :class:`TopUnit`, grouped by layer in the result's layer order, best first within a layer.
         """
+        if layer is not None and not isinstance(layer, (str, nn.Module)):
+            raise ConductanceError(f"layer must be a layer name or module, got {layer!r}: top(k, layer, group=...) "
+                                   "takes the layer second; pass a class as group= (the older top(k, group, "
+                                   "layer) order is gone)")
         out = []
         for name in ([self._layer(layer)] if layer is not None else self.layers):
             mean = self.mean(name, group).ravel()
@@ -281,11 +326,12 @@ class AggregateResult:
                               unit_error_above=int(self._total(e["unit_error_above"], group)))
         return out
 
-    def plot(self, layer: Optional[str] = None, group: Any = None, k: int = 10, ax: Any = None,
-             absolute: bool = True, title: Optional[str] = None) -> Any:
+    def plot(self, layer: Union[str, nn.Module, None] = None, group: Any = None, k: int = 10, ax: Any = None,
+             absolute: bool = True, title: Optional[str] = None, **kwargs: Any) -> Any:
         """Bar chart of the ``k`` units of ``layer`` with the largest |mean| (or mean, ``absolute=False``)
         over ``group`` (a class index; None: all examples), with the standard deviation as error bars.
-        Returns the matplotlib Figure."""
+        ``kwargs`` go to ``ax.bar`` (e.g. ``color="red"``). Returns the matplotlib Figure (no pyplot
+        figure left open)."""
         from .plots import top_units
 
         layer = self._layer(layer)
@@ -293,7 +339,8 @@ class AggregateResult:
         if title is None:
             title = f"{self.measure} of {layer!r}, {self.group_name(group)} ({n} examples): top {k} {self.units}s"
         return top_units(self.mean(layer, group), k=k, ax=ax, title=title, absolute=absolute,
-                         errors=self.std(layer, group), ylabel=f"mean {self.measure} ± std", xlabel=self.units)
+                         errors=self.std(layer, group), ylabel=f"mean {self.measure} ± std", xlabel=self.units,
+                         **kwargs)
 
     def mean_output_diff(self, group: Any = None) -> float:
         """Mean of F(x) - F(x'), the total that a cut layer's conductances add up to."""
@@ -305,10 +352,7 @@ class AggregateResult:
 
         ``group`` is the class index, or ``"all"`` for a pooled result. Needs pandas.
         """
-        try:
-            import pandas as pd
-        except ImportError as exc:
-            raise ModuleNotFoundError("to_dataframe() needs pandas: pip install pandas") from exc
+        pd = pandas()
         frames = []
         for g in self.groups:
             for layer in self.layers:
@@ -345,7 +389,7 @@ class AggregateResult:
                 lines.append(f"{self.group_name(g)}: {self.count(g)} examples, mean F(x) - F(x') "
                              f"{self.mean_output_diff(g):+.4g}")
                 for layer in self.layers:
-                    rows = self.top(k, g, layer)
+                    rows = self.top(k, layer, group=g)
                     lines.append(f"  {layer:<20} " + ", ".join(
                         f"{r.unit} ({r.mean:+.4g} ± {r.std:.2g}, {100 * r.positive:.0f}% +)" for r in rows))
         return "\n".join(lines)
@@ -429,107 +473,24 @@ class AggregateResult:
 # Files: npz (or safetensors) + JSON metadata, written atomically
 # ----------------------------------------------------------------------------------------------
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then os.replace over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); a result file gets the usual permissions (umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 def _write_results(path: str, results: Sequence[AggregateResult], extra: dict) -> None:
     arrays: dict[str, np.ndarray] = {}
     for i, r in enumerate(results):
         arrays.update({f"{i}.{k}": np.ascontiguousarray(v) for k, v in r._arrays().items()})
-    content = {"format": FORMAT, "results": [r._meta() for r in results], **extra}
-    content[CHECKSUM] = _checksum(json.dumps(content, sort_keys=True), arrays)
-    meta = json.dumps(content, sort_keys=True)
-    if str(path).endswith(".safetensors"):
-        try:
-            from safetensors.numpy import save_file
-        except ImportError as exc:
-            raise ModuleNotFoundError(f"writing {path} needs the safetensors package (pip install safetensors); "
-                                      "or use a .npz path") from exc
-        _atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata={"conductance": meta}))
-    else:
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
-        _atomic_write(path, write)
-
-
-def _checksum(meta_json: str, arrays: dict[str, np.ndarray]) -> str:
-    """sha256 of the metadata and of every array's name, dtype, shape and bytes (in name order)."""
-    h = hashlib.sha256(meta_json.encode())
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k])
-        h.update(f"\0{k}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+    _io.write(path, {"format": FORMAT, "results": [r._meta() for r in results], **extra}, arrays)
 
 
 def _unreadable(path: str, why: Any) -> ConductanceError:
-    return ConductanceError(f"{path} is not a readable conductance aggregate file ({why}); it may be truncated "
-                            "or corrupted. It was left as it is: move or delete it to start over")
+    return _io._unreadable(path, "aggregate", why)
 
 
 def _read_results(path: str) -> tuple[dict[str, AggregateResult], dict]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head.startswith(b"PK"):
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-        else:
-            try:
-                from safetensors import safe_open
-            except ImportError:
-                raise _unreadable(path, "not an npz file, and the safetensors package is not installed to "
-                                        "try it as safetensors") from None
-            with safe_open(path, framework="np") as f:
-                meta = json.loads((f.metadata() or {})["conductance"])
-                arrays = {k: np.array(f.get_tensor(k)) for k in f.keys()}   # writable copies
-    except ConductanceError:
-        raise
-    except Exception as exc:     # zipfile.BadZipFile (including bad CRCs), ValueError, KeyError, EOFError, ...
-        raise _unreadable(path, f"{type(exc).__name__}: {exc}") from None
+    meta, arrays = _io.read(path, "aggregate")
     if isinstance(meta, dict) and meta.get("format") == "conductance.aggregate/1":
         raise ConductanceError(f"{path} was written by an older version of conductance (format "
                                f"'conductance.aggregate/1', a sum of squares and no checksum); this version reads "
                                f"{FORMAT!r}. Recompute it (move the file away first); it was left as it is")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _unreadable(path, f"format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                                f"expected {FORMAT!r}")
-    stored = meta.pop(CHECKSUM, None)
-    if stored != _checksum(json.dumps(meta, sort_keys=True), arrays):
-        raise _unreadable(path, "its content does not match the checksum stored in it" if stored else
-                          "no checksum in its metadata")
+    meta = _io.verify(path, meta, arrays, (FORMAT,), "aggregate")
     results = {}
     try:
         for i, m in enumerate(meta["results"]):
@@ -1360,6 +1321,8 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
         _all_reduce([results[m] for m in measures])
     if results is None:
         raise ConductanceError("no batch was aggregated: the data is empty")
+    for r in results.values():
+        r.bind(model)          # result.mean(model.layer) as well as result.mean("layer")
     return results[measures[0]] if isinstance(measure, str) else {m: results[m] for m in measures}
 
 

@@ -369,6 +369,8 @@ def layer_importance(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
     for m in ("conductance", LIG):
         if m in results:
             _warn_accuracy(results[m], max_steps)
+    for r in results.values():
+        r.bind(model)          # result[model.layer] as well as result["layer"]
     return results[names[0]] if isinstance(measure, str) else results
 
 
@@ -477,4 +479,4 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
                               units=units, internal_batch_size=internal_batch_size,
                               attribute_to_layer_input=attribute_to_layer_input)
     _warn_accuracy(result, max_steps)
-    return result
+    return result.bind(model)

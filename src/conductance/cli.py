@@ -295,7 +295,7 @@ def _show_rows(results: dict, args: argparse.Namespace) -> list[dict]:
         layers = _show_layers(result, args)
         for g in _group_of(result, args.group):
             for layer in layers:
-                for rank, r in enumerate(result.top(args.top, g, layer, absolute=args.absolute), 1):
+                for rank, r in enumerate(result.top(args.top, layer, group=g, absolute=args.absolute), 1):
                     rows.append({"measure": measure, "group": "all" if g is None else g,
                                  "group_name": result.group_name(g), "examples": result.count(g),
                                  "mean_output_diff": result.mean_output_diff(g), "layer": layer, "rank": rank,
@@ -313,7 +313,7 @@ def _show_text(results: dict, args: argparse.Namespace) -> str:
             lines.append(f"{result.group_name(g)}: {result.count(g)} examples, mean F(x) - F(x') "
                          f"{result.mean_output_diff(g):+.4g}")
             for layer in layers:
-                rows = result.top(args.top, g, layer, absolute=args.absolute)
+                rows = result.top(args.top, layer, group=g, absolute=args.absolute)
                 lines.append(f"  {layer}")
                 for r in rows:
                     lines.append(f"    unit {r.unit:>5}  mean {r.mean:+.4g}  std {r.std:.3g}  "

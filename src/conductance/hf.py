@@ -42,14 +42,14 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .errors import ConductanceError, ConductanceWarning, warn
 from .layers import _ELEMENT, _suggest
-from .result import LayerResult
+from .result import LayerResult, ResultProtocol, pandas, plain
 
 __all__ = ["layer_conductance", "layer_importance", "TransformerResult", "UnitScore", "bert_layers", "layer_index",
            "reduce_layer", "ablate_heads", "head_inputs", "embedding_module", "num_heads_of", "UNITS",
@@ -672,8 +672,8 @@ def reduce_layer(values: torch.Tensor, unit: str, num_heads: Optional[int], name
     return per if unit == "head_token" else per.sum(1)
 
 
-@dataclass
-class TransformerResult:
+@dataclass(eq=False)
+class TransformerResult(ResultProtocol):
     """Per-unit values of one measure for the layers of a transformer.
 
     ``result[layer]`` is the layer's values in its requested unit (see :data:`UNITS`);
@@ -716,6 +716,11 @@ class TransformerResult:
     target: str = ""
     coarse: dict = field(default_factory=dict, repr=False)
 
+    FORMAT: ClassVar[str] = "conductance.transformer_result/1"
+
+    def _layer_names(self) -> list[str]:
+        return list(self.layers)
+
     @property
     def unit_error(self) -> dict[str, torch.Tensor]:
         """Per layer, each example's estimated per-unit error in the layer's requested unit, (batch,)."""
@@ -730,8 +735,10 @@ class TransformerResult:
         scale = self.output_diff if self.measure in ("conductance", "layer_integrated_gradients") else None
         return unit_error(self.reduce(layer, unit), coarse, scale)
 
-    def __getitem__(self, layer: str) -> torch.Tensor:
-        return self.reduce(layer, self.units[self._check(layer)])
+    def __getitem__(self, layer: Union[str, nn.Module]) -> torch.Tensor:
+        """One layer's values in its requested unit, by name or by module: Tensor (batch, *unit_shape)."""
+        layer = self._check(layer)
+        return self.reduce(layer, self.units[layer])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)
@@ -739,10 +746,11 @@ class TransformerResult:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def _check(self, layer: str) -> str:
-        if layer not in self.elements:
+    def _check(self, layer: Union[str, nn.Module]) -> str:
+        name = self._name_of(layer)
+        if not isinstance(name, str) or name not in self.elements:
             raise KeyError(f"no layer {layer!r} in this result; it has {self.layers}")
-        return layer
+        return name
 
     def reduce(self, layer: str, unit: str) -> torch.Tensor:
         """The layer's values in any unit view, e.g. ``reduce(name, "head_token")`` (batch, tokens, heads)."""
@@ -809,19 +817,87 @@ class TransformerResult:
                 rows.append(UnitScore(layer, layer_index(layer), unit, index, names[i], float(v)))
         return rows
 
-    def top(self, k: int = 10, unit: Optional[str] = None, layers: Optional[Sequence[str]] = None,
-            example: Optional[int] = None, examples: Any = None, absolute: bool = False) -> list[UnitScore]:
+    def top(self, k: int = 10, layer: Union[str, nn.Module, None] = None, *, unit: Optional[str] = None,
+            layers: Optional[Sequence[Union[str, nn.Module]]] = None, example: Optional[int] = None,
+            examples: Any = None, absolute: bool = False) -> list[UnitScore]:
         """The ``k`` largest units across the chosen layers (optionally only one unit kind).
 
-        Ranked by value (largest first) or, with ``absolute=True``, by magnitude; values are one
-        example's or the mean over ``examples`` (default all).
+        Parameters
+        ----------
+        k : int
+            Rows returned in all (ranked across layers, not per layer).
+        layer : str or nn.Module, optional
+            One layer; None: every layer (or those in ``layers``).
+        unit : str, optional
+            Only layers whose unit is this kind ("head", "neuron", ...).
+        example, examples : one example's values, or the mean over ``examples`` (default all).
+        absolute : rank by magnitude instead of value.
+
+        Returns
+        -------
+        list of :class:`UnitScore`, largest first.
         """
-        chosen = [l for l in (layers or self.layers) if unit is None or self.units[l] == unit]
+        if isinstance(layer, str) and layer in UNITS and layer not in self.elements and unit is None:
+            unit, layer = layer, None          # the older top(k, unit)
+        if layer is not None:
+            layers = [layer]
+        chosen = [n for n in (self._check(x) for x in (layers or self.layers)) if unit is None or self.units[n] == unit]
         if not chosen:
             raise ConductanceError(f"no layer with unit {unit!r}; units are {self.units}")
         rows = self.table(example=example, examples=examples, layers=chosen)
         rows.sort(key=lambda r: -abs(r.value) if absolute else -r.value)
         return rows[:k]
+
+    def to_dataframe(self, example: Optional[int] = None) -> Any:
+        """A tidy pandas table, one row per (layer, example, unit) in each layer's requested unit:
+        ``layer``, ``block``, ``kind`` (the unit kind), ``example``, ``unit`` (flat index), ``name``
+        (e.g. "L3.H5"), ``value`` and the example's per-unit error estimate ``unit_error`` (NaN
+        without the coarse values). ``example``: only that example. Needs pandas."""
+        pd = pandas()
+        errors = self.unit_error if self.coarse else {}
+        frames = []
+        for name in self.layers:
+            values = self[name].detach().cpu().flatten(1)
+            batch, n = values.shape
+            picked = range(batch) if example is None else [range(batch)[example]]
+            for ex in picked:
+                err = float(errors[name][ex]) if name in errors else float("nan")
+                frames.append(pd.DataFrame({"layer": name, "block": layer_index(name), "kind": self.units[name],
+                                            "example": ex, "unit": range(n), "name": self.unit_names(name, ex),
+                                            "value": values[ex].double().numpy(), "unit_error": err}))
+        return pd.concat(frames, ignore_index=True)
+
+    def to_dict(self) -> dict:
+        """Plain content (JSON-serialisable): settings, each layer's values in its unit, errors, tokens."""
+        errors = self.unit_error if self.coarse else {}
+        return plain({"measure": self.measure, "layers": self.layers, "units": self.units,
+                      "values": {n: self[n] for n in self.layers}, "unit_error": errors, "delta": self.delta,
+                      "relative_error": self.relative_error, "is_cut": self.is_cut, "output_diff": self.output_diff,
+                      "num_heads": self.num_heads, "tokens": self.tokens, "baseline": self.baseline,
+                      "target": self.target, "method": self.raw.method, "n_steps": self.raw.n_steps,
+                      "n_points": self.raw.n_points})
+
+    def plot(self, layer: Union[str, nn.Module, None] = None, example: Optional[int] = None, k: int = 10,
+             ax: Any = None, **kwargs: Any) -> Any:
+        """Bar chart of the ``k`` units of ``layer`` with the largest |value|, labelled with unit names.
+
+        ``layer`` (name or module) may be omitted when the result has one layer; ``example``: one
+        example's values, else the mean over all. ``kwargs`` go to :func:`conductance.plots.top_units`
+        and on to ``ax.bar`` (e.g. ``color="red"``). Returns the Figure (no pyplot figure left open).
+        """
+        from .plots import top_units
+
+        if layer is None:
+            if len(self.layers) != 1:
+                raise ConductanceError(f"this result has several layers {self.layers}; name one, "
+                                       "e.g. result.plot('layer name')")
+            layer = self.layers[0]
+        name = self._check(layer)
+        values = self[name][example] if example is not None else self.mean(name)
+        which = f"example {example}" if example is not None else f"mean of {self[name].shape[0]} examples"
+        title = kwargs.pop("title", None) or f"{self.measure} of {name!r} ({which}): top {k} {self.units[name]}s"
+        return top_units(values, k=k, labels=self.unit_names(name, example or 0), ax=ax, title=title,
+                         ylabel=self.measure, xlabel=self.units[name], **kwargs)
 
     def completeness(self) -> list[tuple[str, bool, float, float]]:
         """Per layer: (name, is_cut, mean and max relative completeness error over examples)."""
@@ -1147,6 +1223,7 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
             attention_mask=mask if isinstance(mask, torch.Tensor) else None, input_ids=input_ids,
             baseline=baseline_used, target=target_used,
             coarse={rename[k]: v for k, v in r.extra.get("coarse", {}).items()})
+        out[m].bind(model)     # result[model.module] as well as result["name"]
         for layer, unit in plan.units.items():
             if unit in ("head", "head_token", "neuron", "token"):
                 out[m][layer]  # validate the unit against the layer's shape now, not at first use

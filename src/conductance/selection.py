@@ -20,7 +20,7 @@ import contextlib
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, ClassVar, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from .errors import ConductanceError, warn
 from .layers import LayerRef, LayerSpec, resolve_layers, select_element
 from .progress import Progress, check_progress
+from .result import ResultProtocol, pandas
 
 #: Measures that ``feature_selection`` knows how to ask ``layer_importance`` for.
 KNOWN_MEASURES = ("conductance", "activation", "gradient", "grad_x_activation", "internal_influence",
@@ -59,8 +60,8 @@ def _sklearn():
 # --------------------------------------------------------------------------------------------------
 # result
 
-@dataclass
-class FeatureSelectionResult:
+@dataclass(eq=False)
+class FeatureSelectionResult(ResultProtocol):
     """Held-out accuracy of a classifier on the units each measure selects.
 
     Attributes
@@ -103,6 +104,64 @@ class FeatureSelectionResult:
     random_seeds: int
     seed: int
     importance: dict = field(default_factory=dict)
+
+    FORMAT: ClassVar[str] = "conductance.feature_selection/1"
+
+    def _layer_names(self) -> list[str]:
+        return [self.layer]
+
+    def summary(self) -> str:
+        """The plain-text table (:meth:`format_table`)."""
+        return self.format_table()
+
+    def top(self, k: int = 5, layer: Union[str, nn.Module, None] = None, *, measure: Optional[str] = None,
+            random: bool = False) -> list[dict]:
+        """The ``k`` rows with the highest held-out accuracy (ties: fewer units first).
+
+        A feature selection studies one layer: ``layer`` may only name it (or be None).
+        ``measure``: only that measure's rows; ``random=True`` includes the random-unit rows.
+        """
+        if layer is not None and self._name_of(layer) != self.layer:
+            raise ConductanceError(f"this result is of layer {self.layer!r} only, not {layer!r}")
+        rows = [r for r in self.rows if (measure is None or r["measure"] == measure)
+                and (random or measure == RANDOM or r["measure"] != RANDOM)]
+        if measure is not None and not rows:
+            raise ConductanceError(f"no rows for measure {measure!r}; measures {list(self.measures)} and 'random'")
+        return [dict(r) for r in sorted(rows, key=lambda r: (-r["accuracy"], r["n_units"]))[:int(k)]]
+
+    def to_dataframe(self) -> Any:
+        """The tidy table of :attr:`rows` as a pandas DataFrame, one row per (measure, k). Needs pandas."""
+        pd = pandas()
+        columns = ["measure", "k", "n_units", "accuracy", "std", "random_accuracy", "random_std", "n_seeds"]
+        frame = pd.DataFrame([dict(r) for r in self.rows])
+        return frame[[c for c in columns if c in frame] + [c for c in frame if c not in columns]]
+
+    def plot(self, ax: Any = None, title: Optional[str] = None, **kwargs: Any) -> Any:
+        """Held-out accuracy against k, one line per measure, and the random units of the same number
+        (matched to conductance, or to the first measure) as the mean over seeds (dashed), with the all-units
+        accuracy as a dotted line. ``kwargs`` go to every ``ax.plot`` (e.g. ``color="red"``).
+        Returns the matplotlib Figure (no pyplot figure left open)."""
+        from .plots import curves
+
+        ks = np.asarray(self.ks, dtype=float)
+        series: dict[str, Any] = {m: (ks, [self.accuracy(m, k) for k in self.ks]) for m in self.measures}
+        styles: dict[str, dict] = {}
+        if self.random_seeds:
+            try:
+                rand = [self.row(RANDOM, k) for k in self.ks]
+            except KeyError:
+                rand = []
+            if rand:
+                name = f"random units (mean of {self.random_seeds} seeds)"
+                series[name] = (ks, [r["accuracy"] for r in rand])
+                styles[name] = {"linestyle": "--"}
+        if title is None:
+            title = f"feature selection on {self.layer!r} ({self.units}s; all {self.n_layer_units} units: " \
+                    f"{self.all_units_accuracy:.3f})"
+        fig = curves(series, "k (top units per class)", "held-out accuracy", ax=ax, title=title, styles=styles,
+                     markers=True, **kwargs)
+        fig.axes[0].axhline(self.all_units_accuracy, color="black", linestyle=":", linewidth=0.8)
+        return fig
 
     def row(self, measure: str, k: int) -> dict:
         """The row of ``measure`` at ``k``; for ``measure="random"`` the row matched to conductance
@@ -612,4 +671,4 @@ def feature_selection(model: nn.Module, inputs: torch.Tensor, labels: Any, layer
         n_layer_units=n_layer_units, selected=selected, class_scores=class_scores, select_index=select,
         evaluate_index=evaluate, all_units_accuracy=fit(range(n_layer_units)), random_seeds=random_seeds,
         seed=seed, importance={**{k: (v if v is None or isinstance(v, (bool, int, float, str)) else "given")
-                                  for k, v in kwargs.items()}, "batch_size": batch_size})
+                                  for k, v in kwargs.items()}, "batch_size": batch_size}).bind(model)
