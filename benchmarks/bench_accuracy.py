@@ -405,7 +405,7 @@ def curve(model_out: dict, rule: str, key: str = "rel_error") -> list[tuple[int,
 
 
 def first_reaching(model_out: dict, rule: str, target: float) -> Optional[dict]:
-    for points, med, _, rec in curve(model_out, rule):
+    for _points, med, _, rec in curve(model_out, rule):
         if med <= target:
             return rec
     return None

@@ -104,7 +104,7 @@ def trained_model(n_train: int, epochs: int, seed: int = 0) -> tuple[nn.Module, 
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     start = time.perf_counter()
     model.train()
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         for xb, yb in loader:
             opt.zero_grad()
             nn.functional.cross_entropy(model(xb), yb).backward()

@@ -38,8 +38,9 @@ def minilm_result() -> hf.TransformerResult:
     enc = tokenizer(["a gripping, beautifully acted drama.", "dull and far too long.", "not bad at all"],
                     padding=True, return_tensors="pt")
     layers = hf.bert_layers(model, "heads", "layers")
-    return hf.layer_conductance(model, enc["input_ids"], layers, forward_kwargs={"attention_mask": enc["attention_mask"]},
-                                target=0, n_steps=16, tokens=[tokenizer.convert_ids_to_tokens(x) for x in enc["input_ids"]])
+    return hf.layer_conductance(model, enc["input_ids"], layers,
+                                forward_kwargs={"attention_mask": enc["attention_mask"]}, target=0, n_steps=16,
+                                tokens=[tokenizer.convert_ids_to_tokens(x) for x in enc["input_ids"]])
 
 
 def efficientnet_result() -> cd.LayerResult:

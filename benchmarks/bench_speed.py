@@ -58,7 +58,8 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -248,7 +249,7 @@ def part_a(model, x, target, cfg, results: dict) -> None:
 
     def captum_loop():
         for name in LAYERS:
-            wall, cpu, captum_out[name] = measure(lambda: captum_layer(model, x, target, name, n))
+            wall, cpu, captum_out[name] = measure(lambda: captum_layer(model, x, target, name, n))  # noqa: B023 (called at once)
             per_layer[name].append(wall)
             per_layer_cpu[name].append(cpu)
 

@@ -91,13 +91,13 @@ def setup(batch: int):
 
 
 def blocks(model: nn.Module) -> list[str]:
-    return [n for n in hf.bert_layers(model, "layers")]
+    return list(hf.bert_layers(model, "layers"))
 
 
 def ours(model, ids, mask, n_steps: int, method=None) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cd.ConductanceWarning)
-        r = hf.layer_conductance(model, ids, {b: "element" for b in blocks(model)}, target=1, n_steps=n_steps,
+        r = hf.layer_conductance(model, ids, dict.fromkeys(blocks(model), "element"), target=1, n_steps=n_steps,
                                  method=method, forward_kwargs={"attention_mask": mask})
     return {b: r[b] for b in blocks(model)}
 
@@ -288,7 +288,8 @@ def gpt2_main(args) -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         memory[name] = json.loads(out)
         log(f"peak memory at {cfg['memory_tokens']} tokens, n_steps {cfg['memory_steps']}, {name:6s}: VmHWM "
-            f"{memory[name]['vmhwm_mb']:7.0f} MiB (after building the model: {memory[name]['vmhwm_before_mb']:.0f} MiB)")
+            f"{memory[name]['vmhwm_mb']:7.0f} MiB "
+            f"(after building the model: {memory[name]['vmhwm_before_mb']:.0f} MiB)")
     census_model, census_ids, _ = gpt2_setup(cfg["census_batch"], cfg["tokens"])
     census = gpt2_census(census_model, census_ids)
     log(f"neuron census (cd.aggregate): {census['neurons']} MLP neurons x {census['tokens']} positions x "

@@ -70,7 +70,7 @@ class EvalTimer:
         self.seconds = 0.0
         self.original = cd_engine.evaluate
 
-    def __enter__(self) -> "EvalTimer":
+    def __enter__(self) -> EvalTimer:
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
                              "seconds": time.perf_counter() - t0, "evaluations": points * x.shape[0],
                              "points": [points] * x.shape[0],
                              "actual": {L: per_unit_error(values, ref[L]).tolist()},
-                             "agreement_with_ours": float(((values - ours[L]).norm() / values.norm()))})
+                             "agreement_with_ours": float((values - ours[L]).norm() / values.norm())})
                 checkpoint()
                 print(f"captum library {points:6d} {L:34s} per-unit worst "
                       f"{100 * max(runs[-1]['actual'][L]):6.2f}%  agreement with method='captum' "

@@ -58,5 +58,4 @@ def data() -> DataLoader:
 
 def generic_data():
     """The same batches as data(), from a generator (no length, no batch sampler)."""
-    for batch in data():
-        yield batch
+    yield from data()

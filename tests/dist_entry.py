@@ -11,12 +11,11 @@ import os
 import sys
 import time
 
+import agg_entry
 import torch
 
 import conductance as cd
 from conductance.aggregate import init_distributed
-
-import agg_entry
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

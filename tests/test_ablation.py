@@ -19,7 +19,6 @@ import conductance as cd
 from conductance import ConductanceError
 from conductance import ablation as A
 
-
 # --------------------------------------------------------------------------- helpers
 
 

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
+import agg_entry
 import numpy as np
 import pytest
 import torch
@@ -19,11 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import conductance as cd
-from conductance.aggregate import _write_results
-from conductance.aggregate import AggregateResult, checkpoint_info
+from conductance.aggregate import AggregateResult, _write_results, checkpoint_info
 from conductance.datasets import fashion_mnist_available, load_fashion_mnist, read_idx
-
-import agg_entry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYERS = ["0", "2"]
@@ -296,7 +295,7 @@ def test_mismatched_checkpoint_is_refused_and_left_unchanged(tmp_path, change, m
     ck = str(tmp_path / "ck.npz")
     model = agg_entry.model()
     cd.aggregate(model, agg_entry.data(), LAYERS, checkpoint=ck, limit_batches=3, **FIXED)
-    good = open(ck, "rb").read()
+    good = Path(ck).read_bytes()
     kwargs = dict(FIXED, checkpoint=ck)
     data = agg_entry.data()
     if "data_seed" in change:
@@ -311,7 +310,7 @@ def test_mismatched_checkpoint_is_refused_and_left_unchanged(tmp_path, change, m
     with pytest.raises(cd.ConductanceError, match=message) as info:
         cd.aggregate(model, data, LAYERS, **kwargs)
     assert "left unchanged" in str(info.value)
-    assert open(ck, "rb").read() == good
+    assert Path(ck).read_bytes() == good
 
 
 def _last_data_byte(archive: bytes, member: str) -> int:
@@ -329,7 +328,7 @@ def test_corrupted_checkpoint_gives_a_clear_error_and_is_left_unchanged(tmp_path
     ck = str(tmp_path / "ck.npz")
     model = agg_entry.model()
     cd.aggregate(model, agg_entry.data(), LAYERS, checkpoint=ck, limit_batches=2, **FIXED)
-    good = open(ck, "rb").read()
+    good = Path(ck).read_bytes()
     if damage == "truncate":
         bad = good[: len(good) // 2]
     elif damage == "garbage":
@@ -341,13 +340,13 @@ def test_corrupted_checkpoint_gives_a_clear_error_and_is_left_unchanged(tmp_path
         bad = b""
     else:                                      # a saved result where a checkpoint should be
         AggregateResult.load(ck).save(str(tmp_path / "r.npz"))
-        bad = open(str(tmp_path / "r.npz"), "rb").read()
+        bad = (tmp_path / "r.npz").read_bytes()
     with open(ck, "wb") as f:
         f.write(bad)
     match = "saved result, not a checkpoint" if damage == "result" else "not a readable conductance"
     with pytest.raises(cd.ConductanceError, match=match):
         cd.aggregate(model, agg_entry.data(), LAYERS, checkpoint=ck, **FIXED)
-    assert open(ck, "rb").read() == bad
+    assert Path(ck).read_bytes() == bad
 
 
 def test_kill_9_during_a_run_then_resume_equals_the_uninterrupted_run(tmp_path):

@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,10 +220,11 @@ def test_show_out_follows_its_extension(result_file, tmp_path, capsys):
     path, r = result_file
     code, _, err = run(["show", path, "--out", str(tmp_path / "top.csv"), "--top", "2"], capsys)
     assert code == 0, err
-    rows = list(csv.DictReader(open(tmp_path / "top.csv")))
+    with open(tmp_path / "top.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == len(_expected_rows(r, 2))
     code, _, err = run(["show", path, "--out", str(tmp_path / "top.json")], capsys)
-    assert code == 0 and isinstance(json.load(open(tmp_path / "top.json")), list)
+    assert code == 0 and isinstance(json.loads(Path(tmp_path / "top.json").read_text()), list)
     code, _, err = run(["show", path, "--out", str(tmp_path / "top.xlsx")], capsys)
     assert code == 2 and ".txt, .json, .csv" in err
     code, _, err = run(["show", path, "--out", str(tmp_path / "top.csv"), "--format", "json"], capsys)
@@ -291,6 +293,6 @@ def test_feature_selection_progress_counts_selection_examples(capsys):
     n_select = int(quiet.select_index.numel())
     assert n_select > 8                               # several batches
     assert "feature selection: conductance" in err and f"{n_select}/{n_select}" in err
-    assert [r for r in quiet.rows] == [r for r in shown.rows]
+    assert list(quiet.rows) == list(shown.rows)
     with pytest.raises(cd.ConductanceError, match="progress must be True"):
         cd.feature_selection(agg_entry.model(), x, y, "3", progress=1, **kwargs)

@@ -18,7 +18,6 @@ from torch.nn.modules import module as nn_module
 import conductance as cd
 from conductance import ConductanceError, ConductanceWarning
 
-
 # --------------------------------------------------------------------------- models
 
 
@@ -232,8 +231,8 @@ def test_non_finite_baselines(net, x, value):
     tensor_b = torch.zeros(4)
     tensor_b[3] = value
     for b in (value, tensor_b):
-        check_raises(net, lambda: layer(net, x, "fc1", baselines=b), ValueError, r"baselines contain NaN or Inf")
-        check_raises(net, lambda: neuron(net, x, "fc1", [0], baselines=b), ValueError,
+        check_raises(net, lambda b=b: layer(net, x, "fc1", baselines=b), ValueError, r"baselines contain NaN or Inf")
+        check_raises(net, lambda b=b: neuron(net, x, "fc1", [0], baselines=b), ValueError,
                      r"baselines contain NaN or Inf")
 
 

@@ -4,6 +4,7 @@ and (slow) the quick reproduction end to end."""
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,7 +190,7 @@ def test_quick_run_records_every_number(tmp_path, monkeypatch):
     report = Report("test", {})
     image.run(report, quick=True, weights=str(weights), seed=0)
     _, json_path = report.write(str(tmp_path / "out"))
-    data = json.load(open(json_path))
+    data = json.loads(Path(json_path).read_text())
     assert data["image-settings"]["quick"] is True
     assert "QUICK" in report.to_html()
 
@@ -227,15 +228,15 @@ def test_quick_run_records_every_number(tmp_path, monkeypatch):
     ab = data["image-fashion-ablation"]
     assert ab["relative_error_max"] < 0.2
     assert set(ab["modes"]) == {"zero", "baseline"}
-    for layer, entry in ab["modes"]["zero"].items():
-        for measure, row in entry["rows"].items():
+    for entry in ab["modes"]["zero"].values():
+        for row in entry["rows"].values():
             assert row["examples"] == 20  # one random order per image in the quick run
             assert 0 <= row["more_than_k"] <= row["examples"] and 0 <= row["top_k_flipped"] <= row["examples"]
             if row["max_flips"] is not None:
                 assert row["max_flips"] == int(row["max_flips"]) and 1 <= row["max_flips"] <= 96
                 assert 1 <= row["mean_flips"] <= row["max_flips"]
     sel = data["image-fashion-selection"]
-    for layer, entry in sel["layers"].items():
+    for entry in sel["layers"].values():
         assert entry["n_select"] == 100 and entry["n_evaluate"] == 60
         assert entry["all_units_accuracy"] > 0.5
         for row in entry["rows"]:

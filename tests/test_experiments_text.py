@@ -2,6 +2,7 @@
 on the real Rotten Tomatoes snippets with GloVe, the sign statistic and the negation detector."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,4 +270,4 @@ def test_run_quick_writes_every_section_and_number(tmp_path, monkeypatch):
     assert comp["token_sum_max_abs_error"] < 0.01
     assert len([f for f in report.files if f.startswith("text-")]) == 4
     out_html, out_json = report.write(str(tmp_path / "out"))
-    assert "Text: negation" in open(out_html).read()
+    assert "Text: negation" in Path(out_html).read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -63,10 +64,10 @@ def test_missing_file_names_the_command(tmp_path, monkeypatch):
 
 def test_extras_need_no_scattertext_install():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    text = open(os.path.join(root, "pyproject.toml")).read()
+    text = Path(os.path.join(root, "pyproject.toml")).read_text()
     deps = text[text.index("[project.optional-dependencies]"):text.index("[project.scripts]")]
     assert "scattertext" not in deps
     reproduce = [line for line in deps.splitlines() if line.startswith("reproduce")][0]
     assert "jinja2" in reproduce and "plots" in reproduce and "text" in reproduce
-    setup = open(os.path.join(root, "scripts", "setup.sh")).read()
+    setup = Path(os.path.join(root, "scripts", "setup.sh")).read_text()
     assert "install --quiet --no-deps" not in setup and "fetch-data rotten-tomatoes" in setup

@@ -2,6 +2,7 @@
 
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,7 +155,8 @@ def test_table_top_and_names(tiny):
     assert best.name == f"L{best.block}.H{best.index}"
     assert best.value == pytest.approx(float(r[best.layer][:, best.index].mean()))
     one = r.top(3, unit="neuron", example=1, absolute=True)
-    assert abs(one[0].value) == pytest.approx(float(max(r[l][1].abs().max() for l in layers if layers[l] == "neuron")))
+    neurons = [name for name in layers if layers[name] == "neuron"]
+    assert abs(one[0].value) == pytest.approx(float(max(r[name][1].abs().max() for name in neurons)))
     assert r.unit_names("encoder.encoder.layer.0.intermediate")[7] == "L0.N7"
 
 
@@ -296,7 +298,7 @@ def test_reproduce_transformer_quick(tmp_path, monkeypatch):
         warnings.simplefilter("always", cd.ConductanceWarning)
         transformer.run(report, quick=True, weights=None, seed=0)
     report.write(str(tmp_path / "out"))
-    data = json.load(open(tmp_path / "out" / "results.json"))
+    data = json.loads(Path(tmp_path / "out" / "results.json").read_text())
     assert data["transformer-model"]["test_accuracy"] > 0.65
     # the fixed rule's completeness warnings go to the report, one per batch with a layer above 5%
     completeness = data["transformer-completeness"]

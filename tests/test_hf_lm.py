@@ -263,7 +263,7 @@ def test_heads_sum_to_attention_output_conductance(name):
     model = _model(name)
     fam = hf.family(model)
     ids = _ids(batch=2, tokens=5, seed=3)
-    layers = {**hf.layers(model, "attention"), **{a: "layer" for a in fam.attention}}
+    layers = {**hf.layers(model, "attention"), **dict.fromkeys(fam.attention, "layer")}
     r = hf.layer_conductance(model, ids, layers, target=[(3, 4), (4, 12)], n_steps=16)
     for a in fam.attention:
         heads = r[a + ":input"]
@@ -349,7 +349,8 @@ def test_unknown_family_names_layers_by_hand():
 # baselines, errors, modes
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")  # few points: only the baselines matter here
+# few points: only the baselines matter here
+@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")
 def test_baselines_recorded_and_pad_error(gpt2):
     ids = _ids()
     layers = hf.layers(gpt2, "block")
@@ -402,7 +403,8 @@ def test_errors_say_user_layer_names_and_modes(gpt2):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")  # 16 points: the equality of two views is what matters
+# 16 points: the equality of two views is what matters
+@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")
 def test_real_minilm_family_matches_bert_layers():
     """The pretrained all-MiniLM-L6-v2 (a real BERT), wrapped with a head: found from its modules."""
     from conductance.experiments.transformer import SentimentModel, load_minilm

@@ -13,8 +13,7 @@ pytest.importorskip("sklearn")
 
 import conductance as cd  # noqa: E402
 from conductance import ConductanceError  # noqa: E402
-from conductance.pruning import (CalibratedTaylorImportance, ConductanceImportance, input_fill,  # noqa: E402
-                                 prunable_layers, prune)
+from conductance.pruning import CalibratedTaylorImportance, ConductanceImportance, input_fill, prunable_layers, prune  # noqa: E402
 
 HIDDEN = 128
 

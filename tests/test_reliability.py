@@ -14,17 +14,17 @@ import os
 import shutil
 import tempfile
 import warnings
+from pathlib import Path
 
+import agg_entry
 import numpy as np
 import pytest
 import torch
+from models import Chain, Lambda
 from torch import nn
 
 import conductance as cd
 from conductance.aggregate import AggregateResult, _write_results, checkpoint_info
-
-import agg_entry
-from models import Chain, Lambda
 
 LAYERS = ["0", "2"]
 FIXED = dict(n_steps=8)
@@ -166,7 +166,7 @@ def test_damaged_checkpoint_is_refused_and_left_unchanged(tmp_path, ext, how):
     ck = str(tmp_path / f"ck.{ext}")
     model = agg_entry.model()
     cd.aggregate(model, agg_entry.data(), LAYERS, checkpoint=ck, limit_batches=2, **FIXED)
-    good = open(ck, "rb").read()
+    good = Path(ck).read_bytes()
     bad = _damage(good, how, ext)
     assert bad != good
     with open(ck, "wb") as f:
@@ -174,15 +174,15 @@ def test_damaged_checkpoint_is_refused_and_left_unchanged(tmp_path, ext, how):
     with pytest.raises(cd.ConductanceError, match="not a readable conductance aggregate file") as info:
         cd.aggregate(model, agg_entry.data(), LAYERS, checkpoint=ck, **FIXED)
     assert "left as it is" in str(info.value)
-    assert open(ck, "rb").read() == bad
+    assert Path(ck).read_bytes() == bad
     with pytest.raises(cd.ConductanceError, match="not a readable"):
         AggregateResult.load(ck)
 
 
 def test_one_flipped_bit_in_a_safetensors_value_is_caught_by_the_checksum(tmp_path):
     # the failure of the issue: a flipped byte in the data used to be resumed from (a mean of 3e76)
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
     path = str(tmp_path / "r.safetensors")
     r = cd.aggregate(agg_entry.model(), agg_entry.data(), LAYERS, limit_batches=2, **FIXED)
@@ -217,11 +217,11 @@ def test_resume_with_a_different_callable_target_is_refused(tmp_path):
     model = agg_entry.model()
     kw = dict(checkpoint=ck, by=None, **FIXED)
     cd.aggregate(model, agg_entry.data(), LAYERS, target=lambda o: o[:, 0], limit_batches=2, **kw)
-    good = open(ck, "rb").read()
+    good = Path(ck).read_bytes()
     for other in (lambda o: o[:, 2], _target_of(0), lambda o: o[:, 0] * 2):
         with pytest.raises(cd.ConductanceError, match="target: 'callable:.*in the checkpoint"):
             cd.aggregate(model, agg_entry.data(), LAYERS, target=other, **kw)
-        assert open(ck, "rb").read() == good
+        assert Path(ck).read_bytes() == good
     # the same computation, written again (another lambda object): resumes and equals the whole run
     resumed = cd.aggregate(model, agg_entry.data(), LAYERS, target=lambda o: o[:, 0], **kw)
     whole = cd.aggregate(model, agg_entry.data(), LAYERS, target=lambda o: o[:, 0], by=None, **FIXED)
@@ -245,10 +245,10 @@ def test_one_process_on_a_checkpoint_written_by_two_is_refused(tmp_path):
         info = dict(meta["checkpoint"], rank=rank, world_size=2)
         _write_results(f"{ck}.rank{rank}", list(results.values()), {"checkpoint": info})
     os.unlink(ck)
-    files = {p: open(p, "rb").read() for p in (f"{ck}.rank0", f"{ck}.rank1")}
+    files = {p: Path(p).read_bytes() for p in (f"{ck}.rank0", f"{ck}.rank1")}
     with pytest.raises(cd.ConductanceError, match=r"written by 2 process\(es\).*this run has 1"):
         cd.aggregate(model, agg_entry.data(), LAYERS, checkpoint=ck, **FIXED)
-    assert not os.path.exists(ck) and all(open(p, "rb").read() == b for p, b in files.items())
+    assert not os.path.exists(ck) and all(Path(p).read_bytes() == b for p, b in files.items())
     assert checkpoint_info(f"{ck}.rank1")["world_size"] == 2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ def test_page_is_rendered_from_the_templates_and_escapes_text(tmp_path):
     with open(os.path.join(rp.TEMPLATES, "report.css")) as f:
         assert f.read().splitlines()[0] in page
     html_path, json_path = r.write(str(tmp_path))
-    assert open(html_path, encoding="utf-8").read() == page
+    assert Path(html_path).read_text(encoding="utf-8") == page
 
 
 def test_percent_and_nan_strings_become_n_a_with_the_reason():

@@ -142,7 +142,8 @@ def _altered(result):
     if isinstance(result, cd.LayerResult):
         result.attributions["3"][1, 2] += 1e-6
     elif isinstance(result, hf.TransformerResult):
-        result.elements["encoder.layer.1" if "encoder.layer.1" in result.elements else result.layers[1]][0, 1, 3] += 1e-6
+        block = "encoder.layer.1" if "encoder.layer.1" in result.elements else result.layers[1]
+        result.elements[block][0, 1, 3] += 1e-6
     elif isinstance(result, cd.AggregateResult):
         result.stats["1"]["sum"][0, 0] += 1e-9
     elif isinstance(result, cd.AblationCurve):
@@ -160,7 +161,7 @@ def test_equality_sees_one_changed_value(request, tmp_path, kind):
     path = str(tmp_path / "r.safetensors")
     result.save(path)
     other = _altered(cd.load(path))
-    assert other != result and not (other == result)
+    assert other != result and not (other == result)  # noqa: SIM201 (__eq__ itself, not only __ne__)
     assert cd.load(path) == result
 
 

@@ -90,7 +90,7 @@ def test_conductance_beats_random_units_at_small_k(conductance_runs):
     # (-0.02) in one; the mean over any 3 of them stays above 0.1. So: the mean over seeds with a
     # margin, a majority of seeds, and no seed far below random.
     gains = {k: [] for k in (1, 2)}
-    for seed, res in conductance_runs.items():
+    for res in conductance_runs.values():
         for k in gains:
             row = res.row("conductance", k)
             gains[k].append(row["accuracy"] - row["random_accuracy"])
@@ -277,7 +277,10 @@ def test_explicit_split_indices_and_mask():
 def test_stratified_split_sizes():
     y = torch.tensor([0] * 50 + [1] * 50 + [2] * 5 + [3] * 2)
     sel, ev = stratified_split(y, 0.6, seed=1)
-    counts = lambda idx: [int((y[idx] == c).sum()) for c in range(4)]
+
+    def counts(idx):
+        return [int((y[idx] == c).sum()) for c in range(4)]
+
     assert counts(sel) == [30, 30, 3, 1] and counts(ev) == [20, 20, 2, 1]
     sel2, _ = stratified_split(y, 0.6, seed=2)
     assert not torch.equal(sel, sel2)

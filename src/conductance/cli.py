@@ -8,7 +8,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from . import __version__
 from .errors import ConductanceError
@@ -125,7 +126,8 @@ def _demo(args: argparse.Namespace) -> int:
             values = result[layer][0]
             top = torch.argsort(values, descending=True)[:args.top]
             shown = ", ".join(f"{int(c)} ({values[c]:+.3f})" for c in top)
-            print(f"  {layer:<11} {values.numel():>4} filters, per-unit error {100 * result.unit_error[layer][0]:5.2f}%, "
+            print(f"  {layer:<11} {values.numel():>4} filters, "
+                  f"per-unit error {100 * result.unit_error[layer][0]:5.2f}%, "
                   f"completeness error {100 * result.relative_error[layer][0]:5.2f}%   top filters: {shown}")
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
@@ -306,7 +308,7 @@ def _show_rows(results: dict, args: argparse.Namespace) -> list[dict]:
 
 def _show_text(results: dict, args: argparse.Namespace) -> str:
     lines = []
-    for measure, result in results.items():
+    for result in results.values():
         layers = _show_layers(result, args)
         lines.append(result.summary())
         for g in _group_of(result, args.group):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 

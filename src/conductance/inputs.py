@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -247,8 +247,8 @@ def _index_target(target: Any, scores: torch.Tensor, batch: int, device: torch.d
     example = ", ".join(["i"] * k)
     hint = (f"pass one index tuple of {k} integers per example into the output without its batch dimension "
             f"{dims}, e.g. target=[({example}), ...] with {batch} tuples" + (" ((position, token) for a language "
-            "model)" if k == 2 else "") + f", one tuple ({example}) for every example, a LongTensor ({batch}, {k}), or a "
-            "callable target(output, examples)")
+            "model)" if k == 2 else "") + f", one tuple ({example}) for every example, a LongTensor ({batch}, {k}), "
+            "or a callable target(output, examples)")
     if isinstance(target, numbers.Integral) and not isinstance(target, bool):
         raise ConductanceError(f"an int target picks a class of a (batch, classes) output, but the model output "
                                f"has shape {tuple(scores.shape)}; {hint}")
@@ -293,8 +293,8 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                   ) -> tuple[PathProblem, Any]:
     """Validate everything and return the problem plus the model's output at the inputs.
 
-    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic, layout included);
-    otherwise convolutional models get channels-last path points when they can take them."""
+    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic, layout
+    included); otherwise convolutional models get channels-last path points when they can take them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
                         f"{type(model).__name__}")

@@ -9,8 +9,8 @@ Use it on small models and single examples only.
 from __future__ import annotations
 
 import copy
-
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 import torch

@@ -19,15 +19,16 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import cache_dir  # noqa: F401  (shared cache folder; re-exported)
 from ..errors import ConductanceError
+from . import cache_dir  # noqa: F401  (shared cache folder; re-exported)
 
 __all__ = ["BasicConv", "InceptionModule", "FashionInception", "TrainConfig", "TrainedModel", "QUICK_CONFIG",
            "FULL_CONFIG", "INCEPTION_LAYERS", "cache_dir", "cache_path", "train", "evaluate", "load_or_train",

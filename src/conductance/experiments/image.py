@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -441,23 +442,23 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
 def _importance_many(model: nn.Module, x: torch.Tensor, layers: Sequence[str], measures: Sequence[str],
                      rule: dict, batch: int = 50) -> dict:
     """{measure: {layer: (n, channels)}} plus completeness errors {layer: (n,)} and points (n,), in batches."""
-    out = {m: {l: [] for l in layers} for m in measures}
-    errors = {l: [] for l in layers}
-    unit_errors = {l: [] for l in layers}
+    out = {m: {ln: [] for ln in layers} for m in measures}
+    errors = {ln: [] for ln in layers}
+    unit_errors = {ln: [] for ln in layers}
     points = []
     for start in range(0, x.shape[0], batch):
         r = cd.layer_importance(model, x[start:start + batch], list(layers), list(measures), units="channel",
                                 baselines=0.0, **rule)
         for m in measures:
-            for l in layers:
-                out[m][l].append(r[m][l])
-        for l in layers:
-            errors[l].append(r["conductance"].relative_error[l])
-            unit_errors[l].append(r["conductance"].unit_error[l])
+            for ln in layers:
+                out[m][ln].append(r[m][ln])
+        for ln in layers:
+            errors[ln].append(r["conductance"].relative_error[ln])
+            unit_errors[ln].append(r["conductance"].unit_error[ln])
         points.append(r["conductance"].n_points)
-    return {"values": {m: {l: torch.cat(v) for l, v in d.items()} for m, d in out.items()},
-            "relative_error": {l: torch.cat(v) for l, v in errors.items()},
-            "unit_error": {l: torch.cat(v) for l, v in unit_errors.items()}, "n_points": torch.cat(points)}
+    return {"values": {m: {ln: torch.cat(v) for ln, v in d.items()} for m, d in out.items()},
+            "relative_error": {ln: torch.cat(v) for ln, v in errors.items()},
+            "unit_error": {ln: torch.cat(v) for ln, v in unit_errors.items()}, "n_points": torch.cat(points)}
 
 
 def fashion_ablation(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *, measures: Sequence[str] = MEASURES,
@@ -520,17 +521,17 @@ def fashion_selection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers
                                               units="channel", random_seeds=random_seeds,
                                               importance_kwargs={"baselines": 0.0, **rule}, seed=seed, batch_size=100)
     # the completeness error of the conductance runs the ranking came from (same examples, targets, rule)
-    errors = {l: [] for l in layers}
-    unit_errors = {l: [] for l in layers}
+    errors = {ln: [] for ln in layers}
+    unit_errors = {ln: [] for ln in layers}
     xsel, ysel = xs[split[0]], ys[split[0]]
     for s in range(0, xsel.shape[0], 100):
         r = cd.layer_conductance(model, xsel[s:s + 100], list(layers), target=ysel[s:s + 100], units="channel",
                                  baselines=0.0, **rule)
-        for l in layers:
-            errors[l].append(r.relative_error[l])
-            unit_errors[l].append(r.unit_error[l])
-    return {"results": results, "relative_error": {l: torch.cat(v) for l, v in errors.items()},
-            "unit_error": {l: torch.cat(v) for l, v in unit_errors.items()},
+        for ln in layers:
+            errors[ln].append(r.relative_error[ln])
+            unit_errors[ln].append(r.unit_error[ln])
+    return {"results": results, "relative_error": {ln: torch.cat(v) for ln, v in errors.items()},
+            "unit_error": {ln: torch.cat(v) for ln, v in unit_errors.items()},
             "seconds": time.perf_counter() - start}
 
 
@@ -575,8 +576,9 @@ def _settings_section(report, s: ImageSettings, weights: Optional[str], seed: in
              "the same Inception modules but trained on Fashion-MNIST (28x28 grey images, 10 classes); its numbers "
              "are not expected to equal the paper's, which come from a 1000-class network with many more filters "
              "per layer.")
-    sec.numbers(quick=s.quick, seed=seed, threads=torch.get_num_threads(), photos=s.photos, effnet_blocks=s.effnet_blocks,
-                googlenet_weights=weights, train_config=asdict(s.train_config), ablation_layers=s.ablation_layers,
+    sec.numbers(quick=s.quick, seed=seed, threads=torch.get_num_threads(), photos=s.photos,
+                effnet_blocks=s.effnet_blocks, googlenet_weights=weights, train_config=asdict(s.train_config),
+                ablation_layers=s.ablation_layers,
                 ablation_images=s.ablation_images, selection_layers=s.selection_layers, n_select=s.n_select,
                 n_evaluate=s.n_evaluate, ks=list(s.ks), photo_rule=s.photo_rule, pixel_rule=s.pixel_rule,
                 fashion_rule=s.fashion_rule, selection_rule=s.selection_rule, measures=list(s.measures),
@@ -616,18 +618,18 @@ def _ablation_section(report, ab: dict, s: ImageSettings) -> None:
                   caption=f"Mode '{mode}': filters removed until the top label changes, ours (Fashion-MNIST "
                           "Inception) and the paper's (Inception v1, ImageNet, of 100 images; 'zero' mode only)")
     layers = list(ab["relative_error"])
-    errs = torch.cat([ab["relative_error"][l] for l in layers])
-    unit_errs = torch.cat([ab["unit_error"][l] for l in layers])
+    errs = torch.cat([ab["relative_error"][ln] for ln in layers])
+    unit_errs = torch.cat([ab["unit_error"][ln] for ln in layers])
     sec.text("Per-unit error of the conductance rankings (per image and layer): " + _err_text(unit_errs)
              + "; completeness error: " + _err_text(errs) + "; "
-             + "; ".join(f"{l}: {_err_text(ab['relative_error'][l])}" for l in layers)
+             + "; ".join(f"{ln}: {_err_text(ab['relative_error'][ln])}" for ln in layers)
              + f". Path points per image: {float(ab['n_points'].float().mean()):.0f} on average. "
              + f"Rule: {_rule_text(s.fashion_rule)}.")
     sec.numbers(modes=numbers, paper=PAPER_ABLATION, relative_error_max=float(errs.max()),
                 relative_error_mean=float(errs.mean()), unit_error_max=float(unit_errs.max()),
                 unit_error_mean=float(unit_errs.mean()),
-                relative_error={l: {"max": float(ab["relative_error"][l].max()),
-                                    "mean": float(ab["relative_error"][l].mean())} for l in layers},
+                relative_error={ln: {"max": float(ab["relative_error"][ln].max()),
+                                     "mean": float(ab["relative_error"][ln].mean())} for ln in layers},
                 mean_points=float(ab["n_points"].float().mean()), seconds=round(ab["seconds"], 1))
     layer = layers[-1] if len(layers) < 3 else layers[2]
     for mode, summaries in ab["summaries"].items():
@@ -762,7 +764,7 @@ def _run(report, *, quick: bool, weights: Optional[str], seed: int) -> None:
              + f" ({trained.path}); test accuracy on the first {trained.config.n_test} test images: "
              f"{100 * trained.test_accuracy:.2f}%"
              + (f"; training took {trained.train_seconds:.0f} s" if trained.train_seconds else "") + ".")
-    sec.table([[l, net.get_submodule(l).out_channels, "14x14" if "3" in l else "7x7"] for l in fi.INCEPTION_LAYERS],
+    sec.table([[ln, net.get_submodule(ln).out_channels, "14x14" if "3" in ln else "7x7"] for ln in fi.INCEPTION_LAYERS],
               ["module", "filters (channels)", "resolution"], caption="Inception modules studied")
     sec.numbers(test_accuracy=trained.test_accuracy, trained_now=trained.trained_now, cache=trained.path,
                 train_seconds=trained.train_seconds, config=asdict(trained.config), history=trained.history,

@@ -15,8 +15,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 __all__ = ["Report", "Section", "Missing", "percent", "shorten", "to_jsonable"]
 
@@ -50,7 +51,7 @@ class Missing(str):
 
     missing = True
 
-    def __new__(cls, why: str = "") -> "Missing":
+    def __new__(cls, why: str = "") -> Missing:
         cell = super().__new__(cls, "n/a")
         cell.why = why
         return cell
@@ -103,15 +104,15 @@ class Section:
 
     title: str
     key: str
-    report: "Report"
+    report: Report
     blocks: list[Any] = field(default_factory=list)
 
-    def text(self, paragraph: str) -> "Section":
+    def text(self, paragraph: str) -> Section:
         """Add a paragraph of plain text (escaped; blank lines start new paragraphs)."""
         self.blocks.append({"kind": "text", "paragraphs": [p.strip() for p in paragraph.strip().split("\n\n")]})
         return self
 
-    def html(self, fragment: str) -> "Section":
+    def html(self, fragment: str) -> Section:
         """Add a trusted HTML fragment as it is."""
         self.blocks.append({"kind": "html", "html": fragment})
         return self
@@ -135,7 +136,7 @@ class Section:
         return filename
 
     def table(self, rows: Sequence[Sequence[Any]], headers: Sequence[str], caption: Optional[str] = None,
-              missing: str = "") -> "Section":
+              missing: str = "") -> Section:
         """Add a table; cells are formatted numbers or escaped text.
 
         Cells without a value (NaN, or a :class:`Missing` from :func:`percent`) show "n/a"; the
@@ -148,7 +149,7 @@ class Section:
                             "rows": cells, "notes": notes})
         return self
 
-    def numbers(self, **values: Any) -> "Section":
+    def numbers(self, **values: Any) -> Section:
         """Record numbers under this section's key in ``results.json`` (not shown by themselves)."""
         self.report.data.setdefault(self.key, {}).update(to_jsonable(values))
         return self

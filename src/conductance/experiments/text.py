@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -246,7 +247,8 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
              f"is the (batch, tokens, {config.dim}) embedding tensor. "
              + ("Weights loaded from the cache." if info.get("cached") else
                 f"Trained now in {info.get('train_seconds', float('nan')):.1f} s and cached."))
-    sec.table([["test accuracy", f"{100 * acc:.1f}%", "about 78% (a Kim-style CNN with these vectors, full run; docs/REPRODUCTION.md)"],
+    sec.table([["test accuracy", f"{100 * acc:.1f}%",
+                "about 78% (a Kim-style CNN with these vectors, full run; docs/REPRODUCTION.md)"],
                ["majority-class rate", f"{100 * majority:.1f}%", ""],
                ["test reviews", len(test_texts), "SST: about 4,000 examples (paper)"],
                ["training reviews", info["train_examples"], ""],
@@ -287,9 +289,9 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
     sec = report.section("Text: sign of filter conductance", "text-signs")
     sec.text(f"Conductance of the {config.n_filters} max-pooled filter features (a cut: they sum to F(x) − F(x')) "
              f"for {len(texts)} test reviews, one layer_conductance call per batch of 128, explaining each "
-             f"review's predicted logit (adaptive rule to 2% per-unit and completeness error). |c| < {THRESHOLD} counts as "
-             f"zero. A filter counts as single-signed when at least {100 * PURITY:.0f}% of its non-zero "
-             "conductances have one sign.")
+             f"review's predicted logit (adaptive rule to 2% per-unit and completeness error). "
+             f"|c| < {THRESHOLD} counts as zero. A filter counts as single-signed when at least {100 * PURITY:.0f}% "
+             "of its non-zero conductances have one sign.")
     rows_shown = min(len(texts), settings["heat_rows"])
     sub = rng.choice(len(texts), rows_shown, replace=False) if rows_shown < len(texts) else np.arange(len(texts))
     fig = plots.sign_heatmap(pred_run["values"][sub], threshold=THRESHOLD, xlabel="filters", symbol="c",

