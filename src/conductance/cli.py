@@ -118,6 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
                                     f", n_steps {first.n_steps}") + f"; {seconds:.1f} s")
     for i, name in enumerate(args.photo):
         result = results[i]
+        assert result.target is not None  # layer_conductance records the target it explained
         label = int(result.target[0])
         print(f"\nphoto {name!r}: top label {label} '{classes[label]}' "
               f"(logit {logits[i, label]:.2f}); F(x) - F(x') = {result.output_diff[0]:.3f}; "
@@ -169,6 +170,8 @@ def load_entry_point(spec: str, what: str, kind: Optional[type] = None):
             raise FileNotFoundError(f"--{what}: no file {module_name}")
         mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module_name))[0],
                                                           module_name)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ConductanceError(f"--{what}: {module_name} cannot be imported as a Python module")
         module = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(module)
         fn = module

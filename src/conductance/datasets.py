@@ -28,7 +28,8 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 INSTALL_HINT = ("install the Debian package: `apt-get update && apt-get install -y dataset-fashion-mnist` "
                 f"(root), or put the four IDX .gz files in a folder and set {FASHION_MNIST_ENV} to it")
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, np.dtype] = {code: np.dtype(t) for code, t in ((0x08, "u1"), (0x09, "i1"), (0x0B, ">i2"),
+                                                                      (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8"))}
 
 
 def read_idx(path: str) -> np.ndarray:

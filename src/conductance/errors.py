@@ -3,6 +3,8 @@
 import os
 import sys
 import warnings
+from types import FrameType
+from typing import Optional
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,7 +32,8 @@ def not_dependent(names: list) -> ConductanceError:
 
 def warn(message: str) -> None:
     """Warn with a ConductanceWarning attributed to the first caller outside this package."""
-    level, frame = 2, sys._getframe(1)
+    level = 2
+    frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
         level += 1
         frame = frame.f_back

@@ -7,7 +7,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ def check_baselines(baselines: Any, inputs: torch.Tensor) -> torch.Tensor:
     if baselines is None:
         return torch.zeros_like(inputs)
     if isinstance(baselines, numbers.Number):
-        value = torch.full_like(inputs, float(baselines))
+        value = torch.full_like(inputs, float(cast(float, baselines)))  # numbers.Number is not typed as SupportsFloat
     elif isinstance(baselines, torch.Tensor):
         try:
             shape = torch.broadcast_shapes(baselines.shape, inputs.shape)
@@ -384,8 +384,9 @@ def check_budget(method: str, n_steps: Optional[int], max_steps: int, default_ma
     """Contradictory settings, once the rule is known: a budget for a fixed rule, a budget below the
     adaptive rule's own starting grid."""
     if method != "adaptive" and max_steps != default_max_steps:
+        points = "" if n_steps is None else f" = {n_steps + 1}"  # a fixed rule's n_steps is resolved by now
         raise ConductanceError(f"max_steps={max_steps} is the adaptive rule's budget, but method={method!r} is a "
-                               f"fixed rule of n_steps + 1 = {n_steps + 1} points; drop max_steps, or use "
+                               f"fixed rule of n_steps + 1{points} points; drop max_steps, or use "
                                "tolerance= (adaptive) to bound the points with it")
     if method == "adaptive" and n_steps is not None and 2 * n_steps + 1 > max_steps:
         raise ConductanceError(f"the adaptive rule starts from n_steps = {n_steps} pairs, 2 * n_steps + 1 = "

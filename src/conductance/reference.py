@@ -53,7 +53,7 @@ def neuron_conductance(model: nn.Module, x: torch.Tensor, layer: str, *, baselin
     alphas, weights = _quadrature(n_steps, rule)
 
     def f_and_y(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        store = {}
+        store: dict[str, torch.Tensor] = {}
         handle = module.register_forward_hook(lambda m, a, out: store.setdefault("y", out))
         try:
             out = model(point.unsqueeze(0))
@@ -67,7 +67,7 @@ def neuron_conductance(model: nn.Module, x: torch.Tensor, layer: str, *, baselin
             F = out[0, target]
         return F, store["y"]
 
-    total = None
+    total: Optional[torch.Tensor] = None
     for a, w in zip(alphas, weights):
         point = (base + float(a) * (x - base)).requires_grad_(True)
         F, y = f_and_y(point)
@@ -76,6 +76,8 @@ def neuron_conductance(model: nn.Module, x: torch.Tensor, layer: str, *, baselin
         jac = torch.autograd.functional.jacobian(lambda p: f_and_y(p)[1][0], point, vectorize=True)  # (*S, *X)
         term = float(w) * dF_dy.reshape(dF_dy.shape + (1,) * x.dim()) * jac
         total = term if total is None else total + term
+    if total is None:
+        raise ValueError(f"n_steps must be at least 1, got {n_steps}")
     return (total * (x - base)).to(torch.float32)
 
 

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -142,8 +142,8 @@ FULL_CONFIG = TrainConfig(n_train=60000, epochs=3, batch_size=128, lr=3e-3)
 class TrainedModel:
     """A trained network with how it was obtained."""
 
-    model: FashionInception
-    config: TrainConfig
+    model: nn.Module  # a FashionInception, or the pruning study's FashionResNet
+    config: Any  # its TrainConfig (or the pruning study's ResNetConfig)
     path: str
     test_accuracy: float
     trained_now: bool

@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 import conductance as cd
 
 from ..errors import ConductanceError, ConductanceWarning
+from ..result import LayerResult
 from . import fashion_inception as fi
 
 __all__ = ["ImageSettings", "settings_for", "load_googlenet", "PhotoAnalysis", "analyse_photos",
@@ -41,8 +42,9 @@ __all__ = ["ImageSettings", "settings_for", "load_googlenet", "PhotoAnalysis", "
 MEASURES = ("conductance", "internal_influence", "activation", "grad_x_activation", "gradient",
             "layer_integrated_gradients")
 #: The paper's ablation numbers (Inception v1 on 100 ImageNet images; PAPER.md section 4).
-PAPER_ABLATION = {"conductance": {"mean_flips": 3.7, "more_than_10": 3, "max_flips": 16, "examples": 100},
-                  "internal_influence": {"top_10_flipped": 5, "examples": 100}}
+PAPER_ABLATION: dict[str, dict[str, float]] = {
+    "conductance": {"mean_flips": 3.7, "more_than_10": 3, "max_flips": 16, "examples": 100},
+    "internal_influence": {"top_10_flipped": 5, "examples": 100}}
 #: Black photo after the (x - 0.5) / 0.5 normalisation both ImageNet networks use here.
 BLACK = -1.0
 
@@ -166,6 +168,12 @@ def _caught(records: list) -> list[str]:
     return seen
 
 
+def _importance(model: nn.Module, x: torch.Tensor, layers: list[str], measures: list[str],
+                **kwargs: Any) -> dict[str, LayerResult]:
+    """``cd.layer_importance`` with a list of measures: {measure: LayerResult over ``layers``}."""
+    return cast(dict[str, LayerResult], cd.layer_importance(model, x, layers, measures, **kwargs))
+
+
 def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], blocks: Sequence[str], pixel_block: str,
                    *, top_filters: int = 3, measures: Sequence[str] = MEASURES, rule: Optional[dict] = None,
                    pixel_rule: Optional[dict] = None, baselines: Any = BLACK, random_seeds: int = 1,
@@ -194,8 +202,7 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
             out = model(x)
         labels = out.argmax(1)
         start = time.perf_counter()
-        importance = cd.layer_importance(model, x, list(blocks), list(measures), units="channel",
-                                         baselines=baselines, **rule)
+        importance = _importance(model, x, list(blocks), list(measures), units="channel", baselines=baselines, **rule)
         seconds["measures"] = time.perf_counter() - start
         cond = importance["conductance"]
         start = time.perf_counter()
@@ -203,8 +210,9 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
         filt, maps, errs = [], [], []
         for i in range(x.shape[0]):
             top = torch.argsort(cond[pixel_block][i], descending=True)[:top_filters]
-            per_pixel = cd.neuron_conductance(model, x[i:i + 1], pixel_block, [int(c) for c in top], units="channel",
-                                              baselines=baselines, **pixel_rule)[:, 0]
+            per_pixel = cast(torch.Tensor, cd.neuron_conductance(model, x[i:i + 1], pixel_block, [int(c) for c in top],
+                                                                 units="channel", baselines=baselines,
+                                                                 **pixel_rule))[:, 0]  # no unit errors asked for
             sums = per_pixel.flatten(1).sum(1)
             want = cond[pixel_block][i, top]
             filt.append(top)
@@ -302,10 +310,12 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
              f"up to F(x) - F(x')): {_rule_text(rule)}. The per-unit error is the estimated relative L2 distance of "
              "the block's vector of filter conductances to the exact integral (result.unit_error); the relative "
              "completeness error is |sum of the layer's conductances - (F(x) - F(x'))| / |F(x) - F(x')|.")
-    rows, per_photo = [], {}
+    rows: list[list[Any]] = []  # table rows mix numbers and text
+    per_photo = {}
     for i, name in enumerate(a.names):
-        entry = {"label": int(a.labels[i]), "label_name": a.label_names[i], "logit": float(a.logits[i]),
-                 "output_diff": float(a.output_diff[i]), "n_points": int(cond.n_points[i]), "blocks": {}}
+        entry: dict[str, Any] = {"label": int(a.labels[i]), "label_name": a.label_names[i],
+                                 "logit": float(a.logits[i]), "output_diff": float(a.output_diff[i]),
+                                 "n_points": int(cond.n_points[i]), "blocks": {}}
         for block in a.blocks:
             values = cond[block][i]
             top = torch.argsort(values, descending=True)[:settings.top_filters]
@@ -442,13 +452,13 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
 def _importance_many(model: nn.Module, x: torch.Tensor, layers: Sequence[str], measures: Sequence[str],
                      rule: dict, batch: int = 50) -> dict:
     """{measure: {layer: (n, channels)}} plus completeness errors {layer: (n,)} and points (n,), in batches."""
-    out = {m: {ln: [] for ln in layers} for m in measures}
-    errors = {ln: [] for ln in layers}
-    unit_errors = {ln: [] for ln in layers}
+    out: dict[str, dict[str, list[torch.Tensor]]] = {m: {ln: [] for ln in layers} for m in measures}
+    errors: dict[str, list[torch.Tensor]] = {ln: [] for ln in layers}
+    unit_errors: dict[str, list[torch.Tensor]] = {ln: [] for ln in layers}
     points = []
     for start in range(0, x.shape[0], batch):
-        r = cd.layer_importance(model, x[start:start + batch], list(layers), list(measures), units="channel",
-                                baselines=0.0, **rule)
+        r = _importance(model, x[start:start + batch], list(layers), list(measures), units="channel",
+                        baselines=0.0, **rule)
         for m in measures:
             for ln in layers:
                 out[m][ln].append(r[m][ln])
@@ -474,7 +484,7 @@ def fashion_ablation(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *
     rule = dict(rule or {"n_steps": 32, "method": "gausslegendre"})
     start = time.perf_counter()
     imp = _importance_many(model, x, layers, measures, rule)
-    summaries = {mode: {} for mode in modes}
+    summaries: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
     for layer in layers:
         for mode in modes:
             summaries[mode][layer] = cd.compare_rankings(model, x, layer,
@@ -521,8 +531,8 @@ def fashion_selection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers
                                               units="channel", random_seeds=random_seeds,
                                               importance_kwargs={"baselines": 0.0, **rule}, seed=seed, batch_size=100)
     # the completeness error of the conductance runs the ranking came from (same examples, targets, rule)
-    errors = {ln: [] for ln in layers}
-    unit_errors = {ln: [] for ln in layers}
+    errors: dict[str, list[torch.Tensor]] = {ln: [] for ln in layers}
+    unit_errors: dict[str, list[torch.Tensor]] = {ln: [] for ln in layers}
     xsel, ysel = xs[split[0]], ys[split[0]]
     for s in range(0, xsel.shape[0], 100):
         r = cd.layer_conductance(model, xsel[s:s + 100], list(layers), target=ysel[s:s + 100], units="channel",
@@ -599,7 +609,7 @@ def _ablation_section(report, ab: dict, s: ImageSettings) -> None:
              "the second table sets it to its value at the black baseline image instead (mode 'baseline'), which is "
              "the change conductance attributes: with BatchNorm, a filter is far from zero on a black image. "
              f"Rankings: {_rule_text(s.fashion_rule)}. 'random' pools {s.random_seeds} random orders per image.")
-    numbers = {}
+    numbers: dict[str, dict[str, Any]] = {}
     for mode, summaries in ab["summaries"].items():
         rows = []
         numbers[mode] = {}
@@ -771,8 +781,8 @@ def _run(report, *, quick: bool, weights: Optional[str], seed: int) -> None:
                 parameters=sum(p.numel() for p in net.parameters()), version=fi.VERSION)
 
     xt, yt = fi.fashion_tensors("test")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(xt.shape[0], generator=g)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(xt.shape[0], generator=gen)
     ab_idx = perm[:s.ablation_images]
     _log(f"Fashion-MNIST ablation: {s.ablation_images} images, layers {s.ablation_layers}")
     with warnings.catch_warnings(record=True) as records:

@@ -233,10 +233,11 @@ def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float =
 # The study
 # ----------------------------------------------------------------------------------------------
 
-QUICK = dict(ratios=[0.1, 0.3, 0.5, 0.7], n_cal=256, n_test=2000, n_ft=2000, seeds=3, n_steps=16,
-             inception=fi.QUICK_CONFIG, resnet=RESNET_QUICK, effnet_ratios=[0.05, 0.1])
-FULL = dict(ratios=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], n_cal=512, n_test=10000, n_ft=5000, seeds=3, n_steps=32,
-            inception=fi.FULL_CONFIG, resnet=RESNET_FULL, effnet_ratios=[0.05, 0.1, 0.2, 0.3])
+QUICK: dict[str, Any] = dict(ratios=[0.1, 0.3, 0.5, 0.7], n_cal=256, n_test=2000, n_ft=2000, seeds=3, n_steps=16,
+                             inception=fi.QUICK_CONFIG, resnet=RESNET_QUICK, effnet_ratios=[0.05, 0.1])
+FULL: dict[str, Any] = dict(ratios=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], n_cal=512, n_test=10000, n_ft=5000,
+                            seeds=3, n_steps=32, inception=fi.FULL_CONFIG, resnet=RESNET_FULL,
+                            effnet_ratios=[0.05, 0.1, 0.2, 0.3])
 
 
 def _completeness(importance: Any) -> dict:

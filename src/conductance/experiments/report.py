@@ -30,7 +30,7 @@ def to_jsonable(value: Any) -> Any:
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is a core dependency
-        np = None
+        np = None  # type: ignore[assignment]  # the checks below test for None
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor
         value = value.detach().cpu().numpy()
     if np is not None and isinstance(value, np.ndarray):
@@ -50,6 +50,7 @@ class Missing(str):
     """A table cell with no value, shown as "n/a" with the reason in the table's note."""
 
     missing = True
+    why: str
 
     def __new__(cls, why: str = "") -> Missing:
         cell = super().__new__(cls, "n/a")

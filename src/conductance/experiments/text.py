@@ -46,8 +46,8 @@ PURITY = 0.95
 #: needs a fine grid: 64 Gauss-Legendre intervals keep the per-token sums within ~0.5% of the layer value.
 TOKEN_STEPS = 64
 
-QUICK = {"epochs": 1, "heat_examples": 300, "top_reviews": 10, "top_filters": 4, "heat_rows": 300}
-FULL = {"epochs": 5, "heat_examples": None, "top_reviews": 20, "top_filters": 5, "heat_rows": 600}
+QUICK: dict[str, Any] = {"epochs": 1, "heat_examples": 300, "top_reviews": 10, "top_filters": 4, "heat_rows": 300}
+FULL: dict[str, Any] = {"epochs": 5, "heat_examples": None, "top_reviews": 20, "top_filters": 5, "heat_rows": 600}
 
 PAPER = {
     "network": "convolutional sentiment network, 256 filters (Kim 2014 style per our reading)",
@@ -364,7 +364,8 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
 
     sec = report.section("Text: negation", "text-negation")
     classes = ("rotten", "fresh")
-    rows, sentence_numbers = [], {}
+    rows: list[list[Any]] = []  # table rows mix numbers and text
+    sentence_numbers: dict[str, dict[str, Any]] = {}
     chosen_filters: list[int] = []
     for i, s in enumerate(sentences):
         logits = sent_run["logits"][i]
@@ -387,17 +388,17 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
     # per-token conductance of the chosen filters on the two sentences
     token_errors, token_unit_errors = [], []
     for i, s in enumerate(NEGATION_SENTENCES):
-        top = [int(u) for u in sentence_numbers[s]["top_filters"]]
-        scores, tokens, unit_err = token_conductance(model, [s], top)
+        top_units = [int(u) for u in sentence_numbers[s]["top_filters"]]
+        scores, tokens, unit_err = token_conductance(model, [s], top_units)
         token_unit_errors.append(unit_err[:, 0])
         per_token = scores[:, 0, :len(tokens[0])]
-        layer_vals = sent_run["values"][i][top]
+        layer_vals = sent_run["values"][i][top_units]
         token_errors.append(np.abs(scores[:, 0].sum(-1) - layer_vals))
-        fig = plots.token_map(tokens[0], per_token, row_labels=[f"filter {u}" for u in top],
+        fig = plots.token_map(tokens[0], per_token, row_labels=[f"filter {u}" for u in top_units],
                               title=f"'{s}': conductance of its top filters through each token "
                                     f"(predicted {sentence_numbers[s]['predicted']})")
-        sec.figure(fig, f"Conductance of the top {len(top)} filters for '{s}' through each token (summed over the "
-                        f"50 embedding dimensions; {TOKEN_STEPS} Gauss-Legendre intervals).",
+        sec.figure(fig, f"Conductance of the top {len(top_units)} filters for '{s}' through each token (summed over "
+                        f"the 50 embedding dimensions; {TOKEN_STEPS} Gauss-Legendre intervals).",
                    name=f"text-tokens-{'not-good' if i == 0 else 'not-bad'}")
         sentence_numbers[s]["per_token"] = per_token
         sentence_numbers[s]["tokens"] = tokens[0]

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -217,7 +217,7 @@ class SentimentCNN(nn.Module):
         super().__init__()
         self.vocab = vocab
         self.network = network
-        dim = network.filters.convs[0].in_channels
+        dim = cast(nn.Conv1d, network.filters.convs[0]).in_channels
         self.embedding = nn.Embedding(len(vocab), dim, padding_idx=Vocabulary.PAD)
         if vectors is not None:
             with torch.no_grad():
@@ -321,7 +321,7 @@ def train(texts: Sequence[str], labels: np.ndarray, config: TrainConfig = TrainC
     opt = torch.optim.Adam(params, lr=config.lr)
     ids_all = [torch.tensor(vocab.encode(t), dtype=torch.long) for t in tokens]
     y_all = torch.from_numpy(labels)
-    info = {"vocab_size": len(vocab), "glove_words": n_glove, "epoch_seconds": [], "epoch_loss": [],
+    info: dict[str, Any] = {"vocab_size": len(vocab), "glove_words": n_glove, "epoch_seconds": [], "epoch_loss": [],
             "train_examples": len(texts)}
     model.train()
     for epoch in range(config.epochs):

@@ -20,7 +20,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ MAX_LENGTH = 64
 RANK_MEASURES = ("conductance", "internal_influence", "grad_x_activation", "gradient", "activation")
 ABLATION_MODES = ("zero", "baseline")
 
-SETTINGS = {
+SETTINGS: dict[bool, dict[str, Any]] = {
     # quick: finishes in about a minute on 2 idle cores from an empty cache
     True: dict(n_train=600, n_attr=16, n_steps=32, attr_batch=8, n_eval=96, ks=(6,), random_draws=2,
                token_examples=2),
@@ -97,7 +97,7 @@ class SentimentModel(nn.Module):
 def encode(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
     """Mean-pooled MiniLM features (n, 384) of ``texts``, batched by length (less padding)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.zeros(len(texts), encoder.config.hidden_size)
+    out = torch.zeros(len(texts), cast(Any, encoder.config).hidden_size)  # a transformers config
     pooler = SentimentModel(encoder, nn.Linear(1, 1))
     with torch.no_grad():
         for s in range(0, len(order), batch):
@@ -151,7 +151,7 @@ def sentiment_model(n_train: int, seed: int = 0, log: Any = print) -> tuple[Sent
     info: dict[str, Any] = {"n_train": int(len(order)), "cache": path}
     if os.path.isfile(path):
         saved = torch.load(path, map_location="cpu")
-        head = nn.Linear(encoder.config.hidden_size, 1)
+        head = nn.Linear(cast(Any, encoder.config).hidden_size, 1)
         head.load_state_dict(saved["head"])
         info.update(saved["info"], cached=True)
     else:
@@ -253,10 +253,12 @@ def attribute(model: SentimentModel, tokenizer: Any, texts: Sequence[str], label
         # the fixed rule's accuracy warnings are kept for the report, which tabulates the errors
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always", ConductanceWarning)
-            results = hf.layer_importance(model, enc["input_ids"], layers, measure=list(measures),
-                                          forward_kwargs={"attention_mask": enc["attention_mask"]},
-                                          target=torch.as_tensor(labels[idx]), n_steps=n_steps, baseline="pad",
-                                          tokens=[tokenizer.convert_ids_to_tokens(row) for row in enc["input_ids"]])
+            # a list of measures: one TransformerResult per measure
+            results = cast(dict[str, hf.TransformerResult], hf.layer_importance(
+                model, enc["input_ids"], layers, measure=list(measures),
+                forward_kwargs={"attention_mask": enc["attention_mask"]}, target=torch.as_tensor(labels[idx]),
+                n_steps=n_steps, baseline="pad",
+                tokens=[tokenizer.convert_ids_to_tokens(row) for row in enc["input_ids"]]))
         caught += [f"snippets {idx}: {w.message}" for w in records if issubclass(w.category, ConductanceWarning)]
         for m, r in results.items():
             h = torch.stack([r[name] for name in head_layers], 1).double().numpy()
@@ -290,7 +292,8 @@ def rank_heads(values: np.ndarray, measure: str) -> list[tuple[int, int]]:
     """
     score = np.abs(values).mean(0) if measure == "activation" else values.mean(0)
     flat = np.argsort(-score, axis=None, kind="stable")
-    return [tuple(int(v) for v in np.unravel_index(i, score.shape)) for i in flat]
+    pairs = (np.unravel_index(i, score.shape) for i in flat)
+    return [(int(block), int(head)) for block, head in pairs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,12 +422,12 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
         for j in examples:
             res, pos_in_batch, length = att["per_example"][j]
             toks = res.tokens[pos_in_batch][:length]
-            scores = []
+            per_neuron = []
             for nm_ in neurons:
                 b, k = nm_[1:].split(" N")
                 layer = att["ffn_layers"][int(b)]
-                scores.append(res.per_token(layer, int(k))[pos_in_batch, :length].double().numpy())
-            scores = np.stack(scores)
+                per_neuron.append(res.per_token(layer, int(k))[pos_in_batch, :length].double().numpy())
+            scores = np.stack(per_neuron)
             token_rows.append({"class": cname, "text": attr_texts[j], "tokens": toks, "neurons": neurons,
                                "scores": scores})
             try:
@@ -448,7 +451,7 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
     numbers: dict[str, Any] = {}
     evaluators: dict[int, Evaluator] = {}
     for mode in ABLATION_MODES:
-        acc = {m: {k: [] for k in cfg["ks"]} for m in names}
+        acc: dict[str, dict[int, list[float]]] = {m: {k: [] for k in cfg["ks"]} for m in names}
         base_acc = []
         for label, cname in ((1, "positive"), (0, "negative")):
             sel = attr_labels == label
