@@ -11,9 +11,9 @@ import os
 import sys
 import time
 
-import agg_entry
 import torch
 
+import agg_entry
 import conductance as cd
 from conductance.aggregate import init_distributed
 

@@ -13,13 +13,13 @@ import time
 import warnings
 from pathlib import Path
 
-import agg_entry
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+import agg_entry
 import conductance as cd
 from conductance.aggregate import AggregateResult, _write_results, checkpoint_info
 from conductance.datasets import fashion_mnist_available, load_fashion_mnist, read_idx

@@ -14,10 +14,9 @@ import torch
 
 captum_attr = pytest.importorskip("captum.attr")
 
-from test_captum import assert_rel_close, make_cnn, make_mlp, module  # noqa: E402
-
 import conductance as cd  # noqa: E402
 from conductance.paths import captum_point_rule, fixed_grid  # noqa: E402
+from test_captum import assert_rel_close, make_cnn, make_mlp, module  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::conductance.ConductanceWarning")
 

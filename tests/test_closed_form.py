@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from models import Chain, t9_model
 from torch import nn
 
 import conductance as cd
 from conductance.attribute import path_attribution
+from models import Chain, t9_model
 
 TIGHT = dict(tolerance=1e-5, max_steps=400)
 

@@ -4,11 +4,11 @@ import warnings
 
 import pytest
 import torch
-from models import CountingModel, TwoBranch, random_cnn, random_mlp
 from torch import nn
 
 import conductance as cd
 from conductance import ConductanceWarning
+from models import CountingModel, TwoBranch, random_cnn, random_mlp
 
 
 def no_hooks_left(model):

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from models import Chain, CountingModel, random_mlp
-from test_closed_form import CASES
 from torch import nn
 
 import conductance as cd
+from models import Chain, CountingModel, random_mlp
+from test_closed_form import CASES
 
 ALL = ["conductance", "internal_influence", "activation", "gradient", "grad_x_activation",
        "layer_integrated_gradients"]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from models import random_cnn, random_mlp
 from torch import nn
 
 import conductance as cd
+from models import random_cnn, random_mlp
 
 
 def test_many_units_equal_one_at_a_time_and_shapes():

@@ -13,11 +13,11 @@ import torch
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from models import random_cnn  # noqa: E402
 
 import conductance as cd  # noqa: E402
 from conductance import plots  # noqa: E402
 from conductance.errors import ConductanceError  # noqa: E402
+from models import random_cnn  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,13 @@ pytest.importorskip("sklearn")
 
 import conductance as cd  # noqa: E402
 from conductance import ConductanceError  # noqa: E402
-from conductance.pruning import CalibratedTaylorImportance, ConductanceImportance, input_fill, prunable_layers, prune  # noqa: E402
+from conductance.pruning import (  # noqa: E402
+    CalibratedTaylorImportance,
+    ConductanceImportance,
+    input_fill,
+    prunable_layers,
+    prune,
+)
 
 HIDDEN = 128
 

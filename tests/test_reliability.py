@@ -16,15 +16,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import agg_entry
 import numpy as np
 import pytest
 import torch
-from models import Chain, Lambda
 from torch import nn
 
+import agg_entry
 import conductance as cd
 from conductance.aggregate import AggregateResult, _write_results, checkpoint_info
+from models import Chain, Lambda
 
 LAYERS = ["0", "2"]
 FIXED = dict(n_steps=8)
