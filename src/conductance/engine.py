@@ -28,8 +28,9 @@ from torch import nn
 
 import contextlib
 
-from .errors import ConductanceError, never_reached, not_dependent, warn
-from .layers import LayerRef, Recorder
+from .errors import ConductanceError, not_dependent, warn
+from .layers import LayerRef
+from .sites import Recorder, never_reached
 from .paths import Grid
 
 #: Name under which the (interpolated) input itself is recorded as a layer. Its

@@ -1,0 +1,90 @@
+"""Several threads computing on ONE model give the results of serial calls.
+
+The library's hooks fire only for the call that installed them (conductance.sites): a layer
+conductance in one thread does not record another thread's forward, and an ablation in one
+thread does not change another thread's forward.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+
+import conductance as cd
+from models import random_mlp
+
+REPEATS = 30
+
+
+def _inputs(seed: int) -> torch.Tensor:
+    return torch.randn(3, 5, generator=torch.Generator().manual_seed(seed))
+
+
+def _tasks(model):
+    x0, x1, x2, x3 = (_inputs(s) for s in (1, 2, 3, 4))
+
+    def layer_a():
+        r = cd.layer_conductance(model, x0, "1", n_steps=16, method="uniform")
+        return torch.cat([r["1"].flatten(), r.output_diff.flatten()])
+
+    def layer_b():
+        r = cd.layer_conductance(model, x1, ["2", "3"], n_steps=16, method="gausslegendre")
+        return torch.cat([r["2"].flatten(), r["3"].flatten()])
+
+    def neuron():
+        return cd.neuron_conductance(model, x2, "1", [0, 3, 6], n_steps=16, method="uniform")
+
+    def ablation():
+        with cd.ablate(model, "1", [1, 2, 4]):
+            ablated = model(x3)
+        with cd.ablate(model, "3", [0], mode="baseline", values=torch.full((7,), 0.5)):
+            ablated2 = model(x3)
+        return torch.cat([ablated.flatten(), ablated2.flatten(), model(x3).flatten()])
+
+    return {"layer_a": layer_a, "layer_b": layer_b, "neuron": neuron, "ablation": ablation}
+
+
+def _threaded(model, tasks):
+    """Each task in its own thread, REPEATS times; returns name -> list of results (or exceptions)."""
+    start = threading.Barrier(len(tasks))
+    out = {name: [] for name in tasks}
+
+    def work(name, fn):
+        torch.set_num_threads(1)
+        start.wait()
+        for _ in range(REPEATS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out[name].append(fn())
+            except Exception as exc:  # collected: the assertion below reports every failure
+                out[name].append(exc)
+
+    threads = [threading.Thread(target=work, args=item) for item in tasks.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_four_threads_on_one_model_equal_serial_results():
+    model = random_mlp(seed=11)
+    tasks = _tasks(model)
+    with torch.no_grad():
+        plain = model(_inputs(4))
+    serial = {name: fn() for name, fn in tasks.items()}
+    # the ablations change the output (else the cross-thread check below could not fail)
+    assert not torch.equal(serial["ablation"][:12], plain.flatten())
+    out = _threaded(model, tasks)
+    failures = {}
+    for name, results in out.items():
+        bad = [r if isinstance(r, Exception) else "differs" for r in results
+               if isinstance(r, Exception) or not torch.equal(r, serial[name])]
+        if bad:
+            failures[name] = (len(bad), repr(bad[0]))
+    assert not failures, f"calls (of {REPEATS}) that failed or differed from the serial result: {failures}"
+    for _, m in model.named_modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
