@@ -34,7 +34,7 @@ def _tasks(model):
         return torch.cat([r["2"].flatten(), r["3"].flatten()])
 
     def neuron():
-        return cd.neuron_conductance(model, x2, "1", [0, 3, 6], n_steps=16, method="uniform")
+        return cd.neuron_conductance(model, x2, "1", [0, 3, 6])   # the default adaptive rule
 
     def ablation():
         with cd.ablate(model, "1", [1, 2, 4]):
