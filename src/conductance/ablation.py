@@ -230,7 +230,8 @@ def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero"
     ConductanceError
         Unknown mode or unit type; values missing or of the wrong shape; a unit index out of
         range (checked when the layer first runs, since its shape is known only then). The
-        hook is removed on exit, including on error.
+        hook is removed on exit, including on error. It acts only on forwards run in this thread (or
+        in a copy of its context): another thread using the model meanwhile is not ablated.
 
     Example
     -------

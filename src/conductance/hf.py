@@ -1274,7 +1274,8 @@ def ablate_heads(model: nn.Module, heads: Union[Iterable[tuple[int, int]], Mappi
     values : dict block -> Tensor broadcastable to the projection's input (batch, tokens, hidden), optional
         Replacement values (e.g. from :func:`head_inputs` at a baseline input) instead of zeros.
 
-    Hooks are removed on exit, also on error.
+    Hooks are removed on exit, also on error; they act only on forwards run in this thread (or a copy
+    of its context), see :mod:`conductance.sites`.
     """
     by_block = _pairs(heads, "heads")
     n = num_heads if num_heads is not None else num_heads_of(model)
@@ -1306,7 +1307,8 @@ def ablate_neurons(model: nn.Module, neurons: Union[Iterable[tuple[int, int]], M
         down projection, see :func:`family`)
     values : dict block -> Tensor broadcastable to (batch, tokens, neurons), optional
 
-    Hooks are removed on exit, also on error.
+    Hooks are removed on exit, also on error; they act only on forwards run in this thread (or a copy
+    of its context), see :mod:`conductance.sites`.
     """
     by_block = _pairs(neurons, "neurons")
     projections = _head_projections(model, module, "neurons")
