@@ -43,7 +43,12 @@ def _tasks(model):
             ablated2 = model(x3)
         return torch.cat([ablated.flatten(), ablated2.flatten(), model(x3).flatten()])
 
-    return {"layer_a": layer_a, "layer_b": layer_b, "neuron": neuron, "ablation": ablation}
+    def flips():
+        # expanded rows: pre-hooks on every submodule of the model, the most intrusive installation
+        ranking = torch.tensor([6, 0, 5, 1, 4, 2, 3])
+        return cd.flip_count(model, torch.cat([x0, x1]), "3", ranking, expand_at_layer=True)
+
+    return {"layer_a": layer_a, "layer_b": layer_b, "neuron": neuron, "ablation": ablation, "flips": flips}
 
 
 def _threaded(model, tasks):
@@ -70,14 +75,15 @@ def _threaded(model, tasks):
     return out
 
 
-def test_four_threads_on_one_model_equal_serial_results():
+def test_threads_on_one_model_equal_serial_results():
     model = random_mlp(seed=11)
     tasks = _tasks(model)
     with torch.no_grad():
         plain = model(_inputs(4))
     serial = {name: fn() for name, fn in tasks.items()}
-    # the ablations change the output (else the cross-thread check below could not fail)
+    # the ablations change the output, and some example flips (else the checks below could not fail)
     assert not torch.equal(serial["ablation"][:12], plain.flatten())
+    assert torch.isfinite(serial["flips"]).any()
     out = _threaded(model, tasks)
     failures = {}
     for name, results in out.items():
