@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import warnings
 
+import pytest
 import torch
 
 import conductance as cd
@@ -51,15 +52,15 @@ def _tasks(model):
     return {"layer_a": layer_a, "layer_b": layer_b, "neuron": neuron, "ablation": ablation, "flips": flips}
 
 
-def _threaded(model, tasks):
-    """Each task in its own thread, REPEATS times; returns name -> list of results (or exceptions)."""
+def _threaded(model, tasks, repeats=REPEATS):
+    """Each task in its own thread, ``repeats`` times; returns name -> list of results (or exceptions)."""
     start = threading.Barrier(len(tasks))
     out = {name: [] for name in tasks}
 
     def work(name, fn):
         torch.set_num_threads(1)
         start.wait()
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -80,7 +81,9 @@ def test_threads_on_one_model_equal_serial_results():
     tasks = _tasks(model)
     with torch.no_grad():
         plain = model(_inputs(4))
-    serial = {name: fn() for name, fn in tasks.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # the accuracy warnings of the fixed rules
+        serial = {name: fn() for name, fn in tasks.items()}
     # the ablations change the output, and some example flips (else the checks below could not fail)
     assert not torch.equal(serial["ablation"][:12], plain.flatten())
     assert torch.isfinite(serial["flips"]).any()
@@ -93,4 +96,45 @@ def test_threads_on_one_model_equal_serial_results():
             failures[name] = (len(bad), repr(bad[0]))
     assert not failures, f"calls (of {REPEATS}) that failed or differed from the serial result: {failures}"
     for _, m in model.named_modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_threads_on_one_transformer_equal_serial_results():
+    """cd.hf's hooks (embedding replacement, ':input' probes, head and neuron masks) stay in their thread."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=40, n_embd=16, n_layer=2, n_head=4, n_inner=24, n_positions=32, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.3, bos_token_id=1, eos_token_id=2)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids_a, ids_b = torch.randint(3, 40, (2, 6), generator=g), torch.randint(3, 40, (1, 6), generator=g)
+
+    def heads_and_mlp():
+        names = cd.hf.layers(gpt2, ["attention", "mlp"])
+        r = cd.hf.layer_conductance(gpt2, ids_a, names, target=[(5, 3), (2, 7)], n_steps=8)
+        return torch.cat([r[n].flatten() for n in names])
+
+    def blocks():
+        names = cd.hf.layers(gpt2, "block")
+        r = cd.hf.layer_conductance(gpt2, ids_b, names, target=[(4, 9)], n_steps=8)
+        return torch.cat([r[n].flatten() for n in names])
+
+    def ablated():
+        with torch.no_grad(), cd.hf.ablate_heads(gpt2, [(0, 1), (1, 3)]), cd.hf.ablate_neurons(gpt2, {1: [0, 5]}):
+            heads_off = gpt2(ids_b).logits
+        inputs = cd.hf.head_inputs(gpt2, ids_b)
+        return torch.cat([heads_off.flatten(), inputs[0].flatten(), inputs[1].flatten()])
+
+    tasks = {"heads_and_mlp": heads_and_mlp, "blocks": blocks, "ablated": ablated}
+    with torch.no_grad():
+        plain = gpt2(ids_b).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # the accuracy warnings of n_steps=8
+        serial = {name: fn() for name, fn in tasks.items()}
+    assert not torch.equal(serial["ablated"][:plain.numel()], plain.flatten())
+    out = _threaded(gpt2, tasks, repeats=4)
+    failures = {name: sum(isinstance(r, Exception) or not torch.equal(r, serial[name]) for r in results)
+                for name, results in out.items()}
+    assert not any(failures.values()), f"calls (of 4) that failed or differed from the serial result: {failures}"
+    for _, m in gpt2.named_modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
