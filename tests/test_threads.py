@@ -62,17 +62,18 @@ def _threaded(model, tasks, repeats=REPEATS):
         start.wait()
         for _ in range(repeats):
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out[name].append(fn())
+                out[name].append(fn())
             except Exception as exc:  # collected: the assertion below reports every failure
                 out[name].append(exc)
 
     threads = [threading.Thread(target=work, args=item) for item in tasks.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # the warning filters are process-wide: set once here, not from the threads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     return out
 
 
