@@ -4,7 +4,7 @@ Implements conductance (Dhamdhere, Sundararajan, Yan, "How Important Is a Neuron
 (arXiv:1805.12233, 2018; ICLR 2019)): the flow of integrated-gradients attribution through a hidden unit.
 """
 
-from . import hf, reference
+from . import hf, reference, sites
 from .ablation import (AblationCurve, AblationSummary, ablate, ablation_summary, compare_rankings, deletion_curve,
                        flip_count, flipped_by_top_k, insertion_curve, layer_mean, layer_values)
 from .aggregate import AggregateResult, aggregate
@@ -21,6 +21,8 @@ __all__ = [
     "layer_conductance", "layer_importance", "neuron_conductance", "LayerResult", "reference",
     # transformers (token ids, heads, FFN neurons): cd.hf.layer_conductance, cd.hf.ablate_heads, ...
     "hf",
+    # reading and changing layers while the model runs: sites.record, sites.intervene
+    "sites",
     # data sets and selection
     "aggregate", "AggregateResult", "feature_selection", "FeatureSelectionResult",
     # ablation

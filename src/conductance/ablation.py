@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 from .engine import _index_args, call_target, logits_of
-from .errors import ConductanceError, warn
+from .errors import ConductanceError
 from .inputs import Target, check_baselines, resolve_target
-from .layers import LayerRef, LayerSpec, replace_element, resolve_layers, select_element
+from .layers import LayerRef, LayerSpec, resolve_layers
 from .result import ResultProtocol, pandas
+from .sites import intervene, record, warn_training
 
 MODES = ("zero", "baseline", "mean")
 UNIT_TYPES = ("neuron", "channel")
@@ -200,20 +201,6 @@ def _apply(t: torch.Tensor, mask: torch.Tensor, repl: Optional[torch.Tensor], un
 
 
 @contextlib.contextmanager
-def _hooked(ref: LayerRef, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """A forward hook replacing the layer's output tensor by ``fn(tensor)``; removed whatever happens."""
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        tensor = select_element(ref, output)
-        return replace_element(ref, output, fn(tensor))
-
-    handle = ref.module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
 def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero", values: Any = None,
            unit_type: str = "neuron") -> Iterator[None]:
     """Ablate units of one layer's output while the block runs.
@@ -244,7 +231,8 @@ def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero"
     ConductanceError
         Unknown mode or unit type; values missing or of the wrong shape; a unit index out of
         range (checked when the layer first runs, since its shape is known only then). The
-        hook is removed on exit, including on error.
+        hook is removed on exit, including on error. It acts only on forwards run in this thread (or
+        in a copy of its context): another thread using the model meanwhile is not ablated.
 
     Example
     -------
@@ -264,7 +252,7 @@ def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero"
         repl = None if mode == "zero" else _broadcast_values(values, batch, layer_shape, unit_type, ref, mode)
         return _apply(t, mask, repl, unit_type)
 
-    with _hooked(ref, fn):
+    with intervene(model, {ref: fn}):
         yield
 
 
@@ -281,21 +269,10 @@ def _as_args(additional_forward_args: Any) -> tuple:
 def _record(model: nn.Module, ref: LayerRef, inputs: torch.Tensor, args: tuple, kwargs: dict
             ) -> tuple[Any, torch.Tensor]:
     """One no-grad forward; returns (model output, the layer's output tensor)."""
-    seen: list[torch.Tensor] = []
-
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        seen.append(t.detach())
-        return t
-
-    with torch.no_grad(), _hooked(ref, fn):
+    with torch.no_grad(), record(model, ref, need="an ablation") as rec:
         out = model(inputs, *args, **kwargs)
-    if not seen:
-        raise ConductanceError(f"the forward pass never reached layer {ref.name!r}: the model does not call it "
-                               "for this input; choose a layer that the forward runs")
-    if len(seen) > 1:
-        raise ConductanceError(f"layer {ref.name!r} ran {len(seen)} times in one forward pass (a shared module); "
-                               "an ablation needs one value per unit: choose a module that runs once")
-    return out, seen[0]
+    rec.require()
+    return out, rec.values[ref.name]
 
 
 def _check_batch_inputs(inputs: Any) -> torch.Tensor:
@@ -471,21 +448,18 @@ def _shrink_inputs(model: nn.Module, swap: dict) -> Iterator[None]:
     def swap_one(value: Any) -> Any:
         return swap.get(id(value), value) if isinstance(value, torch.Tensor) else value
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    def edit(args: tuple, kwargs: dict) -> Any:
         if any(isinstance(a, torch.Tensor) and id(a) in swap for a in args) or any(
                 isinstance(v, torch.Tensor) and id(v) in swap for v in kwargs.values()):
             return tuple(swap_one(a) for a in args), {k: swap_one(v) for k, v in kwargs.items()}
         return None
 
-    handles = []
-    try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    submodules = [LayerRef(name, module, None, True) for name, module in model.named_modules() if name]
+    if not submodules:
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        return
+    with intervene(model, dict.fromkeys(submodules, edit), whole=True):
+        yield
 
 
 class _Session:
@@ -530,9 +504,7 @@ class _Session:
                                    f"{expand_at_layer!r}")
         self.expand: Optional[bool] = expand_at_layer
         self.expand_note = "requested" if expand_at_layer is not None else "not probed yet"
-        if model.training:
-            warn("the model is in training mode: dropout and batch-norm updates make ablation results random "
-                 "and change the model; call model.eval() first")
+        warn_training(model, "ablation results")
         self.output, layer_out = _record(model, self.ref, self.inputs, self.args, self.kwargs)
         scores = logits_of(self.output)
         if scores.dim() != 2 or scores.shape[0] != self.batch:
@@ -629,13 +601,8 @@ class _Session:
         kwargs = _index_args(self.kwargs, rows_ex, self.batch)
         feed_ex, local = torch.unique_consecutive(rows_ex, return_inverse=True)
         shrink = expand and feed_ex.shape[0] < rows
-        calls = [0]
 
         def fn(t: torch.Tensor) -> torch.Tensor:
-            calls[0] += 1
-            if calls[0] > 1:
-                raise ConductanceError(f"layer {self.ref.name!r} ran more than once in one forward pass (a shared "
-                                       "module); choose a module that runs once")
             if shrink and t.shape[0] == feed_ex.shape[0]:
                 t = t[local]
             elif t.shape[0] != rows:
@@ -653,13 +620,11 @@ class _Session:
                     if full.shape[:1] == (rows,) and part.shape[:1] == feed_ex.shape:
                         swap[id(full)] = part
                 stack.enter_context(_shrink_inputs(self.model, swap))
-            stack.enter_context(_hooked(self.ref, fn))
+            hooked = stack.enter_context(intervene(self.model, {self.ref: fn}, once=True, need="an ablation"))
             out = self.model(x, *args, **kwargs)
         self.n_forwards += 1
         self.rows_evaluated += rows
-        if calls[0] == 0:
-            raise ConductanceError(f"the forward pass never reached layer {self.ref.name!r}; choose a layer that "
-                                   "the forward runs")
+        hooked.require()
         scores = logits_of(out)
         if scores.dim() != 2 or scores.shape[0] != rows:
             if expand:

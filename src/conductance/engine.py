@@ -29,9 +29,10 @@ from torch import nn
 
 import contextlib
 
-from .errors import ConductanceError, never_reached, not_dependent, warn
-from .layers import LayerRef, Recorder
+from .errors import ConductanceError, not_dependent, warn
+from .layers import LayerRef
 from .paths import Grid, coarse_positions, quarter_positions
+from .sites import Recorder, never_reached
 
 #: Name under which the (interpolated) input itself is recorded as a layer. Its
 #: conductance is the integrated gradients of the input, and it is always a cut.

@@ -17,12 +17,6 @@ class ConductanceWarning(UserWarning):
     """A result that is valid but may not be what the user wants (low accuracy, training mode)."""
 
 
-def never_reached(names: list) -> ConductanceError:
-    """Error for layers whose hooks never fired during the forward pass."""
-    return ConductanceError(f"the forward pass never reached layer(s) {names}: the model does not call them "
-                            "for this input; choose layers that the forward runs")
-
-
 def not_dependent(names: list) -> ConductanceError:
     """Error for layers that no gradient from the explained output reaches."""
     return ConductanceError(f"the target does not depend on layer(s) {names}: no gradient flows from the "

@@ -42,14 +42,15 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .errors import ConductanceError, ConductanceWarning, warn
-from .layers import _ELEMENT, _suggest
+from .layers import _ELEMENT, INPUT_SUFFIX, LayerRef, _suggest
 from .result import LayerResult, ResultProtocol, pandas, plain
+from .sites import intervene
 
 __all__ = ["layer_conductance", "layer_importance", "TransformerResult", "UnitScore", "bert_layers", "layer_index",
            "reduce_layer", "ablate_heads", "head_inputs", "embedding_module", "num_heads_of", "UNITS",
@@ -58,8 +59,6 @@ __all__ = ["layer_conductance", "layer_importance", "TransformerResult", "UnitSc
 
 #: Unit views of a layer value (batch, tokens, hidden); see the module docstring.
 UNITS = ("neuron", "head", "head_token", "token", "layer", "element")
-#: Suffix of a layer name that observes the module's first positional input instead of its output.
-INPUT_SUFFIX = ":input"
 _MODEL = "model"
 #: Default name of the attention output projection of a BERT-style block (``{block}``: the block's name).
 HEAD_PROJECTION = "{block}.attention.output.dense"
@@ -396,25 +395,20 @@ class _EmbeddingPath(nn.Module):
         self._embedding_name = embedding_name
 
     def forward(self, embeds: torch.Tensor, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        fired = []
-
-        def replace(module: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
+        def replace(output: Any) -> torch.Tensor:
             if not isinstance(output, torch.Tensor) or output.shape != embeds.shape:
                 got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 raise ConductanceError(
                     f"the embedding module {self._embedding_name!r} returned {got} but the path holds embeddings "
                     f"of shape {tuple(embeds.shape)}; pass embedding= the module mapping token ids (batch, tokens) "
                     "to vectors (batch, tokens, hidden)")
-            fired.append(True)
             # each layer keeps its own device: only the embeddings move, to where the model put them
             return embeds.to(device=output.device, dtype=output.dtype)
 
-        handle = self._embedding.register_forward_hook(replace, prepend=True)
-        try:
+        site = LayerRef(self._embedding_name, self._embedding)
+        with intervene(self.model, {site: replace}, whole=True, prepend=True) as hooked:
             output = self.model(input_ids, *args, **kwargs)
-        finally:
-            handle.remove()
-        if not fired:
+        if not hooked.calls[site.name]:
             raise ConductanceError(
                 f"the model never called its embedding module {self._embedding_name!r} (were inputs_embeds passed "
                 "in forward_kwargs?); pass token ids only, and embedding= the module that embeds them")
@@ -489,23 +483,25 @@ def _plan_layers(model: nn.Module, layers: Any, units: Union[str, Mapping[str, s
 @contextlib.contextmanager
 def _probes_attached(wrapper: _EmbeddingPath, plan: _Plan) -> Iterator[None]:
     """Route the first positional input of each probed module through an identity probe module."""
-    handles = []
+    edits = {}
     try:
         for key, module in plan.probes:
             probe = nn.Identity()
             wrapper.probes[key] = probe
 
-            def pre_hook(mod: nn.Module, args: tuple, probe: nn.Module = probe) -> tuple:
+            def route(args: tuple, kwargs: dict, probe: nn.Module = probe, mod: nn.Module = module) -> tuple:
                 if not args or not isinstance(args[0], torch.Tensor):
                     raise ConductanceError(f"{type(mod).__name__} receives no tensor as its first positional "
                                            "input; ':input' observes the first positional argument")
-                return (probe(args[0]),) + tuple(args[1:])
+                return (probe(args[0]),) + tuple(args[1:]), kwargs
 
-            handles.append(module.register_forward_pre_hook(pre_hook))
-        yield
+            edits[LayerRef(key, module, None, True)] = route
+        if edits:
+            with intervene(wrapper, edits, whole=True):
+                yield
+        else:
+            yield
     finally:
-        for h in handles:
-            h.remove()
         for key, _ in plan.probes:
             if key in wrapper.probes:
                 del wrapper.probes[key]
@@ -1185,7 +1181,9 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
     extra = () if extra is None else extra if isinstance(extra, tuple) else (extra,)
     target, target_used = _bind_target(target, model, input_ids, extra, forward_kwargs)
     wrapper = _EmbeddingPath(model, emb_module, emb_name)
-    wrapper.train(model.training)
+    # only the wrapper's own flag (the training-mode warning reads it): train() would set every
+    # submodule of the user's model to the model's mode
+    wrapper.training = model.training
     names = [measure] if isinstance(measure, str) else list(measure)
     with _probes_attached(wrapper, plan), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1273,40 +1271,40 @@ def _ablate_slices(model: nn.Module, projections: dict[int, str], by_block: dict
 
     The input's last dimension holds ``n`` equal slices (heads; or n = its size for neurons)."""
     modules = _module_names(model)
-    handles = []
-    try:
-        for b, idx in by_block.items():
-            if b not in projections:
-                raise ConductanceError(f"block {b} out of range: the model has blocks {sorted(projections)}")
-            name = projections[b]
-            if name not in modules:
-                raise ConductanceError(f"the model has no module named {name!r}. {_suggest(name, list(modules))}")
-            idx = sorted(set(idx))
+    edits = {}
+    for b, idx in by_block.items():
+        if b not in projections:
+            raise ConductanceError(f"block {b} out of range: the model has blocks {sorted(projections)}")
+        name = projections[b]
+        if name not in modules:
+            raise ConductanceError(f"the model has no module named {name!r}. {_suggest(name, list(modules))}")
+        idx = sorted(set(idx))
 
-            def pre_hook(mod: nn.Module, args: tuple, idx: list = idx, b: int = b) -> tuple:
-                x = args[0]
-                if x.shape[-1] % n:
-                    raise ConductanceError(f"{n} {what} do not divide the projection's input size {x.shape[-1]}")
-                keep = torch.ones(n, dtype=x.dtype, device=x.device)
-                keep[idx] = 0
-                keep = keep.repeat_interleave(x.shape[-1] // n)
-                if values is None:
-                    return (x * keep,) + tuple(args[1:])
-                if b not in values:
-                    raise ConductanceError(f"values has no entry for block {b}")
-                v = values[b].to(device=x.device, dtype=x.dtype)
-                try:
-                    torch.broadcast_shapes(v.shape, x.shape)
-                except RuntimeError:
-                    raise ConductanceError(f"values[{b}] of shape {tuple(v.shape)} do not broadcast to the "
-                                           f"projection's input {tuple(x.shape)}") from None
-                return (x * keep + v * (1 - keep),) + tuple(args[1:])
+        def edit(x: torch.Tensor, idx: list = idx, b: int = b) -> torch.Tensor:
+            if x.shape[-1] % n:
+                raise ConductanceError(f"{n} {what} do not divide the projection's input size {x.shape[-1]}")
+            keep = torch.ones(n, dtype=x.dtype, device=x.device)
+            keep[idx] = 0
+            keep = keep.repeat_interleave(x.shape[-1] // n)
+            if values is None:
+                return x * keep
+            if b not in values:
+                raise ConductanceError(f"values has no entry for block {b}")
+            v = values[b].to(device=x.device, dtype=x.dtype)
+            try:
+                torch.broadcast_shapes(v.shape, x.shape)
+            except RuntimeError:
+                raise ConductanceError(f"values[{b}] of shape {tuple(v.shape)} do not broadcast to the "
+                                       f"projection's input {tuple(x.shape)}") from None
+            return x * keep + v * (1 - keep)
 
-            handles.append(modules[name].register_forward_pre_hook(pre_hook))
+        # the first positional input of the projection
+        edits[LayerRef(name, modules[name], None, True)] = edit
+    if not edits:
         yield
-    finally:
-        for h in handles:
-            h.remove()
+        return
+    with intervene(model, edits):
+        yield
 
 
 def _head_projections(model: nn.Module, module: Optional[str], what: str) -> dict[int, str]:
@@ -1353,7 +1351,8 @@ def ablate_heads(model: nn.Module, heads: Union[Iterable[tuple[int, int]], Mappi
     values : dict block -> Tensor broadcastable to the projection's input (batch, tokens, hidden), optional
         Replacement values (e.g. from :func:`head_inputs` at a baseline input) instead of zeros.
 
-    Hooks are removed on exit, also on error.
+    Hooks are removed on exit, also on error; they act only on forwards run in this thread (or a copy
+    of its context), see :mod:`conductance.sites`.
     """
     by_block = _pairs(heads, "heads")
     n = num_heads if num_heads is not None else num_heads_of(model)
@@ -1385,7 +1384,8 @@ def ablate_neurons(model: nn.Module, neurons: Union[Iterable[tuple[int, int]], M
         down projection, see :func:`family`)
     values : dict block -> Tensor broadcastable to (batch, tokens, neurons), optional
 
-    Hooks are removed on exit, also on error.
+    Hooks are removed on exit, also on error; they act only on forwards run in this thread (or a copy
+    of its context), see :mod:`conductance.sites`.
     """
     by_block = _pairs(neurons, "neurons")
     projections = _head_projections(model, module, "neurons")
@@ -1417,16 +1417,14 @@ def head_inputs(model: nn.Module, input_ids: torch.Tensor, *, module: Optional[s
     projections = _head_projections(model, module, "heads")
     modules = _module_names(model)
     found: dict[int, torch.Tensor] = {}
-    handles = []
-    try:
-        for i, name in projections.items():
-            def pre_hook(mod: nn.Module, args: tuple, i: int = i) -> None:
-                found[i] = args[0].detach()
 
-            handles.append(modules[name].register_forward_pre_hook(pre_hook))
-        with torch.no_grad():
-            model(input_ids, **(forward_kwargs or {}))
-    finally:
-        for h in handles:
-            h.remove()
+    def observer(i: int) -> Callable[[torch.Tensor], None]:
+        def observe(x: torch.Tensor) -> None:
+            found[i] = x.detach()
+        return observe
+
+    # each projection's first positional input
+    edits = {LayerRef(name, modules[name], None, True): observer(i) for i, name in projections.items()}
+    with (intervene(model, edits) if edits else contextlib.nullcontext()), torch.no_grad():
+        model(input_ids, **(forward_kwargs or {}))
     return found

@@ -17,6 +17,7 @@ from .engine import PathProblem, logits_of, model_output
 from .errors import ConductanceError, warn
 from .layers import LayerSpec, resolve_layers
 from .paths import CAPTUM_RULES
+from .sites import warn_training
 
 Target = Union[None, int, Sequence[int], Sequence[tuple], torch.Tensor, Callable[..., torch.Tensor]]
 
@@ -319,9 +320,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
     if internal_batch_size is not None and (not isinstance(internal_batch_size, numbers.Integral)
                                             or isinstance(internal_batch_size, bool) or internal_batch_size < 1):
         raise ConductanceError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
-    if model.training:
-        warn("the model is in training mode: dropout and batch-norm updates make conductance random "
-             "and change the model; call model.eval() first")
+    warn_training(model, "conductance")
     problem = PathProblem(model=model, inputs=inputs, baselines=base, target=None,
                           additional_forward_args=extra, forward_kwargs=kwargs,
                           refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),

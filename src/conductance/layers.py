@@ -1,18 +1,20 @@
-"""Layer addressing and the hooks that observe layers during a forward pass.
+"""Layer addressing: which tensor of a forward pass a name stands for (a *site*).
 
 A layer is named by its dotted name in ``model.named_modules()`` (or given as the
 module object). When the module returns a tuple, a list or a dict (an LSTM, most
 transformer blocks), the element is named in brackets: ``"lstm[0]"``,
-``"encoder.layer.3.attention[0]"``, ``"block[hidden_states]"``.
+``"encoder.layer.3.attention[0]"``, ``"block[hidden_states]"``. The suffix ``":input"``
+names the module's input instead of its output (``"fc2:input"``: its first positional
+argument; ``"block[1]:input"``: the second one, ``"block[mask]:input"``: keyword ``mask``).
+The hooks that read and change sites while the model runs are in :mod:`conductance.sites`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,6 +24,8 @@ from .errors import ConductanceError
 LayerSpec = Union[str, nn.Module, tuple]
 
 _ELEMENT = re.compile(r"^(?P<name>.*?)\[(?P<element>[^\[\]]+)\]$")
+#: a site name ending in this observes the module's input
+INPUT_SUFFIX = ":input"
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,24 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
                    use_input: bool = False) -> list[LayerRef]:
     """Turn user layer specifications into :class:`LayerRef` objects.
 
+    Parameters
+    ----------
+    layers : a dotted name (``"fc1"``, ``"lstm[0]"``, ``"fc2:input"``), a module of ``model``, a
+        ``(name or module, element)`` pair, a :class:`LayerRef` (taken as it is), or a list of them.
+    use_input : bool
+        Observe every layer's input instead of its output (as the ``":input"`` suffix does for one).
+
+    Returns
+    -------
+    list of LayerRef, in the order given.
+
     Raises
     ------
     ValueError
         For a name that is not a module of ``model`` (with the closest names), a module
         object that does not belong to ``model``, or a duplicate.
     """
-    if isinstance(layers, (str, nn.Module)) or (isinstance(layers, tuple) and len(layers) == 2
+    if isinstance(layers, (str, nn.Module, LayerRef)) or (isinstance(layers, tuple) and len(layers) == 2
                                                 and isinstance(layers[1], (int, str))
                                                 and isinstance(layers[0], (str, nn.Module))):
         layers = [layers]
@@ -73,8 +88,18 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
     by_id = {id(m): n for n, m in by_name.items()}
     names = list(by_name)
     refs: list[LayerRef] = []
+    labels: set[str] = set()
     for spec in layers:
+        if isinstance(spec, LayerRef):
+            if spec.name in labels:
+                raise ValueError(f"layer {spec.name!r} was requested twice")
+            labels.add(spec.name)
+            refs.append(spec)
+            continue
         element: Union[int, str, None] = None
+        at_input, suffix = use_input, ""
+        if isinstance(spec, str) and spec not in by_name and spec.endswith(INPUT_SUFFIX):
+            spec, at_input, suffix = spec[:-len(INPUT_SUFFIX)], True, INPUT_SUFFIX
         if isinstance(spec, tuple):
             spec, element = spec
         if isinstance(spec, nn.Module):
@@ -97,9 +122,11 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
         label = name if element is None else f"{name}[{element}]"
         if label == "":
             label = "<model>"
-        if any(r.name == label for r in refs):
+        label += suffix
+        if label in labels:
             raise ValueError(f"layer {label!r} was requested twice")
-        refs.append(LayerRef(label, module, element, use_input))
+        labels.add(label)
+        refs.append(LayerRef(label, module, element, at_input))
     return refs
 
 
@@ -148,102 +175,3 @@ def replace_element(ref: LayerRef, value: Any, new: torch.Tensor) -> Any:
         out[ref.element] = new
         return out
     raise ConductanceError(f"layer {ref.name!r}: cannot replace element {ref.element!r} of a {type(value).__name__}")
-
-
-class Recorder:
-    """Hooks that record each requested layer's value during one forward pass.
-
-    With ``cut_below=True`` the forward runs without autograd until the first
-    requested layer fires; from there on autograd is on and each layer's value is a
-    tensor that requires grad, so the backward stops at the lowest requested layer.
-    With ``copy=True`` each observed value is handed downstream as a clone, so in-place
-    operations after the layer cannot change what was recorded. With ``copy=False`` the
-    value itself goes on (a copy less per layer and point) and :meth:`modified_in_place`
-    tells afterwards whether the model changed it.
-    """
-
-    def __init__(self, refs: Sequence[LayerRef], cut_below: bool, replace: Optional[dict] = None,
-                 keep_downstream: bool = False, copy: bool = True):
-        self.refs = list(refs)
-        self.keep_downstream = keep_downstream
-        self.copy = copy or keep_downstream
-        self._versions: dict[str, int] = {}
-        #: with ``keep_downstream``, the clone handed to the rest of the model, per layer: its
-        #: autograd node is the single entry through which the layer's value flows downstream
-        self.downstream: dict[str, torch.Tensor] = {}
-        self.downstream_node: dict[str, Any] = {}
-        self.cut_below = cut_below
-        self.replace = dict(replace or {})
-        self.values: dict[str, torch.Tensor] = {}
-        self.calls: dict[str, int] = {}
-
-    def _observe(self, ref: LayerRef, value: Any) -> Any:
-        self.calls[ref.name] = self.calls.get(ref.name, 0) + 1
-        if self.calls[ref.name] > 1:
-            raise ConductanceError(
-                f"layer {ref.name!r} ran {self.calls[ref.name]} times in one forward pass (a shared or "
-                "recurrent module); conductance needs one value per forward: hook a module that runs once")
-        tensor = original = select_element(ref, value)
-        if not tensor.is_floating_point():
-            raise ConductanceError(f"layer {ref.name!r} produces a {tensor.dtype} tensor; conductance needs "
-                                   "a floating-point layer (integer values cannot be differentiated)")
-        if self.cut_below and not torch.is_grad_enabled():
-            torch.set_grad_enabled(True)
-        if ref.name in self.replace:
-            new = self.replace[ref.name]
-            if new.shape != tensor.shape:
-                raise ConductanceError(f"layer {ref.name!r}: a replacement of shape {tuple(new.shape)} cannot "
-                                       f"stand in for its value of shape {tuple(tensor.shape)}")
-            tensor = new.to(tensor.dtype).detach().requires_grad_(True)
-        elif not tensor.requires_grad:
-            tensor = tensor.detach().requires_grad_(True)
-        self.values[ref.name] = tensor
-        if not self.copy:
-            self._versions[ref.name] = tensor._version
-            return value if tensor is original else replace_element(ref, value, tensor)
-        passed = tensor.clone()
-        if self.keep_downstream:
-            self.downstream[ref.name] = passed
-            self.downstream_node[ref.name] = passed.grad_fn   # an in-place op later would replace it
-        return replace_element(ref, value, passed)
-
-    def modified_in_place(self) -> list[str]:
-        """Layers whose recorded value (handed on without a copy) the model has since changed in place,
-        or, with ``keep_downstream``, whose copy handed downstream it changed."""
-        if self.keep_downstream:
-            return [n for n, t in self.downstream.items() if t._version != 0]
-        return [n for n, v in self._versions.items() if self.values[n]._version != v]
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator["Recorder"]:
-        """Register the hooks; they are removed on exit, whatever happens inside."""
-        handles = []
-        grad_mode = torch.is_grad_enabled()
-        try:
-            for ref in self.refs:
-                if ref.use_input:
-                    handles.append(ref.module.register_forward_pre_hook(self._pre_hook(ref), with_kwargs=True))
-                else:
-                    handles.append(ref.module.register_forward_hook(self._post_hook(ref)))
-            if self.cut_below:
-                torch.set_grad_enabled(False)
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-            torch.set_grad_enabled(grad_mode)
-
-    def _post_hook(self, ref: LayerRef):
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            return self._observe(ref, output)
-        return hook
-
-    def _pre_hook(self, ref: LayerRef):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if ref.element is None or isinstance(ref.element, int):
-                value = args
-                view = LayerRef(ref.name, ref.module, 0 if ref.element is None else ref.element, True)
-                return self._observe(view, value), kwargs
-            view = LayerRef(ref.name, ref.module, ref.element, True)
-            return args, self._observe(view, kwargs)
-        return hook

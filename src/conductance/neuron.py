@@ -18,12 +18,12 @@ from torch import nn
 from . import engine
 from .attribute import (DEFAULT_MAX_STEPS, UNITS, WARN_RELATIVE_ERROR, _warn_accuracy, path_attribution,
                         resolve_method)
-import warnings
 
-from .errors import ConductanceError, never_reached, not_dependent, warn
+from .errors import ConductanceError, not_dependent, warn
 from .inputs import Target, build_problem, check_budget, check_steps
-from .layers import LayerSpec, Recorder
+from .layers import LayerSpec
 from .paths import CAPTUM_RULES, captum_point_rule, comparison_point_weights, fixed_grid, point_weights
+from .sites import Recorder, never_reached, training_warned
 from .progress import Progress, check_progress
 
 Neuron = Union[int, Sequence[int]]
@@ -81,8 +81,7 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
     # The grid is refined on the layer's units and on the input's integrated gradients feature by
     # feature, then reused: the units' attributions are integrals on the input side, and a layer
     # followed by a linear map meets its own accuracy on a grid far too coarse for them.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="the model is in training mode")  # warned once already
+    with training_warned():  # warned once already, when the problem was built
         result = path_attribution(
             problem.model, kwargs["inputs"], [layer], ["conductance"], baselines=kwargs["baselines"],
             target=problem.target, additional_forward_args=kwargs["additional_forward_args"],

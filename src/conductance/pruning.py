@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import ConductanceError
+from .sites import intervene
 
 try:
     import torch_pruning as tp
@@ -387,33 +388,30 @@ def input_fill(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[nn.Mod
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
     calls: dict[nn.Module, int] = {}
-    handles = []
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        calls[module] = calls.get(module, 0) + 1
-        x = args[0].detach().double()
-        if isinstance(module, nn.Linear):
-            flat = x.reshape(-1, x.shape[-1])
-        else:
-            flat = x.transpose(0, 1).reshape(x.shape[1], -1).T
-        sums[module] = sums.get(module, 0) + flat.sum(0)
-        counts[module] = counts.get(module, 0) + flat.shape[0]
+    def observer(module: nn.Module) -> Callable[[torch.Tensor], None]:
+        def observe(x: torch.Tensor) -> None:
+            calls[module] = calls.get(module, 0) + 1
+            x = x.detach().double()
+            if isinstance(module, nn.Linear):
+                flat = x.reshape(-1, x.shape[-1])
+            else:
+                flat = x.transpose(0, 1).reshape(x.shape[1], -1).T
+            sums[module] = sums.get(module, 0) + flat.sum(0)
+            counts[module] = counts.get(module, 0) + flat.shape[0]
+        return observe
 
     modules = [m for m in model.modules() if _foldable(m)]
-    try:
-        for m in modules:
-            handles.append(m.register_forward_pre_hook(hook))
-        n_batches = 0
+    if not modules:
+        return {}
+    # each module's first positional input
+    with intervene(model, {m: observer(m) for m in modules}, at_input=True):
         for x in batches:
             before = dict(calls)
             model(x)
-            n_batches += 1
             for m in modules:
                 if calls.get(m, 0) - before.get(m, 0) > 1:
                     calls[m] = -10 ** 9              # called twice in one forward: never folded
-    finally:
-        for h in handles:
-            h.remove()
     return {m: (sums[m] / counts[m]).cpu() for m in sums if calls.get(m, 0) > 0}
 
 

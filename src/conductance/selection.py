@@ -20,16 +20,17 @@ import contextlib
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConductanceError, warn
-from .layers import LayerRef, LayerSpec, resolve_layers, select_element
+from .errors import ConductanceError
+from .layers import LayerSpec, resolve_layers
 from .progress import Progress, check_progress
 from .result import ResultProtocol, pandas
+from .sites import record, warn_training
 
 #: Measures that ``feature_selection`` knows how to ask ``layer_importance`` for.
 KNOWN_MEASURES = ("conductance", "activation", "gradient", "grad_x_activation", "internal_influence",
@@ -375,29 +376,6 @@ def _as_tuple(args: Any) -> tuple:
     return tuple(args) if isinstance(args, (tuple, list)) else (args,)
 
 
-@contextlib.contextmanager
-def _recording(ref: LayerRef) -> Iterator[list]:
-    """Hook ``ref`` and collect its (detached) value at every forward; the hook is removed on exit,
-    also when the forward fails."""
-    seen: list[torch.Tensor] = []
-
-    def post(module: nn.Module, args: Any, output: Any) -> None:
-        seen.append(select_element(ref, output).detach())
-
-    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if ref.element is None or isinstance(ref.element, int):
-            seen.append(select_element(LayerRef(ref.name, ref.module, ref.element or 0, True), args).detach())
-        else:
-            seen.append(select_element(ref, kwargs).detach())
-
-    handle = (ref.module.register_forward_pre_hook(pre, with_kwargs=True) if ref.use_input
-              else ref.module.register_forward_hook(post))
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
 def layer_activations(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, *, units: str = "channel",
                       batch_size: int = 256, additional_forward_args: Any = None,
                       forward_kwargs: Optional[dict] = None, attribute_to_layer_input: bool = False
@@ -419,15 +397,11 @@ def layer_activations(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, 
     with torch.no_grad():
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size))
-            with _recording(ref) as seen:
+            with record(model, ref, need="feature selection") as rec:
                 model(inputs[idx.to(inputs.device)], *_as_tuple(_slice(additional_forward_args, idx, n)),
                       **(_slice(forward_kwargs, idx, n) or {}))
-            if not seen:
-                raise ConductanceError(f"the forward pass never reached layer {ref.name!r}")
-            if len(seen) > 1:
-                raise ConductanceError(f"layer {ref.name!r} ran {len(seen)} times in one forward pass; "
-                                       "choose a module that runs once")
-            value = seen[0].float()
+            rec.require()
+            value = rec.values[ref.name].float()
             if units == "channel" and value.dim() > 2:
                 value = value.flatten(2).mean(2)
             chunks.append(value.flatten(1).cpu())
@@ -596,9 +570,7 @@ def feature_selection(model: nn.Module, inputs: torch.Tensor, labels: Any, layer
             raise ConductanceError("feature_selection studies one layer at a time; call it once per layer")
         layer = layer[0]
     (ref,) = resolve_layers(model, layer, kwargs.get("attribute_to_layer_input", False))
-    if model.training:
-        warn("the model is in training mode: dropout and batch-norm make activations and measures "
-             "random (and batch-norm statistics change); call model.eval() first")
+    warn_training(model, "the activations and measures")
 
     select, evaluate = (stratified_split(labels, select_fraction, seed) if split is None
                         else _check_split(split, labels))
