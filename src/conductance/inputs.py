@@ -294,8 +294,8 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                   ) -> tuple[PathProblem, Any]:
     """Validate everything and return the problem plus the model's output at the inputs.
 
-    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic, layout
-    included); otherwise convolutional models get channels-last path points when they can take them."""
+    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic, layout included);
+    otherwise convolutional models get channels-last path points when they can take them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
                         f"{type(model).__name__}")
