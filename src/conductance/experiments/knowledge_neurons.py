@@ -532,8 +532,10 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
             ks = list(cfg["ks"] if kind == "neuron" else cfg["head_ks"])
             series = {f"{r} {a}": ([0] + ks, [0.0] + [medians[f"{kind}-{a}"][r][k] for k in ks])
                       for a in actions for r in medians[f"{kind}-{a}"]}
+            # one colour per ranking, one line style per intervention
+            colours = {"conductance": "C0", "grad_x_activation": "C1", "kn_ig": "C2", "random": "C7"}
             styles = {name: {"linestyle": "--" if name.endswith("amplify") else ":" if name.endswith("baseline")
-                             else "-"} for name in series}
+                             else "-", "color": colours[name.rsplit(" ", 1)[0]]} for name in series}
             fig = plots.curves(series, xlabel=f"top {kind}s changed", ylabel="median relative change of p",
                                styles=styles, markers=True,
                                title=f"{kind}s: suppress (solid), baseline (dotted), amplify (dashed)")
