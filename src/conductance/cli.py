@@ -492,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the paper's image and text experiments (and the transformer study) on the real "
                     "networks and data sets that install offline, and writes report.html, results.json and "
                     "figures/ into --out. The report is rewritten after each experiment.")
-    rep.add_argument("experiment", choices=["image", "text", "transformer", "pruning", "all"],
-                     help="which experiment to run (all: one after the other, into one report)")
+    rep.add_argument("experiment", choices=["image", "text", "transformer", "pruning", "knowledge_neurons", "all"],
+                     help="which experiment to run (all: image, text and transformer one after the other, into "
+                          "one report; pruning and knowledge_neurons run only when named)")
     rep.add_argument("--out", required=True, help="output folder (created; not a file)")
     rep.add_argument("--quick", action="store_true", help="reduced version that runs in a few minutes")
     rep.add_argument("--weights", default=None,
