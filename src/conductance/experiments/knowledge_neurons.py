@@ -27,15 +27,16 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import cache_dir
 from .. import hf
+from . import cache_dir
 from .report import Report
 
 #: Version of the vocabulary, model code and training recipe; part of every cache key.
@@ -77,7 +78,7 @@ class Vocabulary:
         self.index = {w: i for i, w in enumerate(self.words)}
 
     @classmethod
-    def build(cls, texts: Sequence[str], size: int) -> "Vocabulary":
+    def build(cls, texts: Sequence[str], size: int) -> Vocabulary:
         counts = collections.Counter(w for t in texts for w in tokenize(t))
         # ties broken alphabetically so the vocabulary does not depend on dict order
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size - len(SPECIALS)]
@@ -137,7 +138,8 @@ def _windows(ids: list[list[int]], length: int) -> torch.Tensor:
     return torch.tensor(stream[:n * length], dtype=torch.long).view(n, length)
 
 
-def train(config: LMConfig, texts: Sequence[str], log: Callable[[str], None] = print) -> tuple[nn.Module, Vocabulary, dict]:
+def train(config: LMConfig, texts: Sequence[str], log: Callable[[str], None] = print
+          ) -> tuple[nn.Module, Vocabulary, dict]:
     """Train the LM on ``texts`` (next-token loss, AdamW, linear warm-up then cosine decay); seeded."""
     torch.manual_seed(config.seed)
     vocab = Vocabulary.build(texts, config.vocab_size)
@@ -206,7 +208,8 @@ def load_or_train(config: LMConfig, log: Callable[[str], None] = print) -> tuple
     """
     texts = training_texts(config)
     path = cache_path(config, texts)
-    model = vocab = None
+    model: Optional[nn.Module] = None
+    vocab: Optional[Vocabulary] = None
     info: dict[str, Any] = {}
     if os.path.isfile(path):
         try:
@@ -228,6 +231,7 @@ def load_or_train(config: LMConfig, log: Callable[[str], None] = print) -> tuple
                     "words": vocab.words, "info": json.dumps(info)}, tmp)
         os.replace(tmp, path)
         info = {**info, "cached": False}
+    assert vocab is not None  # loaded or trained together with the model
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -250,7 +254,7 @@ def perplexities(model: nn.Module, vocab: Vocabulary, train_texts: Sequence[str]
     with np.errstate(divide="ignore"):    # [PAD] and [BOS] are never predicted
         logp_uni = np.log(counts / counts.sum())
     nll_lm, nll_uni, n = 0.0, 0.0, 0
-    limit = model.config.n_positions
+    limit = cast(Any, model.config).n_positions  # a transformers config
     with torch.no_grad():
         for t in texts:
             ids = vocab.encode(t)[:limit]
@@ -271,7 +275,7 @@ def select_prompts(model: nn.Module, vocab: Vocabulary, texts: Sequence[str], n:
     vocabulary) that is the model's top word (its most probable token other than [UNK], [PAD] and
     [BOS]) after at least ``min_context`` words of context."""
     prompts = []
-    limit = model.config.n_positions
+    limit = cast(Any, model.config).n_positions  # a transformers config
     with torch.no_grad():
         for t in texts:
             ids = vocab.encode(t)[:limit]
@@ -377,8 +381,10 @@ def attribute_prompt(model: nn.Module, prompt: dict, **path: Any) -> dict[str, A
     att = hf.layers(model, "attention")
     target = hf.next_token("prob", token=prompt["target"])
     t0 = time.perf_counter()
-    res = hf.layer_importance(model, ids, {**mlp, **att}, measure=["conductance", "grad_x_activation"],
-                              target=target, **path)
+    # a list of measures: one TransformerResult per measure
+    res = cast(dict[str, hf.TransformerResult],
+               hf.layer_importance(model, ids, {**mlp, **att}, measure=["conductance", "grad_x_activation"],
+                                   target=target, **path))
     seconds = time.perf_counter() - t0
     cond = res["conductance"]
     out: dict[str, Any] = {"mlp_layers": list(mlp), "head_layers": list(att), "conductance_seconds": seconds,
@@ -400,7 +406,8 @@ def attribute_prompt(model: nn.Module, prompt: dict, **path: Any) -> dict[str, A
 def top_units(scores: np.ndarray, k: int) -> list[tuple[int, int]]:
     """(block, unit) of the ``k`` largest scores of (blocks, units): the units raising the target most."""
     flat = np.argsort(-scores, axis=None, kind="stable")[:k]
-    return [tuple(int(v) for v in np.unravel_index(i, scores.shape)) for i in flat]
+    pairs = (np.unravel_index(i, scores.shape) for i in flat)
+    return [(int(block), int(unit)) for block, unit in pairs]
 
 
 def mlp_inputs(model: nn.Module, ids: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -460,13 +467,15 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
     ranks = ("conductance", "grad_x_activation", "kn_ig", "random")
     head_ranks = ("conductance", "grad_x_activation", "random")
     actions = ("suppress", "baseline", "amplify")
+    # (kind, action) -> ranking -> k -> relative changes of the target probability, one per prompt
+    change: dict[tuple[str, str], dict[str, dict[int, list[float]]]]
     change = {(kind, a): {r: {k: [] for k in (cfg["ks"] if kind == "neuron" else cfg["head_ks"])}
                           for r in (ranks if kind == "neuron" else head_ranks)}
               for kind in ("neuron", "head") for a in actions}
     rng = np.random.RandomState(seed + 14)
     attributions = []
     rows = []
-    for j, pr in enumerate(prompts):
+    for pr in prompts:
         att = attribute_prompt(model, pr)
         attributions.append(att)
         ids = torch.tensor([pr["ids"]])
@@ -484,8 +493,8 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
                                        ("head", cfg["head_ks"], head_ranks, (n_blocks, n_heads))):
             field = "neurons" if kind == "neuron" else "heads"
             for k in ks:
-                draws = [[tuple(int(v) for v in np.unravel_index(i, shape))
-                          for i in rng.choice(shape[0] * shape[1], size=k, replace=False)]
+                draws = [[(int(b), int(u)) for b, u in (np.unravel_index(i, shape) for i in
+                                                        rng.choice(shape[0] * shape[1], size=k, replace=False))]
                          for _ in range(cfg["random_draws"])]
                 for action in actions:
                     values = set_to[(kind, action)]
@@ -539,8 +548,8 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
             fig = plots.curves(series, xlabel=f"top {kind}s changed", ylabel="median relative change of p",
                                styles=styles, markers=True,
                                title=f"{kind}s: suppress (solid), baseline (dotted), amplify (dashed)")
-            sec.figure(fig, f"Median relative change of the target probability after suppressing, baselining or amplifying "
-                            f"the top-k {kind}s", name=f"kn-{kind}s")
+            sec.figure(fig, f"Median relative change of the target probability after suppressing, baselining or "
+                            f"amplifying the top-k {kind}s", name=f"kn-{kind}s")
     except ImportError:
         pass
     sec.numbers(median_relative_change=medians,
