@@ -26,6 +26,9 @@ DEFAULT_MAX_STEPS = 256
 #: Pairs (interval and midpoint) of the adaptive rule's starting grid: 2 * 8 + 1 = 17 points.
 ADAPTIVE_INITIAL_STEPS = 8
 UNITS = ("neuron", "channel")
+#: The public keywords :meth:`Request.make` takes (the settings a call forwards to the engine).
+KEYWORDS = ("method", "n_steps", "tolerance", "max_steps", "units", "internal_batch_size", "additional_forward_args",
+            "forward_kwargs", "attribute_to_layer_input", "memory_budget", "channels_last")
 
 
 def resolve_method(method: Optional[str], n_steps: Optional[int], tolerance: Optional[float]
@@ -148,4 +151,4 @@ class Request:
         return self.n_steps or ADAPTIVE_INITIAL_STEPS
 
 
-__all__ = ["Request", "resolve_method", "DEFAULT_TOLERANCE", "DEFAULT_MAX_STEPS", "ADAPTIVE_INITIAL_STEPS", "UNITS"]
+__all__ = ["Request", "KEYWORDS", "resolve_method", "DEFAULT_TOLERANCE", "DEFAULT_MAX_STEPS", "ADAPTIVE_INITIAL_STEPS", "UNITS"]
