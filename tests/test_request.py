@@ -8,12 +8,12 @@ import types
 
 import pytest
 import torch
+from models import random_cnn, random_mlp
 from torch import nn
 
 import conductance as cd
 from conductance import ConductanceError, ConductanceWarning, engine
 from conductance.request import Request
-from models import random_cnn, random_mlp
 
 
 class ForwardCounter:
@@ -188,8 +188,7 @@ def test_channels_last_true_and_false_give_equal_results(method, n_steps, automa
         torch.testing.assert_close(results[True][key], results[False][key], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[True, "neuron"], results[False, "neuron"], rtol=1e-5, atol=1e-6)
     # the automatic choice equals the forced one bit for bit
-    same = True if automatic else False
-    assert torch.equal(results[None]["2"], results[same]["2"])
+    assert torch.equal(results[None]["2"], results[automatic]["2"])
 
 
 def _public_globals():
@@ -254,7 +253,7 @@ def test_refine_share_and_unit_floor_are_request_fields(monkeypatch):
 
 def test_neuron_module_runs_no_model_itself():
     """neuron.py evaluates points through the engine: no hooks, forwards or backward passes of its own."""
-    import conductance.neuron as neuron
+    from conductance import neuron
     source = inspect.getsource(neuron)
     for word in ("Recorder", "model_output", "autograd.grad", "register_forward", "build_problem(model, inputs, layer"):
         if word.startswith("build_problem"):
@@ -275,3 +274,30 @@ def test_channels_last_on_the_real_efficientnet():
     layer = runs[True]["_blocks.4"]
     assert layer.abs().max() > 1e-3
     torch.testing.assert_close(layer, runs[False]["_blocks.4"], rtol=1e-3, atol=1e-4 * float(layer.abs().max()))
+
+
+def test_hf_and_aggregate_pass_the_keywords_on():
+    """cd.hf.layer_conductance and cd.aggregate forward memory_budget (it stops the adaptive rule as in
+    layer_conductance) and refuse a bad channels_last before the model runs."""
+    transformers = pytest.importorskip("transformers")
+    from conductance import hf
+    torch.manual_seed(3)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=12, num_labels=3,
+                                     initializer_range=0.3)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(3, 40, (2, 5))
+    counter = ForwardCounter(model)
+    with pytest.raises(ConductanceError, match="channels_last"):
+        hf.layer_conductance(model, ids, "bert.encoder.layer.0", target=1, channels_last="auto")
+    assert counter.count == 0
+    counter.remove()
+    with pytest.warns(ConductanceWarning, match=r"memory budget for stored points \(20000 bytes\)"):
+        r = hf.layer_conductance(model, ids, "bert.encoder.layer.0", target=1, tolerance=1e-9, max_steps=400,
+                                 memory_budget=20_000)
+    assert r.raw.extra["memory_limited"] and r.raw.extra["memory_budget"] == 20_000
+    mlp = random_mlp(seed=9, act=nn.ReLU)
+    x = torch.randn(3, 5) * 3
+    with pytest.warns(ConductanceWarning, match="memory budget"):
+        cd.aggregate(mlp, [(x, torch.tensor([0, 1, 2]))], ["1", "3"], units="neuron", tolerance=1e-9, max_steps=500,
+                     memory_budget=2240)

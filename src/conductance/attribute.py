@@ -156,7 +156,7 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
     check_measures(measures)
     problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target, request=request)
     units, method, n_steps = request.units, request.method, request.n_steps
-    settings = dict(problem=problem, request=request)
+    settings: dict[str, Any] = dict(problem=problem, request=request)
     results: dict[str, LayerResult] = {}
     path = [m for m in measures if m in PATH_MEASURES]
     # Captum integrates internal influence with a weight per point, not as a Stieltjes sum

@@ -128,7 +128,7 @@ class Request:
              tolerance: Optional[float] = None, max_steps: int = DEFAULT_MAX_STEPS, units: str = "neuron",
              internal_batch_size: Optional[int] = None, additional_forward_args: Any = None,
              forward_kwargs: Optional[dict] = None, attribute_to_layer_input: bool = False,
-             memory_budget: Optional[int] = None, channels_last: Optional[bool] = None) -> "Request":
+             memory_budget: Optional[int] = None, channels_last: Optional[bool] = None) -> Request:
         """Check the user's settings and settle the rule; raises ConductanceError naming the bad argument.
 
         Nothing here runs the model, so every bad setting is refused before the first forward pass.
@@ -151,4 +151,4 @@ class Request:
         return self.n_steps or ADAPTIVE_INITIAL_STEPS
 
 
-__all__ = ["Request", "KEYWORDS", "resolve_method", "DEFAULT_TOLERANCE", "DEFAULT_MAX_STEPS", "ADAPTIVE_INITIAL_STEPS", "UNITS"]
+__all__ = ["ADAPTIVE_INITIAL_STEPS", "DEFAULT_MAX_STEPS", "DEFAULT_TOLERANCE", "KEYWORDS", "UNITS", "Request", "resolve_method"]
