@@ -16,7 +16,7 @@ from .errors import ConductanceError, warn
 from .inputs import Target, build_problem
 from .layers import LayerSpec
 from .measures import LIG, MEASURES, PATH_MEASURES, POINT_MEASURES
-from .paths import CAPTUM_RULES, METHODS, captum_point_rule, comparison_point_weights, fixed_grid
+from .paths import CAPTUM_RULES, captum_point_rule, comparison_point_weights, fixed_grid
 from .request import (ADAPTIVE_INITIAL_STEPS, DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, UNITS, Request,  # noqa: F401
                       resolve_method)
 from .result import LayerResult
