@@ -217,14 +217,13 @@ def test_additional_forward_args_follow_their_example():
         torch.testing.assert_close(r["lin"][i:i + 1], single["lin"])
 
 
-def test_adaptive_memory_budget_stops_refinement_and_says_so(monkeypatch):
-    from conductance import engine
+def test_adaptive_memory_budget_stops_refinement_and_says_so():
     model = random_mlp(seed=7, act=nn.ReLU)
     x = torch.randn(3, 5) * 3
     # room for 20 points of the two recorded layers (7 float32 units each; y and g per point)
-    monkeypatch.setattr(engine, "ADAPTIVE_STORE_BYTES", 20 * 2 * 7 * 4 * 2)
     with pytest.warns(ConductanceWarning, match="memory budget"):
-        r = cd.layer_conductance(model, x, ["1", "3"], tolerance=1e-9, max_steps=500)
+        r = cd.layer_conductance(model, x, ["1", "3"], tolerance=1e-9, max_steps=500,
+                                 memory_budget=20 * 2 * 7 * 4 * 2)
     assert r.extra["memory_limited"]
     assert int(r.n_points.sum()) <= 20
 
@@ -254,7 +253,7 @@ class _ViewingCNN(nn.Module):
 
 
 @pytest.mark.parametrize("make", [lambda: random_cnn(seed=3), _ViewingCNN])
-def test_channels_last_points_change_nothing_but_speed(make, monkeypatch):
+def test_channels_last_points_change_nothing_but_speed(make):
     from conductance import engine
     model = make().eval()
     x = torch.randn(3, 2, 6, 6)
@@ -262,8 +261,7 @@ def test_channels_last_points_change_nothing_but_speed(make, monkeypatch):
     assert engine.wants_channels_last(model, x)
     runs = {}
     for flag in (True, False):
-        monkeypatch.setattr(engine, "CHANNELS_LAST", flag)
-        runs[flag] = cd.layer_conductance(model, x, layer, n_steps=24, units="channel")
+        runs[flag] = cd.layer_conductance(model, x, layer, n_steps=24, units="channel", channels_last=flag)
         assert no_hooks_left(model)
     torch.testing.assert_close(runs[True][layer], runs[False][layer], rtol=1e-5, atol=1e-6)
     # the model that .view()s fell back to the inputs' layout instead of failing

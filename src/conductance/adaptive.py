@@ -62,12 +62,15 @@ class AdaptiveIntegrator:
     initial_steps : pairs of the starting grid (``2 * initial_steps + 1`` points).
     store_bytes : memory budget for stored points.
     unit_floor : conductance values are measured against ``max(||values||, unit_floor * |F(x)-F(x')|)``.
+    refine_share : each round bisects an example's worst pairs until they hold this share of its score.
     """
 
     def __init__(self, problem: PathProblem, measures: dict[str, IntervalMeasure], units: str,
                  cut_layers: Sequence[str], unit_layers: Sequence[str], tolerance: float, max_points: int,
-                 initial_steps: int, store_bytes: int, unit_floor: float) -> None:
+                 initial_steps: int, store_bytes: int, unit_floor: float,
+                 refine_share: float = REFINE_SHARE) -> None:
         self.problem = problem
+        self.refine_share = refine_share
         self.measures = measures
         self.units = units
         self.names = problem.layer_names
@@ -327,7 +330,7 @@ class AdaptiveIntegrator:
                 chosen: list[Pair] = []
                 covered = 0.0
                 for s, pair in scored:
-                    if len(chosen) >= budget or (chosen and covered >= REFINE_SHARE * total):
+                    if len(chosen) >= budget or (chosen and covered >= self.refine_share * total):
                         break
                     chosen.append(pair)
                     covered += s
@@ -384,7 +387,8 @@ def _result_dtype(problem: PathProblem) -> torch.dtype:
 
 def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure], units: str,
                        cut_layers: Sequence[str], unit_layers: Sequence[str], tolerance: float, max_points: int,
-                       initial_steps: int, store_bytes: int, unit_floor: float) -> Integral:
+                       initial_steps: int, store_bytes: int, unit_floor: float,
+                       refine_share: float = REFINE_SHARE) -> Integral:
     """Refine each example's path until, for every layer in ``unit_layers`` and every measure, the
     per-unit error estimate, and for every layer in ``cut_layers`` the completeness error, are at most
     ``tolerance`` (relative), or the budget of ``max_points`` per example is spent.
@@ -394,7 +398,7 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     each (batch, *unit_shape).
     """
     return AdaptiveIntegrator(problem, measures, units, cut_layers, unit_layers, tolerance, max_points,
-                              initial_steps, store_bytes, unit_floor).run()
+                              initial_steps, store_bytes, unit_floor, refine_share).run()
 
 
 __all__ = ["AdaptiveIntegrator", "integrate_adaptive", "REFINE_SHARE"]

@@ -47,7 +47,7 @@ CHECKSUM = _io.CHECKSUM
 BY = ("class", "label", "predicted", None)
 #: Keyword arguments passed on to :func:`conductance.layer_importance`.
 IMPORTANCE_KWARGS = ("baselines", "additional_forward_args", "forward_kwargs", "n_steps", "method", "tolerance",
-                     "max_steps", "internal_batch_size", "attribute_to_layer_input")
+                     "max_steps", "internal_batch_size", "attribute_to_layer_input", "memory_budget", "channels_last")
 #: Settings that do not change the values, so a checkpoint may be resumed with another value.
 _NOT_FINGERPRINTED = ("internal_batch_size",)
 _UNIT_STATS = ("sum", "m2", "positive", "negative", "near_zero")
@@ -1070,15 +1070,15 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
     **importance_kwargs
         ``n_steps``, ``tolerance``, ``method``, ``max_steps``, ``baselines``,
         ``internal_batch_size``, ``attribute_to_layer_input``, ``additional_forward_args``,
-        ``forward_kwargs``: passed to ``layer_importance`` for every batch (so they must not depend
-        on the batch).
+        ``forward_kwargs``, ``memory_budget``, ``channels_last``: passed to ``layer_importance`` for
+        every batch (so they must not depend on the batch); checked once, before any batch runs.
 
     Returns
     -------
     AggregateResult, or dict measure -> AggregateResult for a list of measures.
     """
-    from .attribute import DEFAULT_MAX_STEPS, UNITS, WARN_RELATIVE_ERROR, layer_importance, resolve_method
-    from .inputs import check_budget, check_steps
+    from .attribute import UNITS, WARN_RELATIVE_ERROR, layer_importance
+    from .request import Request
 
     # ---- check the request --------------------------------------------------------------------
     measures = [measure] if isinstance(measure, str) else list(measure)
@@ -1107,11 +1107,9 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
                         f"got a {type(data).__name__}. For one batch of tensors pass [(inputs, labels)]")
     refs = resolve_layers(model, layers, use_input=bool(importance_kwargs.get("attribute_to_layer_input")))
     names = [r.name for r in refs]
-    check_steps(importance_kwargs.get("n_steps"), importance_kwargs.get("tolerance"),
-                importance_kwargs.get("max_steps", DEFAULT_MAX_STEPS))
-    method, n_steps, tolerance = resolve_method(importance_kwargs.get("method"), importance_kwargs.get("n_steps"),
-                                                importance_kwargs.get("tolerance"))
-    check_budget(method, n_steps, importance_kwargs.get("max_steps", DEFAULT_MAX_STEPS), DEFAULT_MAX_STEPS)
+    # the per-batch settings, checked once here (the baselines are checked against each batch's inputs)
+    request = Request.make(units=units, **{k: v for k, v in importance_kwargs.items() if k != "baselines"})
+    method, n_steps, tolerance = request.method, request.n_steps, request.tolerance
     error_threshold = tolerance if method == "adaptive" else WARN_RELATIVE_ERROR
     _check_timeout(timeout)
     active, rank, world = _dist_state(distributed, timeout)

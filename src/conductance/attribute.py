@@ -13,58 +13,27 @@ from . import engine
 from .adaptive import integrate_adaptive
 from .engine import INPUT, PathProblem, integrate_fixed, relative_error, unit_error
 from .errors import ConductanceError, warn
-from .inputs import Target, build_problem, check_budget, check_steps
+from .inputs import Target, build_problem
 from .layers import LayerSpec
 from .measures import LIG, MEASURES, PATH_MEASURES, POINT_MEASURES
-from .paths import CAPTUM_RULES, METHODS, captum_point_rule, comparison_point_weights, fixed_grid
+from .paths import CAPTUM_RULES, captum_point_rule, comparison_point_weights, fixed_grid
+from .request import (ADAPTIVE_INITIAL_STEPS, DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, UNITS, Request,  # noqa: F401
+                      resolve_method)
 from .result import LayerResult
 
-#: Relative error the adaptive default aims for, per unit (the L2 distance of each layer's vector of
-#: unit values to the exact integral) and in completeness on cut layers.
-DEFAULT_TOLERANCE = 0.02
-#: Default budget of path points per example for the adaptive rule.
-DEFAULT_MAX_STEPS = 256
-#: Pairs (interval and midpoint) of the adaptive rule's starting grid: 2 * 8 + 1 = 17 points.
-ADAPTIVE_INITIAL_STEPS = 8
 #: Fixed rules warn when a cut layer misses completeness, or a layer's per-unit error estimate is, above this.
 WARN_RELATIVE_ERROR = 0.05
 #: Measures whose values are in units of F (their error is floored against F(x) - F(x')).
 F_UNITS = ("conductance", "layer_integrated_gradients")
-UNITS = ("neuron", "channel")
 
 
-def resolve_method(method: Optional[str], n_steps: Optional[int], tolerance: Optional[float]
-                   ) -> tuple[str, Optional[int], Optional[float]]:
-    """Settle (method, n_steps, tolerance) from what the user gave.
-
-    Neither ``n_steps`` nor ``tolerance``: adaptive to ``DEFAULT_TOLERANCE``. ``tolerance``:
-    adaptive. ``n_steps`` alone: the trapezoid rule on Gauss-Legendre nodes plus both ends.
-    """
-    if method is not None and method not in METHODS:
-        raise ConductanceError(f"unknown method {method!r}; choose one of {METHODS}. Captum's names "
-                               "riemann_left/right/middle/trapezoid give Captum's numbers; Captum's "
-                               "'gausslegendre' is method='captum' here, while our 'gausslegendre' is the "
-                               "trapezoid rule on Gauss-Legendre nodes plus both ends of the path")
-    if tolerance is not None:
-        if method not in (None, "adaptive"):
-            raise ConductanceError(f"tolerance is met by refining the path, which method={method!r} does "
-                                   "not do; drop method or use method='adaptive'")
-        return "adaptive", n_steps, float(tolerance)
-    if method == "adaptive" or (method is None and n_steps is None):
-        return "adaptive", n_steps, DEFAULT_TOLERANCE
-    if method is None:
-        method = "gausslegendre"
-    return method, 50 if n_steps is None else n_steps, None
-
-
-def run_path(problem: PathProblem, measures: Sequence[str], units: str, method: str,
-             n_steps: Optional[int], tolerance: Optional[float], max_steps: int,
-             output_at_inputs: Any, refine_on_input: bool = False
-             ) -> tuple[engine.Integral, dict[str, bool], torch.Tensor]:
+def run_path(problem: PathProblem, measures: Sequence[str], request: Request, output_at_inputs: Any,
+             refine_on_input: bool = False) -> tuple[engine.Integral, dict[str, bool], torch.Tensor]:
     """Run the path once for all measures; returns the integral, the cut map and F(x) - F(x').
 
     ``refine_on_input``: the adaptive rule also refines until the input's integrated gradients
     meet the tolerance (neuron conductance integrates on the input side)."""
+    units, method, n_steps, tolerance = request.units, request.method, request.n_steps, request.tolerance
     is_cut = engine.check_cuts(problem)
     fns = {m: PATH_MEASURES[m] for m in measures}
     if "conductance" not in fns and method == "adaptive":
@@ -81,9 +50,9 @@ def run_path(problem: PathProblem, measures: Sequence[str], units: str, method: 
             cuts = cuts + [INPUT]
             if refine_on_input:
                 unit_layers.append(INPUT)
-        integral = integrate_adaptive(problem, fns, units, cuts, unit_layers, tolerance, max_steps,
-                                      initial_steps=n_steps or ADAPTIVE_INITIAL_STEPS,
-                                      store_bytes=engine.ADAPTIVE_STORE_BYTES, unit_floor=engine.UNIT_ERROR_FLOOR)
+        integral = integrate_adaptive(problem, fns, units, cuts, unit_layers, tolerance, request.max_steps,
+                                      initial_steps=request.initial_steps, store_bytes=request.memory_budget,
+                                      unit_floor=request.unit_floor, refine_share=request.refine_share)
     else:
         grid = fixed_grid(method, n_steps)
         integral = integrate_fixed(problem, grid, fns, units)
@@ -116,21 +85,18 @@ def _add_end_pieces(problem: PathProblem, integral: engine.Integral, fns: dict, 
 
 
 def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
-                     measures: Sequence[str], *, baselines: Any, target: Target, additional_forward_args: Any,
-                     forward_kwargs: Optional[dict], n_steps: Optional[int], method: Optional[str],
-                     tolerance: Optional[float], max_steps: int, units: str,
-                     internal_batch_size: Optional[int], attribute_to_layer_input: bool,
-                     refine_on_input: bool = False) -> LayerResult:
+                     measures: Sequence[str], *, baselines: Any, target: Target, request: Optional[Request] = None,
+                     refine_on_input: bool = False, **settings: Any) -> LayerResult:
     """Shared body of the path measures: validate, run the path once, package and check the result.
 
     The first of ``measures`` is the result's own; the others are in ``result.extra[measure]``.
+    ``request``: the checked settings; without it, ``settings`` (the keywords of
+    :func:`layer_conductance`) are checked into one.
     """
+    if request is None:
+        request = Request.make(**settings)
     results = importance_results(model, inputs, layers, measures, baselines=baselines, target=target,
-                                 additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
-                                 n_steps=n_steps, method=method, tolerance=tolerance, max_steps=max_steps,
-                                 units=units, internal_batch_size=internal_batch_size,
-                                 attribute_to_layer_input=attribute_to_layer_input,
-                                 refine_on_input=refine_on_input)
+                                 request=request, refine_on_input=refine_on_input)
     primary = results[measures[0]]
     for m in measures[1:]:
         primary.extra[m] = dict(results[m].attributions)
@@ -139,7 +105,11 @@ def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
 
 def _package(measure: str, values: dict[str, torch.Tensor], coarse: dict[str, torch.Tensor], *,
              integral: engine.Integral, is_cut: dict[str, bool], output_diff: torch.Tensor, problem: PathProblem,
-             method: str, n_steps: Optional[int], tolerance: Optional[float], units: str) -> LayerResult:
+             request: Request, exact: bool = False) -> LayerResult:
+    """``exact``: values read at one point (no rule, nothing to estimate)."""
+    method, n_steps, tolerance = ("none", None, None) if exact else (request.method, request.n_steps,
+                                                                      request.tolerance)
+    units = request.units
     names = [r.name for r in problem.refs]
     delta, rel, unit_err = {}, {}, {}
     scale = output_diff if measure in F_UNITS else None
@@ -162,6 +132,8 @@ def _package(measure: str, values: dict[str, torch.Tensor], coarse: dict[str, to
     extra["model_evaluations"] = problem.n_evaluations
     extra["memory_limited"] = integral.memory_limited
     extra["precision_limited"] = list(integral.precision_limited)
+    if integral.memory_limited:
+        extra["memory_budget"] = request.memory_budget
     return LayerResult(attributions={n: values[n] for n in names}, delta=delta, relative_error=rel,
                        output_diff=output_diff, is_cut=is_cut, n_points=integral.n_points,
                        target=problem.target if isinstance(problem.target, torch.Tensor) else None,
@@ -169,37 +141,29 @@ def _package(measure: str, values: dict[str, torch.Tensor], coarse: dict[str, to
                        unit_error=unit_err, extra=extra)
 
 
-def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
-                       measures: Sequence[str], *, baselines: Any, target: Target, additional_forward_args: Any,
-                       forward_kwargs: Optional[dict], n_steps: Optional[int], method: Optional[str],
-                       tolerance: Optional[float], max_steps: int, units: str,
-                       internal_batch_size: Optional[int], attribute_to_layer_input: bool,
-                       refine_on_input: bool = False) -> dict[str, LayerResult]:
-    """Every requested measure, each as a LayerResult; the path measures share one run of the path."""
+def check_measures(measures: Sequence[str]) -> None:
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
         raise ConductanceError(f"unknown measure(s) {unknown}; choose from {MEASURES}")
     if len(set(measures)) != len(measures):
         raise ConductanceError(f"measure listed twice in {list(measures)}")
-    if units not in UNITS:
-        raise ConductanceError(f"unknown units {units!r}; choose 'neuron' (the layer's own shape) or "
-                               "'channel' (summed over every dimension after the channel dimension)")
-    check_steps(n_steps, tolerance, max_steps)
-    method, n_steps, tolerance = resolve_method(method, n_steps, tolerance)
-    check_budget(method, n_steps, max_steps, DEFAULT_MAX_STEPS)
-    problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target,
-                                    additional_forward_args=additional_forward_args,
-                                    forward_kwargs=forward_kwargs, internal_batch_size=internal_batch_size,
-                                    attribute_to_layer_input=attribute_to_layer_input, method=method)
-    settings = dict(problem=problem, method=method, n_steps=n_steps, tolerance=tolerance, units=units)
+
+
+def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
+                       measures: Sequence[str], *, baselines: Any, target: Target, request: Request,
+                       refine_on_input: bool = False) -> dict[str, LayerResult]:
+    """Every requested measure, each as a LayerResult; the path measures share one run of the path."""
+    check_measures(measures)
+    problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target, request=request)
+    units, method, n_steps = request.units, request.method, request.n_steps
+    settings: dict[str, Any] = dict(problem=problem, request=request)
     results: dict[str, LayerResult] = {}
     path = [m for m in measures if m in PATH_MEASURES]
     # Captum integrates internal influence with a weight per point, not as a Stieltjes sum
     weighted = [m for m in path if m == "internal_influence" and method in CAPTUM_RULES]
     path = [m for m in path if m not in weighted]
     if path:
-        integral, is_cut, output_diff = run_path(problem, path, units, method, n_steps, tolerance, max_steps,
-                                                 output, refine_on_input=refine_on_input)
+        integral, is_cut, output_diff = run_path(problem, path, request, output, refine_on_input=refine_on_input)
         for m in path:
             results[m] = _package(m, integral.values[m], integral.coarse[m], integral=integral, is_cut=is_cut,
                                   output_diff=output_diff, **settings)
@@ -218,7 +182,7 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
         for m in point:
             # read at one point, with no integral: nothing to estimate, the values are exact
             results[m] = _package(m, values[m], values[m], integral=integral, is_cut=is_cut, output_diff=F_end - F_start,
-                                  **{**settings, "method": "none", "n_steps": None, "tolerance": None})
+                                  exact=True, **settings)
     if weighted:
         alphas, weights = captum_point_rule(method, n_steps, "internal_influence")
         sums, levels = _weighted_gradient_sums(problem, alphas, weights)
@@ -229,8 +193,7 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
         results["internal_influence"] = _package("internal_influence", values, coarse, integral=integral, is_cut=is_cut,
                                                  output_diff=F_end - F_start, **settings)
     if LIG in measures:
-        results[LIG] = _layer_integrated_gradients(problem, is_cut, units, method, n_steps, tolerance,
-                                                   max_steps, F_start, F_end)
+        results[LIG] = _layer_integrated_gradients(problem, is_cut, request, F_start, F_end)
     return {m: results[m] for m in measures}
 
 
@@ -282,8 +245,7 @@ def _weighted_gradient_sums(problem: PathProblem, alphas, weights
     return values, sums
 
 
-def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], units: str, method: str,
-                                n_steps: Optional[int], tolerance: Optional[float], max_steps: int,
+def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], request: Request,
                                 F_start: torch.Tensor, F_end: torch.Tensor) -> LayerResult:
     """Integrated gradients along a straight line in each layer's own space (one path run per layer).
 
@@ -292,6 +254,7 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], u
     """
     y_start = engine.record_values(problem, problem.baselines)
     y_end = engine.record_values(problem, problem.inputs)
+    units, method, n_steps = request.units, request.method, request.n_steps
     measure = {"conductance": PATH_MEASURES["conductance"]}
     values, coarse, n_points, evaluations = {}, {}, torch.zeros(problem.batch_size, dtype=torch.long), 0
     extra_alphas = {}
@@ -301,10 +264,10 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], u
         if method == "adaptive":
             # a layer that is not a cut has no completeness check, but its per-unit estimate steers
             cuts = [ref.name] if is_cut[ref.name] else []
-            integral = integrate_adaptive(single, measure, units, cuts, [ref.name], tolerance, max_steps,
-                                          initial_steps=n_steps or ADAPTIVE_INITIAL_STEPS,
-                                          store_bytes=engine.ADAPTIVE_STORE_BYTES,
-                                          unit_floor=engine.UNIT_ERROR_FLOOR)
+            integral = integrate_adaptive(single, measure, units, cuts, [ref.name], request.tolerance,
+                                          request.max_steps, initial_steps=request.initial_steps,
+                                          store_bytes=request.memory_budget, unit_floor=request.unit_floor,
+                                          refine_share=request.refine_share)
             extra_alphas[ref.name] = integral.alphas
         elif method in CAPTUM_RULES:
             # Captum's LayerIntegratedGradients: integrated gradients in the layer's space, a weight
@@ -328,7 +291,7 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], u
     problem.n_evaluations += evaluations
     integral = engine.Integral({}, F_start, F_end, n_points)
     result = _package(LIG, values, coarse, integral=integral, is_cut=is_cut, output_diff=F_end - F_start,
-                      problem=problem, method=method, n_steps=n_steps, tolerance=tolerance, units=units)
+                      problem=problem, request=request)
     if extra_alphas:
         result.extra["alphas"] = extra_alphas
     return result
@@ -339,7 +302,8 @@ def layer_importance(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
                      target: Target = None, additional_forward_args: Any = None, n_steps: Optional[int] = None,
                      method: Optional[str] = None, units: str = "neuron", internal_batch_size: Optional[int] = None,
                      attribute_to_layer_input: bool = False, tolerance: Optional[float] = None,
-                     max_steps: int = DEFAULT_MAX_STEPS, forward_kwargs: Optional[dict] = None
+                     max_steps: int = DEFAULT_MAX_STEPS, forward_kwargs: Optional[dict] = None,
+                     memory_budget: Optional[int] = None, channels_last: Optional[bool] = None
                      ) -> Union[LayerResult, dict[str, LayerResult]]:
     """Importance of every unit of every requested layer by one or several measures.
 
@@ -361,11 +325,11 @@ def layer_importance(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
     integrated gradients, on a cut) promise it is small.
     """
     names = [measure] if isinstance(measure, str) else list(measure)
-    results = importance_results(model, inputs, layers, names, baselines=baselines, target=target,
-                                 additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
-                                 n_steps=n_steps, method=method, tolerance=tolerance, max_steps=max_steps,
-                                 units=units, internal_batch_size=internal_batch_size,
-                                 attribute_to_layer_input=attribute_to_layer_input)
+    request = Request.make(method=method, n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, units=units,
+                           internal_batch_size=internal_batch_size, additional_forward_args=additional_forward_args,
+                           forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input,
+                           memory_budget=memory_budget, channels_last=channels_last)
+    results = importance_results(model, inputs, layers, names, baselines=baselines, target=target, request=request)
     for m in ("conductance", LIG):
         if m in results:
             _warn_accuracy(results[m], max_steps)
@@ -408,9 +372,9 @@ def _warn_accuracy(result: LayerResult, max_steps: int) -> None:
                       "stopped falling as points were added. Run the model in float32 for smaller errors; "
                       "otherwise " + advice)
         if result.extra.get("memory_limited"):
-            advice = ("refinement stopped at the memory budget for stored points "
-                      f"(conductance.engine.ADAPTIVE_STORE_BYTES = {engine.ADAPTIVE_STORE_BYTES}); request "
-                      "fewer layers or examples per call, raise the budget, or use a fixed rule")
+            budget = result.extra.get("memory_budget", engine.ADAPTIVE_STORE_BYTES)
+            advice = (f"refinement stopped at the memory budget for stored points ({budget} bytes); request "
+                      "fewer layers or examples per call, pass a larger memory_budget= (bytes), or use a fixed rule")
     else:
         advice = "use the adaptive rule (tolerance=0.02) or more n_steps"
     warn(f"{result.measure} ({result.method}, {spread} points per example): " + "; ".join(parts)
@@ -422,7 +386,8 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
                       n_steps: Optional[int] = None, method: Optional[str] = None, units: str = "neuron",
                       internal_batch_size: Optional[int] = None, attribute_to_layer_input: bool = False,
                       tolerance: Optional[float] = None, max_steps: int = DEFAULT_MAX_STEPS,
-                      forward_kwargs: Optional[dict] = None) -> LayerResult:
+                      forward_kwargs: Optional[dict] = None, memory_budget: Optional[int] = None,
+                      channels_last: Optional[bool] = None) -> LayerResult:
     """Conductance of every unit of every requested layer, from one run of the path.
 
     Parameters
@@ -467,16 +432,27 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
     forward_kwargs : dict, optional
         Keyword arguments for the model; tensors with a first dimension equal to the
         batch size are expanded along the path with their example.
+    memory_budget : int, optional
+        Bytes the adaptive rule may keep in stored path points (values and gradients of every
+        requested layer); when refinement would need more it stops, says so in a warning and sets
+        ``result.extra["memory_limited"]``. None: ``conductance.engine.ADAPTIVE_STORE_BYTES`` (3 GiB).
+    channels_last : bool, optional
+        Memory layout of 4-D path points. None (default): channels-last for a model with 2-D
+        convolutions and floating inputs on the CPU, except for Captum's rules (which keep
+        Captum's arithmetic); True / False force it on or off. A model that cannot take
+        channels-last activations (it ``.view()``\\ s them) falls back to the inputs' layout.
+        The layout changes float32 results only by rounding.
 
     Returns
     -------
     LayerResult
         ``result[name]``: Tensor (batch, *layer_shape) or (batch, channels), detached.
     """
+    request = Request.make(method=method, n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, units=units,
+                           internal_batch_size=internal_batch_size, additional_forward_args=additional_forward_args,
+                           forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input,
+                           memory_budget=memory_budget, channels_last=channels_last)
     result = path_attribution(model, inputs, layers, ["conductance"], baselines=baselines, target=target,
-                              additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
-                              n_steps=n_steps, method=method, tolerance=tolerance, max_steps=max_steps,
-                              units=units, internal_batch_size=internal_batch_size,
-                              attribute_to_layer_input=attribute_to_layer_input)
+                              request=request)
     _warn_accuracy(result, max_steps)
     return result.bind(model)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ from .sites import Recorder, never_reached
 INPUT = "<input>"
 
 #: The adaptive rule keeps every point's layer values and gradients; it stops adding points when
-#: they would take more than this many bytes (and says so in the result).
+#: they would take more than this many bytes (and says so in the result). The default of the calls'
+#: ``memory_budget=`` keyword; not to be changed (pass ``memory_budget=`` instead).
 ADAPTIVE_STORE_BYTES = 3 * 2 ** 30
 
 IntervalMeasure = Callable[..., torch.Tensor]
@@ -260,13 +261,15 @@ def _layout(problem: PathProblem, x: torch.Tensor) -> torch.Tensor:
 
 
 def wants_channels_last(model: nn.Module, inputs: torch.Tensor) -> bool:
-    """Channels-last points pay off for 4-D floating inputs of a model with 2-D convolutions on the CPU."""
+    """Channels-last points pay off for 4-D floating inputs of a model with 2-D convolutions on the CPU
+    (the automatic choice, ``channels_last=None``; ``CHANNELS_LAST`` is its documented default)."""
     return (CHANNELS_LAST and inputs.dim() == 4 and inputs.device.type == "cpu" and inputs.is_floating_point()
             and any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
 
-#: Set to False to keep path points in the inputs' own layout (results then match Captum's
-#: arithmetic more closely; channels-last changes float32 results only by rounding).
+#: Default of the automatic layout choice; not to be changed: pass ``channels_last=False`` to a call to
+#: keep path points in the inputs' own layout (results then match Captum's arithmetic more closely;
+#: channels-last changes float32 results only by rounding).
 CHANNELS_LAST = True
 
 _LAYOUT_ERRORS = ("view size is not compatible", "stride", "contiguous")
@@ -322,6 +325,63 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     warn(f"out of memory evaluating {m} path points at once; halved the chunk to {problem.chunk_size} points "
          f"and retried (pass internal_batch_size={problem.chunk_size} or less to start there)")
     return evaluate(problem, ex, alphas)
+
+
+@dataclass
+class LayerPoints:
+    """One chunk of ``m`` path points with the autograd graph from the points to one layer kept.
+
+    ``x`` (m, *input_shape) are the points, ``y`` (m, *layer_shape) the layer's value there, ``F``
+    (m,) the explained score (detached) and ``g`` = dF/dy (m, *layer_shape); :meth:`vjp` takes
+    products ``v^T dy/dx`` through the kept graph."""
+
+    ex: torch.Tensor
+    alphas: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    g: torch.Tensor
+    F: torch.Tensor
+
+    def vjp(self, v: torch.Tensor) -> torch.Tensor:
+        """``v[u]^T dy/dx`` for every row ``u`` of ``v`` (rows, m, *layer_shape): (rows, m, *input_shape).
+
+        One product per row, reusing the graph. ``is_grads_batched`` (vmap) was measured slower on
+        GoogLeNet: its convolution backward ran per unit on slower kernels, then stacked the results.
+        """
+        rows = [torch.autograd.grad(self.y, self.x, grad_outputs=v[u], retain_graph=True)[0]
+                for u in range(v.shape[0])]
+        return torch.stack(rows)
+
+
+@contextlib.contextmanager
+def layer_points(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor, ref: LayerRef
+                 ) -> Iterator[LayerPoints]:
+    """Forward and the upper backward pass at ``m`` path points, hooking one layer ``ref``.
+
+    Inside the context the layer's hook is attached and the graph below the layer is kept, so the
+    caller can take vector-Jacobian products from the layer to the points (neuron conductance
+    masks ``g`` to each unit); the hook is removed when the context ends, also on an error.
+
+    Parameters
+    ----------
+    ex : LongTensor (m,)
+        Example index of each point.
+    alphas : Tensor (m,)
+        Position of each point on its example's path.
+    """
+    x = interpolate(problem, ex, alphas).detach().requires_grad_(True)
+    recorder = Recorder([ref], cut_below=False)
+    with recorder.attached(), torch.enable_grad():
+        output = model_output(problem, x, ex)
+        F = scalar_output(problem, output, ex)
+        if ref.name not in recorder.values:
+            raise never_reached([ref.name])
+        y = recorder.values[ref.name]
+        (g,) = torch.autograd.grad(F.sum(), y, retain_graph=True, allow_unused=True)
+        if g is None:
+            raise not_dependent([ref.name])
+        yield LayerPoints(ex, alphas, x, y, g, F.detach())
+    problem.n_evaluations += int(ex.shape[0])
 
 
 #: what PyTorch's allocators say when memory runs out (CUDA raises torch.OutOfMemoryError)

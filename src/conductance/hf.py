@@ -1100,7 +1100,8 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
                      additional_forward_args: Any = None, target: Any = None, num_heads: Optional[int] = None,
                      tokens: Optional[list] = None, n_steps: Optional[int] = None, method: Optional[str] = None,
                      tolerance: Optional[float] = None, max_steps: Optional[int] = None,
-                     internal_batch_size: Optional[int] = None
+                     internal_batch_size: Optional[int] = None, memory_budget: Optional[int] = None,
+                     channels_last: Optional[bool] = None
                      ) -> Union[TransformerResult, dict[str, TransformerResult]]:
     """Importance of heads, neurons, tokens or whole layers of a model that takes token ids.
 
@@ -1144,7 +1145,7 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
     num_heads : int, optional
         Heads for "head" units (default ``config.num_attention_heads``).
     tokens : optional list (batch) of lists of token strings, only used for unit names.
-    n_steps, method, tolerance, max_steps, internal_batch_size
+    n_steps, method, tolerance, max_steps, internal_batch_size, memory_budget, channels_last
         The path settings of :func:`conductance.layer_conductance` (default: adaptive to 1%).
 
     Returns
@@ -1192,7 +1193,8 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
                                         target=target, additional_forward_args=(input_ids,) + tuple(extra),
                                         forward_kwargs=forward_kwargs, n_steps=n_steps, method=method,
                                         tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
-                                        units="neuron", internal_batch_size=internal_batch_size)
+                                        units="neuron", internal_batch_size=internal_batch_size,
+                                        memory_budget=memory_budget, channels_last=channels_last)
         except ConductanceError as exc:
             # say the layers as the user wrote them, not as the wrapper names them
             raise ConductanceError(_renamed(exc, plan)) from exc

@@ -288,14 +288,22 @@ def _index_target(target: Any, scores: torch.Tensor, batch: int, device: torch.d
 
 
 def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
-                  *, baselines: Any, target: Target, additional_forward_args: Any,
-                  forward_kwargs: Optional[dict], internal_batch_size: Optional[int],
-                  attribute_to_layer_input: bool, track_input: bool = False, method: Optional[str] = None
-                  ) -> tuple[PathProblem, Any]:
-    """Validate everything and return the problem plus the model's output at the inputs.
+                  *, baselines: Any, target: Target, request: Any = None, track_input: bool = False,
+                  **settings: Any) -> tuple[PathProblem, Any]:
+    """Validate the model, inputs and layers and return the problem plus the model's output at the inputs.
+
+    ``request``: the call's checked :class:`~conductance.request.Request`; without it, ``settings``
+    (``method``, ``additional_forward_args``, ``forward_kwargs``, ``internal_batch_size``,
+    ``attribute_to_layer_input``, ...) are checked into one here.
 
     ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic, layout included);
-    otherwise convolutional models get channels-last path points when they can take them."""
+    otherwise convolutional models get channels-last path points when they can take them
+    (``channels_last=True`` / ``False`` in the request forces the choice)."""
+    if request is None:
+        from .request import Request
+        request = Request.make(**settings)
+    elif settings:
+        raise TypeError(f"build_problem got both a request and settings {sorted(settings)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (layers are addressed by its submodules), got "
                         f"{type(model).__name__}")
@@ -309,24 +317,25 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
         inputs = check_inputs(inputs)
         check_model_fits(model, inputs)
         base = check_baselines(baselines, inputs)
-    extra, kwargs = check_forward_args(additional_forward_args, forward_kwargs)
+    extra, kwargs = request.additional_forward_args, request.forward_kwargs
     unclear = engine.ambiguous_args(extra, inputs.shape[0], "additional_forward_args") + \
         engine.ambiguous_args(kwargs, inputs.shape[0], "forward_kwargs")
     if unclear:
         warn(f"{', '.join(unclear)}: the first dimension equals the batch size ({inputs.shape[0]}), so each row goes "
              "with one example (the per-example rule), but it looks like a shared tensor (a parameter, or a square "
              "float matrix). If it is shared by all examples, pass conductance.shared(tensor)")
-    refs = resolve_layers(model, layers, use_input=attribute_to_layer_input)
-    if internal_batch_size is not None and (not isinstance(internal_batch_size, numbers.Integral)
-                                            or isinstance(internal_batch_size, bool) or internal_batch_size < 1):
-        raise ConductanceError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
+    refs = resolve_layers(model, layers, use_input=request.attribute_to_layer_input)
+    internal_batch_size = request.internal_batch_size
     warn_training(model, "conductance")
     problem = PathProblem(model=model, inputs=inputs, baselines=base, target=None,
                           additional_forward_args=extra, forward_kwargs=kwargs,
                           refs=refs, chunk_size=int(internal_batch_size or default_chunk(inputs)),
                           track_input=track_input)
     problem.input_spec = spec
-    problem.channels_last = method not in CAPTUM_RULES and engine.wants_channels_last(model, inputs)
+    if request.channels_last is None:
+        problem.channels_last = request.method not in CAPTUM_RULES and engine.wants_channels_last(model, inputs)
+    else:
+        problem.channels_last = request.channels_last and inputs.dim() == 4
     with torch.no_grad():
         ex = torch.arange(inputs.shape[0], device=inputs.device)
         try:

@@ -8,6 +8,7 @@ to the input are taken in one batched call.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any, Optional, Sequence, Union
 
@@ -16,15 +17,13 @@ import torch
 from torch import nn
 
 from . import engine
-from .attribute import (DEFAULT_MAX_STEPS, UNITS, WARN_RELATIVE_ERROR, _warn_accuracy, path_attribution,
-                        resolve_method)
-
-from .errors import ConductanceError, not_dependent, warn
-from .inputs import Target, build_problem, check_budget, check_steps
+from .attribute import DEFAULT_MAX_STEPS, WARN_RELATIVE_ERROR, _package, _warn_accuracy, run_path
+from .errors import ConductanceError, warn
+from .inputs import Target, build_problem
 from .layers import LayerSpec
 from .paths import CAPTUM_RULES, captum_point_rule, comparison_point_weights, fixed_grid, point_weights
-from .sites import Recorder, never_reached, training_warned
 from .progress import Progress, check_progress
+from .request import Request
 
 Neuron = Union[int, Sequence[int]]
 
@@ -62,12 +61,14 @@ def _coarse_weights(alphas: np.ndarray, coarse: np.ndarray, rule: str) -> np.nda
     return weights
 
 
-def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_steps: Optional[int],
-                 tolerance: Optional[float], max_steps: int, units: str, kwargs: dict
+def _path_points(problem: engine.PathProblem, output: Any, request: Request, tolerance: Optional[float]
                  ) -> tuple[list[np.ndarray], list[np.ndarray], list[dict[str, np.ndarray]]]:
     """Per example, the path positions, their quadrature weights and the comparison sums' weights
-    (level -> weights, see :func:`conductance.engine.comparison_values`)."""
+    (level -> weights, see :func:`conductance.engine.comparison_values`).
+
+    ``output``: the model's output at the inputs; ``tolerance``: the adaptive grid's own target."""
     B = problem.batch_size
+    method, n_steps = request.method, request.n_steps
     if method in CAPTUM_RULES:
         # the comparison is the plain trapezoid rule on every other point: it also shows what Captum's
         # weights leave out (the default's sum to (n - 1) / n)
@@ -80,16 +81,14 @@ def _path_points(problem: engine.PathProblem, layer: LayerSpec, method: str, n_s
                 [comparison_point_weights(grid.alphas)] * B)
     # The grid is refined on the layer's units and on the input's integrated gradients feature by
     # feature, then reused: the units' attributions are integrals on the input side, and a layer
-    # followed by a linear map meets its own accuracy on a grid far too coarse for them.
-    with training_warned():  # warned once already, when the problem was built
-        result = path_attribution(
-            problem.model, kwargs["inputs"], [layer], ["conductance"], baselines=kwargs["baselines"],
-            target=problem.target, additional_forward_args=kwargs["additional_forward_args"],
-            forward_kwargs=kwargs["forward_kwargs"], n_steps=n_steps, method="adaptive", tolerance=tolerance,
-            max_steps=max_steps, units=units, internal_batch_size=problem.chunk_size,
-            attribute_to_layer_input=kwargs["attribute_to_layer_input"], refine_on_input=True)
-    _warn_accuracy(result, max_steps)
-    problem.n_evaluations += result.extra["model_evaluations"]
+    # followed by a linear map meets its own accuracy on a grid far too coarse for them. It runs on
+    # this call's own problem (the input is tracked already), so nothing is checked or built twice.
+    grid_request = dataclasses.replace(request, tolerance=tolerance)
+    integral, is_cut, output_diff = run_path(problem, ["conductance"], grid_request, output, refine_on_input=True)
+    result = _package("conductance", integral.values["conductance"], integral.coarse["conductance"],
+                      integral=integral, is_cut=is_cut, output_diff=output_diff, problem=problem,
+                      request=grid_request)
+    _warn_accuracy(result, request.max_steps)
     grids = [a.numpy() for a in result.extra["alphas"]]
     masks = [m.numpy() for m in result.extra["coarse_masks"]]
     return (grids, [point_weights(a, "trapezoid") for a in grids],
@@ -103,7 +102,9 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
                        tolerance: Optional[float] = None, max_steps: int = DEFAULT_MAX_STEPS,
                        attribute_to_layer_input: bool = False,
                        forward_kwargs: Optional[dict] = None, return_unit_error: bool = False,
-                       progress: Optional[bool] = None) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                       progress: Optional[bool] = None, memory_budget: Optional[int] = None,
+                       channels_last: Optional[bool] = None
+                       ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Conductance of each listed unit of ``layer`` through each input feature.
 
     Parameters
@@ -129,6 +130,11 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
     progress : bool, optional
         A bar (tqdm) counting the path points through the per-unit backward passes, on stderr;
         default: when stderr is a terminal and tqdm is installed.
+    memory_budget : int, optional
+        Bytes the adaptive rule may keep in stored points while it refines the grid (None: 3 GiB,
+        ``conductance.engine.ADAPTIVE_STORE_BYTES``), as in :func:`conductance.layer_conductance`.
+    channels_last : bool, optional
+        Layout of 4-D path points (None: automatic), as in :func:`conductance.layer_conductance`.
 
     Returns
     -------
@@ -140,8 +146,11 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
         Estimated relative L2 error of each unit's attribution over the input features: its change
         when the same rule runs on a grid with half the points.
     """
-    if units not in UNITS:
-        raise ConductanceError(f"unknown units {units!r}; choose 'neuron' or 'channel'")
+    request = Request.make(method=method, n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, units=units,
+                           internal_batch_size=internal_batch_size, additional_forward_args=additional_forward_args,
+                           forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input,
+                           memory_budget=memory_budget, channels_last=channels_last)
+    method, tolerance = request.method, request.tolerance
     if isinstance(neurons, (numbers.Integral, tuple)) and not isinstance(neurons, (list, bool)):
         neurons = [neurons]
     if not isinstance(neurons, list) or not all(_is_index(n) for n in neurons):
@@ -152,26 +161,17 @@ def neuron_conductance(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec,
                                                                  if isinstance(neurons, torch.Tensor) else ""))
     if len(neurons) == 0:
         raise ConductanceError("no neurons given: pass a list of unit indices")
-    check_steps(n_steps, tolerance, max_steps)
     check_progress(progress)
-    method, n_steps, tolerance = resolve_method(method, n_steps, tolerance)
-    check_budget(method, n_steps, max_steps, DEFAULT_MAX_STEPS)
-    problem, _ = build_problem(model, inputs, layer, baselines=baselines, target=target,
-                               additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
-                               internal_batch_size=internal_batch_size,
-                               attribute_to_layer_input=attribute_to_layer_input, track_input=True,
-                               method=method)
+    problem, output = build_problem(model, inputs, layer, baselines=baselines, target=target, request=request,
+                                    track_input=True)
     if len(problem.refs) != 1:
         raise ConductanceError("neuron_conductance takes one layer")
     ref = problem.refs[0]
-    kwargs = dict(inputs=inputs, baselines=baselines, additional_forward_args=additional_forward_args,
-                  forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input)
-    spec = ref.module if ref.element is None and not ref.use_input else ref.name
     grid_tolerance = tolerance
     # a fixed rule's warning limit, or the adaptive rule's tolerance (set by resolve_method)
     limit = WARN_RELATIVE_ERROR if tolerance is None else float(tolerance)
     for attempt in range(3):
-        grids = _path_points(problem, spec, method, n_steps, grid_tolerance, max_steps, units, kwargs)
+        grids = _path_points(problem, output, request, grid_tolerance)
         out, err = _integrate_neurons(problem, ref, neurons, units, *grids, progress=progress)
         worst = float(err.max())
         if method != "adaptive" or worst <= limit * (1 + 1e-9):
@@ -216,27 +216,17 @@ def _integrate_neurons(problem: engine.PathProblem, ref: Any, neurons: Sequence[
     with bar:
         for start, stop in engine._chunks(ex.shape[0], problem.chunk_size):
             e, a = ex[start:stop], al[start:stop]
-            x = engine.interpolate(problem, e, a).detach().requires_grad_(True)
-            recorder = Recorder([ref], cut_below=False)
-            with recorder.attached(), torch.enable_grad():
-                output = engine.model_output(problem, x, e)
-                F = engine.scalar_output(problem, output, e)
-                if ref.name not in recorder.values:
-                    raise never_reached([ref.name])
-                y = recorder.values[ref.name]
-                (g,) = torch.autograd.grad(F.sum(), y, retain_graph=True, allow_unused=True)
-                if g is None:
-                    raise not_dependent([ref.name])
+            with engine.layer_points(problem, e, a, ref) as pts:
+                g = pts.g
                 if index is None:
-                    index = [_unit_index(n, tuple(y.shape[1:]), units, ref.name) for n in neurons]
+                    index = [_unit_index(n, tuple(pts.y.shape[1:]), units, ref.name) for n in neurons]
                 v = torch.zeros((len(index),) + tuple(g.shape), dtype=g.dtype, device=g.device)
                 for u, idx in enumerate(index):
                     sel = (u, slice(None)) + idx
                     v[sel] = g[(slice(None),) + idx]
-                grads = _batched_vjp(y, x, v)
-            problem.n_evaluations += int(e.shape[0])
-            F_start[e[a == 0]] = F.detach()[a == 0].double()
-            F_end[e[a == 1]] = F.detach()[a == 1].double()
+                grads = pts.vjp(v)
+            F_start[e[a == 0]] = pts.F[a == 0].double()
+            F_end[e[a == 1]] = pts.F[a == 1].double()
             # each point's product is weighted after the VJP, so the coarse grid's sum costs no extra product
             contrib = grads * diff[e].unsqueeze(0)
             shape = (1, -1) + (1,) * (contrib.dim() - 2)
@@ -251,13 +241,3 @@ def _integrate_neurons(problem: engine.PathProblem, ref: Any, neurons: Sequence[
     err = torch.stack([engine.unit_error(out[u], engine.comparison_values(out[u], **{k: v[u] for k, v in out_levels.items()}),
                                          F_end - F_start) for u in range(out.shape[0])])
     return out.detach(), err
-
-
-def _batched_vjp(y: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``v[u]^T dy/dx`` for every unit ``u``: (units, m, *input_shape).
-
-    One product per unit, reusing the graph. ``is_grads_batched`` (vmap) was measured slower on
-    GoogLeNet: its convolution backward ran per unit on slower kernels, then stacked the results.
-    """
-    rows = [torch.autograd.grad(y, x, grad_outputs=v[u], retain_graph=True)[0] for u in range(v.shape[0])]
-    return torch.stack(rows)

@@ -50,7 +50,7 @@ _NORMALIZERS = ("mean", "max", "sum", "standarization", "gaussian", "lamp")
 _OUT_FNS = (_fn.prune_conv_out_channels, _fn.prune_linear_out_channels)
 _AGGREGATE_OPTIONS = ("by", "target", "near_zero", "limit_batches", "progress", "checkpoint", "checkpoint_every",
                       "class_names", "baselines", "additional_forward_args", "forward_kwargs", "n_steps", "method",
-                      "tolerance", "max_steps", "internal_batch_size")
+                      "tolerance", "max_steps", "internal_batch_size", "memory_budget", "channels_last")
 
 
 def prunable_layers(model: nn.Module) -> list[str]:

@@ -564,6 +564,9 @@ def feature_selection(model: nn.Module, inputs: torch.Tensor, labels: Any, layer
     for key, why in _RESERVED.items():
         if key in kwargs:
             raise ConductanceError(f"importance_kwargs may not set {key!r}: {why}")
+    # the path settings, checked once before any model runs (each batch's call would check them again late)
+    from .request import KEYWORDS, Request
+    Request.make(units=units, **{k: v for k, v in kwargs.items() if k in KEYWORDS})
     if isinstance(layer, (list, tuple)) and not (len(layer) == 2 and isinstance(layer[1], (int, str))
                                                  and isinstance(layer[0], (str, nn.Module))):
         if len(layer) != 1:
