@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import hf
+from .. import hf, sites
 from . import cache_dir
 from .report import Report
 
@@ -330,29 +330,18 @@ def kn_integrated_gradients(model: nn.Module, ids: torch.Tensor, token: int, blo
     Returns the attributions (neurons,) and ``P(w) - P(0)`` (their sum as the rule converges).
     """
     name = hf.family(model).mlp[block]
-    proj = model.get_submodule(name)
-    seen: dict[str, torch.Tensor] = {}
-
-    def record(mod: nn.Module, args: tuple) -> None:
-        seen["w"] = args[0][0, -1].detach()
-
-    h = proj.register_forward_pre_hook(record)
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        h.remove()
-    w = seen["w"]
+    with sites.record(model, name, at_input=True) as rec, torch.no_grad():
+        model(ids)
+    rec.require()
+    w = rec.values[name][0, -1].detach()
     alphas, weights = _rule(rule, n_steps)
     total = torch.zeros_like(w, dtype=torch.float64)
     scaled: dict[str, torch.Tensor] = {}
 
-    def replace(mod: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        return (torch.cat([x[:, :-1], scaled["a"].unsqueeze(1).to(x.dtype)], 1),) + tuple(args[1:])
+    def replace(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :-1], scaled["a"].unsqueeze(1).to(x.dtype)], 1)
 
-    h = proj.register_forward_pre_hook(replace)
-    try:
+    with sites.intervene(model, {name: replace}, at_input=True):
         for s in range(0, n_steps, chunk):
             a = alphas[s:s + chunk]
             scaled["a"] = (a.to(w.dtype).unsqueeze(1) * w).requires_grad_(True)
@@ -364,8 +353,6 @@ def kn_integrated_gradients(model: nn.Module, ids: torch.Tensor, token: int, blo
         with torch.no_grad():
             scaled["a"] = torch.zeros(1, w.shape[0], dtype=w.dtype)
             p0 = float(torch.softmax(model(ids).logits[0, -1].double(), -1)[token])
-    finally:
-        h.remove()
     return w.double() * total, target_prob(model, ids, token) - p0
 
 
