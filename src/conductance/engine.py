@@ -651,9 +651,10 @@ class Integral:
                            for n, v in per.items()} for m, per in self.values.items()}
 
 
-#: Largest factor by which :func:`comparison_values` stretches the change from halving the points, for
-#: grids whose changes do not shrink when the points double (not yet converging at all).
-STRETCH_MAX = 4.0
+#: Largest factor by which :func:`comparison_values` stretches the change from halving the points when the
+#: changes do not shrink as they would for a converging rule (chosen on the per-unit benchmark,
+#: docs/accuracy.md: 2 and 4 gave the same calibration, 2 is less cautious).
+STRETCH_MAX = 2.0
 
 
 def comparison_values(values: torch.Tensor, coarse: torch.Tensor, trapezoid: Optional[torch.Tensor] = None,
@@ -667,12 +668,14 @@ def comparison_values(values: torch.Tensor, coarse: torch.Tensor, trapezoid: Opt
       trapezoid rules, where ``T`` is ``values``; a left sum misses what the gradient does inside
       each interval), and
     - ``f ||T - T_2||``, the trapezoid rule's remaining error: ``T_2`` is the trapezoid rule on
-      every other point. With ``T_4`` on every fourth point and ``r = ||T - T_2|| / ||T_2 - T_4||``
-      (how much the change shrank when the points doubled), a converging sequence leaves about
-      ``r / (1 - r)`` times its last change, so ``f = r / (1 - r)``, at least 1 (the plain halving
-      estimate, which is cautious once the rule converges) and at most :data:`STRETCH_MAX`; grids
-      of 16-32 points are often not converging yet (``r`` near 1), where plain halving was too low.
-      Without ``quarter``, ``f = 1``.
+      every other point, and the change from halving the points estimates the error left in ``T``
+      for a rule that converges at least at first order (the slowest the per-unit integrands of
+      ReLU networks show). With ``T_4`` on every fourth point and ``r = ||T - T_2|| / ||T_2 - T_4||``
+      (how much the change shrank when the points doubled), a geometric sequence of changes leaves
+      ``r / (1 - r)`` times the last one, so ``f = r / (1 - r)``, at least 1 and at most
+      :data:`STRETCH_MAX`: more than 1 only where the changes shrink more slowly than at first
+      order, as on grids of 16-32 points that do not converge yet (there the plain halving estimate
+      was measured too low, docs/accuracy.md). Without ``quarter``, ``f = 1``.
 
     The difference ``values - comparison`` lies in the plane of the two changes, so reducing units
     further (heads from elements) reduces it consistently. For a trapezoid rule (no ``trapezoid``)
@@ -693,7 +696,10 @@ def comparison_values(values: torch.Tensor, coarse: torch.Tensor, trapezoid: Opt
         stretch = (ratio / (1 - ratio).clamp(min=1.0 / (1.0 + STRETCH_MAX))).clamp(1.0, STRETCH_MAX)
         stretch = torch.where(nb == 0, torch.ones_like(stretch), stretch)
     if trapezoid is None:
-        return (T - (T - coarse) * stretch.to(values.dtype).view(flat)).to(values.dtype)
+        # in float64: the stretch can be large where the last change is tiny, and is then finite
+        # only there (each element times it stays below half the previous change)
+        moved = (T.detach().double() - coarse.detach().double()) * stretch.view(flat)
+        return (T.detach().double() - moved).to(values.dtype)
     a = (values - trapezoid).detach().flatten(1).double()
     na, bound = a.norm(dim=1), stretch * nb
     direction = b / nb.clamp(min=torch.finfo(torch.float64).tiny)[:, None]
