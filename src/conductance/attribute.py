@@ -17,6 +17,7 @@ from .inputs import Target, build_problem
 from .layers import LayerSpec
 from .measures import LIG, MEASURES, PATH_MEASURES, POINT_MEASURES
 from .paths import CAPTUM_RULES, captum_point_rule, comparison_point_weights, fixed_grid
+from .progress import Progress
 from .request import (ADAPTIVE_INITIAL_STEPS, DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, UNITS, Request,  # noqa: F401
                       resolve_method)
 from .result import LayerResult
@@ -33,8 +34,23 @@ def run_path(problem: PathProblem, measures: Sequence[str], request: Request, ou
 
     ``refine_on_input``: the adaptive rule also refines until the input's integrated gradients
     meet the tolerance (neuron conductance integrates on the input side)."""
-    units, method, n_steps, tolerance = request.units, request.method, request.n_steps, request.tolerance
+    method, n_steps = request.method, request.n_steps
     is_cut = engine.check_cuts(problem)
+    B = problem.batch_size
+    # the adaptive rule's points are not known ahead: its bar counts up to the budget
+    total = B * (request.max_steps if method == "adaptive" else fixed_grid(method, n_steps).n_points)
+    names = ", ".join(r.name for r in problem.refs)
+    with Progress(request.progress, total, f"{'+'.join(measures)} of {names}", "points") as bar:
+        problem.progress = bar
+        try:
+            return _run_path(problem, measures, request, is_cut, refine_on_input)
+        finally:
+            problem.progress = None
+
+
+def _run_path(problem: PathProblem, measures: Sequence[str], request: Request, is_cut: dict[str, bool],
+              refine_on_input: bool) -> tuple[engine.Integral, dict[str, bool], torch.Tensor]:
+    units, method, n_steps, tolerance = request.units, request.method, request.n_steps, request.tolerance
     fns = {m: PATH_MEASURES[m] for m in measures}
     if "conductance" not in fns and method == "adaptive":
         fns = {"conductance": PATH_MEASURES["conductance"], **fns}
@@ -303,8 +319,8 @@ def layer_importance(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
                      method: Optional[str] = None, units: str = "neuron", internal_batch_size: Optional[int] = None,
                      attribute_to_layer_input: bool = False, tolerance: Optional[float] = None,
                      max_steps: int = DEFAULT_MAX_STEPS, forward_kwargs: Optional[dict] = None,
-                     memory_budget: Optional[int] = None, channels_last: Optional[bool] = None
-                     ) -> Union[LayerResult, dict[str, LayerResult]]:
+                     memory_budget: Optional[int] = None, channels_last: Optional[bool] = None,
+                     progress: Optional[bool] = False) -> Union[LayerResult, dict[str, LayerResult]]:
     """Importance of every unit of every requested layer by one or several measures.
 
     Parameters
@@ -328,7 +344,7 @@ def layer_importance(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
     request = Request.make(method=method, n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, units=units,
                            internal_batch_size=internal_batch_size, additional_forward_args=additional_forward_args,
                            forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input,
-                           memory_budget=memory_budget, channels_last=channels_last)
+                           memory_budget=memory_budget, channels_last=channels_last, progress=progress)
     results = importance_results(model, inputs, layers, names, baselines=baselines, target=target, request=request)
     for m in ("conductance", LIG):
         if m in results:
@@ -387,7 +403,7 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
                       internal_batch_size: Optional[int] = None, attribute_to_layer_input: bool = False,
                       tolerance: Optional[float] = None, max_steps: int = DEFAULT_MAX_STEPS,
                       forward_kwargs: Optional[dict] = None, memory_budget: Optional[int] = None,
-                      channels_last: Optional[bool] = None) -> LayerResult:
+                      channels_last: Optional[bool] = None, progress: Optional[bool] = False) -> LayerResult:
     """Conductance of every unit of every requested layer, from one run of the path.
 
     Parameters
@@ -414,7 +430,7 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
         the intervals of the starting grid.
     method : {"gausslegendre", "uniform", "uniform_left", "captum", "riemann_left", "riemann_right", \
 "riemann_middle", "riemann_trapezoid", "adaptive"}, optional
-        See :mod:`conductance.paths`. Default: adaptive to ``tolerance=0.01`` when neither
+        See :mod:`conductance.paths`. Default: adaptive to ``tolerance=0.02`` when neither
         ``n_steps`` nor ``tolerance`` is given, else "gausslegendre" for a fixed ``n_steps``.
         ``"captum"`` and Captum's ``"riemann_*"`` names give Captum 0.9's numbers for the same
         ``method`` and ``n_steps`` (``"captum"`` is Captum's default, Gauss-Legendre); our
@@ -426,7 +442,8 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
     attribute_to_layer_input : bool
         Observe each layer's input instead of its output.
     tolerance : float, optional
-        Relative completeness error to reach on the cut layers (adaptive refinement).
+        Relative error to reach (adaptive refinement): every requested layer's per-unit error
+        estimate (``result.unit_error``) and, on cut layers, the completeness error.
     max_steps : int
         Budget of path points per example for the adaptive rule.
     forward_kwargs : dict, optional
@@ -442,6 +459,11 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
         Captum's arithmetic); True / False force it on or off. A model that cannot take
         channels-last activations (it ``.view()``\\ s them) falls back to the inputs' layout.
         The layout changes float32 results only by rounding.
+    progress : bool, optional
+        A bar on stderr counting path points (tqdm); False (default) for none, None for a bar when
+        stderr is a terminal. The adaptive rule's bar counts up to its budget and stops where the
+        rule does. (Off by default: ``cd.aggregate`` and the experiments call this once per batch
+        and show their own bars.)
 
     Returns
     -------
@@ -451,7 +473,7 @@ def layer_conductance(model: nn.Module, inputs: torch.Tensor, layers: Union[Laye
     request = Request.make(method=method, n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, units=units,
                            internal_batch_size=internal_batch_size, additional_forward_args=additional_forward_args,
                            forward_kwargs=forward_kwargs, attribute_to_layer_input=attribute_to_layer_input,
-                           memory_budget=memory_budget, channels_last=channels_last)
+                           memory_budget=memory_budget, channels_last=channels_last, progress=progress)
     result = path_attribution(model, inputs, layers, ["conductance"], baselines=baselines, target=target,
                               request=request)
     _warn_accuracy(result, max_steps)

@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--baseline", choices=["black", "grey"], default="black",
                       help="the photo every path starts from (default black, as in the paper)")
     demo.add_argument("--tolerance", type=float, default=None,
-                      help="relative completeness error to reach (default 0.01 when --n-steps is not given)")
+                      help="relative per-unit error to reach (adaptive rule; default 0.02 when --n-steps is not given)")
     demo.add_argument("--n-steps", type=_positive, default=None, help="use a fixed rule with this many intervals")
     demo.add_argument("--method", default=None, help=f"integration rule: {methods}")
     demo.add_argument("--max-steps", type=_positive, default=256, help="point budget per photo (adaptive; default 256)")
@@ -477,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--near-zero", type=float, default=0.01, help="|value| <= this counts as near zero")
     steps = agg.add_mutually_exclusive_group()
     steps.add_argument("--n-steps", type=_positive, default=None, help="fixed rule with this many intervals")
-    steps.add_argument("--tolerance", type=float, default=None, help="adaptive rule to this completeness error")
+    steps.add_argument("--tolerance", type=float, default=None,
+                       help="adaptive rule to this relative per-unit error (default 0.02)")
     agg.add_argument("--method", default=None, help=f"integration rule: {methods}")
     agg.add_argument("--max-steps", type=_positive, default=None, help="point budget per example (adaptive)")
     agg.add_argument("--internal-batch-size", type=_positive, default=None, help="path points per forward/backward")

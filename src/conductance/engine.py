@@ -88,6 +88,8 @@ class PathProblem:
     #: bytes one stored path point takes (values and gradients of every requested layer), measured by
     #: :func:`check_cuts`; 0 while unknown
     point_bytes: int = 0
+    #: a :class:`conductance.progress.Progress` counting evaluated points, or None
+    progress: Any = None
 
     @property
     def batch_size(self) -> int:
@@ -305,7 +307,10 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
         return _joined([evaluate(problem, ex[i:i + c], alphas[i:i + c]) for i in range(0, m, c)])
     while True:
         try:
-            return _evaluate(problem, ex, alphas)
+            batch = _evaluate(problem, ex, alphas)
+            if problem.progress is not None:
+                problem.progress.update(m)
+            return batch
         except RuntimeError as exc:
             # Two fast paths fall back for good when a model cannot take them: a model that .view()s
             # its activations gets points in its own layout; a model that changes a recorded layer's

@@ -375,7 +375,7 @@ def check_steps(n_steps: Optional[int], tolerance: Optional[float], max_steps: i
     if n_steps is not None and n_steps > MAX_POINTS - 1:
         raise ConductanceError(f"n_steps={n_steps} asks for {n_steps + 1} path points per example; at most "
                                f"{MAX_POINTS} are evaluated (conductance.inputs.MAX_POINTS). Far fewer are enough: "
-                               "use tolerance=0.01 to refine only where the path needs it")
+                               "use tolerance=0.02 to refine only where the path needs it")
     if tolerance is not None and (not isinstance(tolerance, numbers.Real) or isinstance(tolerance, bool)
                                   or not 0 < tolerance < 1 or math.isnan(tolerance)):
         raise ConductanceError(f"tolerance must be a relative completeness error between 0 and 1 (exclusive), such "

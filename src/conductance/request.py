@@ -17,6 +17,7 @@ from .adaptive import REFINE_SHARE
 from .errors import ConductanceError
 from .inputs import check_budget, check_forward_args, check_steps
 from .paths import METHODS
+from .progress import check_progress
 
 #: Relative error the adaptive default aims for, per unit (the L2 distance of each layer's vector of
 #: unit values to the exact integral) and in completeness on cut layers.
@@ -28,7 +29,7 @@ ADAPTIVE_INITIAL_STEPS = 8
 UNITS = ("neuron", "channel")
 #: The public keywords :meth:`Request.make` takes (the settings a call forwards to the engine).
 KEYWORDS = ("method", "n_steps", "tolerance", "max_steps", "units", "internal_batch_size", "additional_forward_args",
-            "forward_kwargs", "attribute_to_layer_input", "memory_budget", "channels_last")
+            "forward_kwargs", "attribute_to_layer_input", "memory_budget", "channels_last", "progress")
 
 
 def resolve_method(method: Optional[str], n_steps: Optional[int], tolerance: Optional[float]
@@ -107,6 +108,7 @@ class Request:
     channels_last : None (automatic), True or False: the layout of 4-D path points.
     refine_share : each adaptive round bisects an example's worst pairs up to this share of its score.
     unit_floor : conductance values are measured against ``max(||values||, unit_floor * |F(x) - F(x')|)``.
+    progress : a bar counting path points (True, False, or None: when stderr is a terminal).
     """
 
     method: str
@@ -122,18 +124,21 @@ class Request:
     channels_last: Optional[bool] = None
     refine_share: float = REFINE_SHARE
     unit_floor: float = engine.UNIT_ERROR_FLOOR
+    progress: Optional[bool] = False
 
     @classmethod
     def make(cls, *, method: Optional[str] = None, n_steps: Optional[int] = None,
              tolerance: Optional[float] = None, max_steps: int = DEFAULT_MAX_STEPS, units: str = "neuron",
              internal_batch_size: Optional[int] = None, additional_forward_args: Any = None,
              forward_kwargs: Optional[dict] = None, attribute_to_layer_input: bool = False,
-             memory_budget: Optional[int] = None, channels_last: Optional[bool] = None) -> Request:
+             memory_budget: Optional[int] = None, channels_last: Optional[bool] = None,
+             progress: Optional[bool] = False) -> Request:
         """Check the user's settings and settle the rule; raises ConductanceError naming the bad argument.
 
         Nothing here runs the model, so every bad setting is refused before the first forward pass.
         """
         check_units(units)
+        check_progress(progress)
         check_steps(n_steps, tolerance, max_steps)
         method, n_steps, tolerance = resolve_method(method, n_steps, tolerance)
         check_budget(method, n_steps, max_steps, DEFAULT_MAX_STEPS)
@@ -143,7 +148,7 @@ class Request:
                    additional_forward_args=extra, forward_kwargs=kwargs,
                    attribute_to_layer_input=bool(attribute_to_layer_input),
                    memory_budget=check_memory_budget(memory_budget),
-                   channels_last=check_channels_last(channels_last))
+                   channels_last=check_channels_last(channels_last), progress=progress)
 
     @property
     def initial_steps(self) -> int:
