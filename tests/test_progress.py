@@ -52,3 +52,37 @@ def test_no_bar_by_default_and_bad_values_refused_before_the_model_runs(capsys):
         assert calls == []
     finally:
         handle.remove()
+
+
+def _classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4)).eval()
+
+
+def test_curve_bar_counts_its_rows(capsys):
+    model, x = _classifier(), torch.randn(3, 6)
+    scores = torch.randn(3, 12)
+    curve = cd.deletion_curve(model, x, "1", scores, ks=[0, 2, 4, 8], random_seeds=2, progress=True)
+    err = capsys.readouterr().err
+    assert "deletion curve of 1" in err
+    # (the ranking and 2 random ones) x 3 examples x 4 values of k
+    assert _last_count(err) == (3 * 3 * 4, 3 * 3 * 4)
+    assert curve.logit.shape == (3, 4)
+
+
+def test_flip_count_bar_counts_rows_without_a_total(capsys):
+    model, x = _classifier(), torch.randn(4, 6)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    try:
+        counts = cd.flip_count(model, x, "1", torch.randn(4, 12), expand_at_layer=False, progress=True)
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err
+    assert "flip counts of 1" in err
+    rows = [int(n) for n in re.findall(r": (\d+) rows \[", err)]
+    # every ablated row the model ran, after the one unablated forward of the batch
+    assert seen[0] == 4 and rows[-1] == sum(seen[1:]) > 0
+    assert counts.shape == (4,)
+    with pytest.raises(ConductanceError, match="progress must be True, False or None"):
+        cd.flip_count(model, x, "1", torch.randn(4, 12), progress=1)

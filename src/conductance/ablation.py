@@ -38,6 +38,7 @@ from .engine import _index_args, call_target, logits_of
 from .errors import ConductanceError
 from .inputs import Target, check_baselines, resolve_target
 from .layers import LayerRef, LayerSpec, resolve_layers
+from .progress import Progress, check_progress
 from .result import ResultProtocol, pandas
 from .sites import intervene, record, warn_training
 
@@ -490,6 +491,7 @@ class _Session:
         self.inputs = _check_batch_inputs(inputs)
         self.batch = int(self.inputs.shape[0])
         self.device = self.inputs.device
+        self.bar: Optional[Progress] = None   # counts ablated rows while a public call runs
         self.args = _as_args(additional_forward_args)
         self.kwargs = dict(forward_kwargs or {})
         self.mode, self.units = mode, units
@@ -560,6 +562,8 @@ class _Session:
             chunk = slice(start, min(start + self.batch_size, rows_ex.shape[0]))
             try:
                 outs.append(self._forward(rows_ex[chunk], mask_fn(chunk), bool(self.expand)))
+                if self.bar is not None:
+                    self.bar.update(chunk.stop - chunk.start)
             except (_ExpandFailed, RuntimeError) as exc:
                 if not self.expand:
                     raise
@@ -689,10 +693,22 @@ def _session(model, inputs, layer, mode, values, units, baselines, additional_fo
 # flip counts
 
 
+@contextlib.contextmanager
+def _counting(s: _Session, progress: Optional[bool], what: str, total: Optional[int] = None) -> Iterator[None]:
+    """A bar counting the ablated rows ``s`` evaluates in this block (see :class:`Progress`)."""
+    with Progress(progress, total, f"{what} of {s.ref.name}", "rows") as bar:
+        s.bar = bar
+        try:
+            yield
+        finally:
+            s.bar = None
+
+
 def flip_count(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ranking: Ranking, *,
                mode: str = "zero", values: Any = None, units: str = "neuron", max_units: Optional[int] = None,
                baselines: Any = None, additional_forward_args: Any = None, forward_kwargs: Optional[dict] = None,
-               batch_size: Optional[int] = None, expand_at_layer: Optional[bool] = None) -> torch.Tensor:
+               batch_size: Optional[int] = None, expand_at_layer: Optional[bool] = None,
+               progress: Optional[bool] = None) -> torch.Tensor:
     """How many top-ranked units must be ablated before each example's top-1 label changes.
 
     For each example, units are ablated cumulatively in ranking order; the count is the
@@ -724,18 +740,23 @@ def flip_count(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ranking
         whole forward. None (default): a probe on two examples decides; expansion is kept only
         if it runs and gives the plain run's scores (a skip connection from the inputs to
         above the layer, for instance, makes it fail and the plain run is used).
+    progress : bool, optional
+        A bar on stderr counting the ablated rows evaluated (the total is known only at the end:
+        the run stops when every example has flipped); None (default): when stderr is a terminal.
 
     Returns
     -------
     Tensor (batch,), float32
         The count per example, ``inf`` where the label never changed within ``max_units``.
     """
+    check_progress(progress)
     s = _session(model, inputs, layer, mode, values, units, baselines, additional_forward_args, forward_kwargs,
                  batch_size, expand_at_layer)
     order = s.orders(ranking)
     limit = order.shape[1]
     k_max = limit if max_units is None else s.check_k(max_units, limit, "max_units")
-    return s.flip_counts(_positions(order, s.n_units), k_max)
+    with _counting(s, progress, "flip counts"):
+        return s.flip_counts(_positions(order, s.n_units), k_max)
 
 
 def flipped_by_top_k(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ranking: Ranking, k: int = 10, *,
@@ -955,7 +976,8 @@ class AblationCurve(ResultProtocol):
 
 
 def _curve(kind: str, model, inputs, layer, ranking, *, ks, mode, values, units, target, random_seeds, baselines,
-           additional_forward_args, forward_kwargs, batch_size, expand_at_layer) -> AblationCurve:
+           additional_forward_args, forward_kwargs, batch_size, expand_at_layer, progress) -> AblationCurve:
+    check_progress(progress)
     s = _session(model, inputs, layer, mode, values, units, baselines, additional_forward_args, forward_kwargs,
                  batch_size, expand_at_layer)
     order = s.orders(ranking)
@@ -971,7 +993,8 @@ def _curve(kind: str, model, inputs, layer, ranking, *, ks, mode, values, units,
     tgt = resolve_target(target, s.output, s.batch, s.device)
     pos_list = [_positions(order, s.n_units)]
     pos_list += [_positions(_random_orders(s.batch, s.n_units, seed, s.device), s.n_units) for seed in seeds]
-    scores = s.at_k(pos_list, ks_list, keep=(kind == "insertion"))  # (R, B, K, classes)
+    with _counting(s, progress, f"{kind} curve", len(pos_list) * s.batch * len(ks_list)):
+        scores = s.at_k(pos_list, ks_list, keep=(kind == "insertion"))  # (R, B, K, classes)
     R, B, K, C = scores.shape
     labels = scores.argmax(-1)
     agree = (labels == s.labels.view(1, B, 1)).double()
@@ -1002,7 +1025,7 @@ def deletion_curve(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ran
                    units: str = "neuron", target: Target = None, random_seeds: Union[int, Sequence[int]] = 5,
                    baselines: Any = None, additional_forward_args: Any = None,
                    forward_kwargs: Optional[dict] = None, batch_size: Optional[int] = None,
-                   expand_at_layer: Optional[bool] = None) -> AblationCurve:
+                   expand_at_layer: Optional[bool] = None, progress: Optional[bool] = None) -> AblationCurve:
     """The target score and top-1 agreement as each example's top-k units are ablated.
 
     ``ks``: the grid of k (0 <= k <= ranked units; default up to 33 evenly spaced values from
@@ -1010,13 +1033,13 @@ def deletion_curve(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ran
     LongTensor (batch,) or a callable ``scores (rows, classes) -> (rows,)`` also work.
     ``random_seeds``: how many random rankings (or a list of seeds) to evaluate alongside.
     A good ranking makes the deletion curve fall fast: its area is below the random area.
-    Every (ranking, example, k) is one row of a batched forward pass. Other arguments as in
-    :func:`flip_count`.
+    Every (ranking, example, k) is one row of a batched forward pass (``progress`` counts them).
+    Other arguments as in :func:`flip_count`.
     """
     return _curve("deletion", model, inputs, layer, ranking, ks=ks, mode=mode, values=values, units=units,
                   target=target, random_seeds=random_seeds, baselines=baselines,
                   additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
-                  batch_size=batch_size, expand_at_layer=expand_at_layer)
+                  batch_size=batch_size, expand_at_layer=expand_at_layer, progress=progress)
 
 
 def insertion_curve(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ranking: Ranking, *,
@@ -1024,7 +1047,7 @@ def insertion_curve(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ra
                     units: str = "neuron", target: Target = None, random_seeds: Union[int, Sequence[int]] = 5,
                     baselines: Any = None, additional_forward_args: Any = None,
                     forward_kwargs: Optional[dict] = None, batch_size: Optional[int] = None,
-                    expand_at_layer: Optional[bool] = None) -> AblationCurve:
+                    expand_at_layer: Optional[bool] = None, progress: Optional[bool] = None) -> AblationCurve:
     """Like :func:`deletion_curve`, but every unit is ablated except each example's top k.
 
     A good ranking makes the insertion curve rise fast: its area is above the random area.
@@ -1032,7 +1055,7 @@ def insertion_curve(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ra
     return _curve("insertion", model, inputs, layer, ranking, ks=ks, mode=mode, values=values, units=units,
                   target=target, random_seeds=random_seeds, baselines=baselines,
                   additional_forward_args=additional_forward_args, forward_kwargs=forward_kwargs,
-                  batch_size=batch_size, expand_at_layer=expand_at_layer)
+                  batch_size=batch_size, expand_at_layer=expand_at_layer, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1190,21 +1213,31 @@ def compare_rankings(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, r
                      mode: str = "zero", values: Any = None, units: str = "neuron", max_units: Optional[int] = None,
                      k: int = 10, random_seeds: Union[int, Sequence[int]] = 1, baselines: Any = None,
                      additional_forward_args: Any = None, forward_kwargs: Optional[dict] = None,
-                     batch_size: Optional[int] = None, expand_at_layer: Optional[bool] = None) -> AblationSummary:
+                     batch_size: Optional[int] = None, expand_at_layer: Optional[bool] = None,
+                     progress: Optional[bool] = None) -> AblationSummary:
     """Flip counts and top-k removal for several rankings of one layer, plus random rankings.
 
     ``rankings``: {name: ranking} (each as in :func:`flip_count`). A row "random" pools the
     examples of ``random_seeds`` random rankings (a fresh order per example and seed). ``k`` is
     lowered to the number of units for a layer with fewer than ``k`` units (the table says
-    which k was used). Returns an :class:`AblationSummary`; print ``.format_table()``.
+    which k was used). ``progress`` counts the ablated rows of all rankings (see
+    :func:`flip_count`). Returns an :class:`AblationSummary`; print ``.format_table()``.
     """
     if not isinstance(rankings, Mapping) or not rankings:
         raise ConductanceError("rankings must be a non-empty dict {name: ranking}")
+    check_progress(progress)
     s = _session(model, inputs, layer, mode, values, units, baselines, additional_forward_args, forward_kwargs,
                  batch_size, expand_at_layer)
     if "random" in rankings and random_seeds:
         raise ConductanceError("a ranking is named 'random', which is the name of the random row; rename it")
     k = min(s.check_k(k, max(k, 0), "k"), s.n_units)
+    with _counting(s, progress, "rankings compared"):
+        counts, tops = _compare(s, rankings, max_units, k, _seeds(random_seeds))
+    return ablation_summary(counts, tops, k=k, layer=s.ref.name, mode=mode)
+
+
+def _compare(s: _Session, rankings: Mapping[str, Ranking], max_units: Optional[int], k: int, seeds: list
+             ) -> tuple[dict, dict]:
     counts, tops = {}, {}
     for name, ranking in rankings.items():
         order = s.orders(ranking)
@@ -1213,7 +1246,6 @@ def compare_rankings(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, r
         pos = _positions(order, s.n_units)
         counts[name] = s.flip_counts(pos, k_max)
         tops[name] = _flipped_at(s, pos, s.check_k(k, limit, "k"))
-    seeds = _seeds(random_seeds)
     if seeds:
         k_max = s.n_units if max_units is None else s.check_k(max_units, s.n_units, "max_units")
         rc, rt = [], []
@@ -1222,4 +1254,4 @@ def compare_rankings(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, r
             rc.append(s.flip_counts(pos, k_max))
             rt.append(_flipped_at(s, pos, k))
         counts["random"], tops["random"] = torch.cat(rc), torch.cat(rt)
-    return ablation_summary(counts, tops, k=k, layer=s.ref.name, mode=mode)
+    return counts, tops

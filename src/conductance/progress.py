@@ -16,13 +16,15 @@ def check_progress(progress: Any) -> None:
 
 
 class Progress:
-    """Counts whole items (points, examples) on stderr; does nothing when disabled.
+    """Counts whole items (points, examples, rows) on stderr; does nothing when disabled.
+
+    ``total`` None: a count without a percentage (work whose size is known only at the end).
 
     ``enabled``: True, False, or None (default) for "when stderr is a terminal". With
     ``enabled=True`` and no tqdm installed, a ConductanceError says how to get it.
     """
 
-    def __init__(self, enabled: Optional[bool], total: int, desc: str, unit: str):
+    def __init__(self, enabled: Optional[bool], total: Optional[int], desc: str, unit: str):
         check_progress(enabled)
         self.bar: Any = None
         if enabled is None:
@@ -39,7 +41,7 @@ class Progress:
             raise ConductanceError("progress=True needs tqdm: pip install tqdm (or pip install "
                                    "'conductance[progress]')") from None
         # integer counts: no unit scaling, which would print "8.00/64.0"
-        self.bar = tqdm(total=int(total), desc=desc, unit=f" {unit}", unit_scale=False, dynamic_ncols=True,
+        self.bar = tqdm(total=None if total is None else int(total), desc=desc, unit=f" {unit}", unit_scale=False, dynamic_ncols=True,
                         leave=True, file=sys.stderr)
 
     def update(self, n: int) -> None:
