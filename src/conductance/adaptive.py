@@ -17,8 +17,9 @@ the units), so steering needs one number per pair and layer, never a stored per-
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch

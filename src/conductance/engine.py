@@ -19,15 +19,15 @@ comparison values the per-unit error estimate :func:`unit_error` measures agains
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
-
-import contextlib
 
 from .errors import ConductanceError, not_dependent, warn
 from .layers import LayerRef
@@ -943,7 +943,7 @@ def graph_reaches(root: torch.Tensor, leaf: torch.Tensor, blocked: Sequence[Any]
         seen.add(node)
         if getattr(node, "variable", None) is leaf:
             return True
-        stack.extend(fn for fn, _ in node.next_functions)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
     return False
 
 

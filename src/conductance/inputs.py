@@ -296,8 +296,8 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
     (``method``, ``additional_forward_args``, ``forward_kwargs``, ``internal_batch_size``,
     ``attribute_to_layer_input``, ...) are checked into one here.
 
-    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic, layout included);
-    otherwise convolutional models get channels-last path points when they can take them
+    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic,
+    layout included); otherwise convolutional models get channels-last path points when they can take them
     (``channels_last=True`` / ``False`` in the request forces the choice)."""
     if request is None:
         from .request import Request

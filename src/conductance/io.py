@@ -14,11 +14,13 @@ dict key types and tuple-versus-list, so that a loaded result equals the saved o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -57,10 +59,8 @@ def atomic_write(path: str, write_to: Callable[[str], None]) -> None:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -142,7 +142,7 @@ def read(path: str, kind: str = "result") -> tuple[Any, dict[str, np.ndarray]]:
                                               "to try it as safetensors") from None
             with safe_open(path, framework="np") as f:
                 meta = json.loads((f.metadata() or {})[META_KEY])
-                arrays = {k: np.array(f.get_tensor(k)) for k in f.keys()}   # writable copies
+                arrays = {k: np.array(f.get_tensor(k)) for k in f.keys()}   # writable copies  # noqa: SIM118
     except ConductanceError:
         raise
     except Exception as exc:     # zipfile.BadZipFile (including bad CRCs), ValueError, KeyError, EOFError, ...
@@ -313,7 +313,8 @@ def load(path: str, measure: Optional[str] = None) -> Any:
         A damaged file (checksum mismatch, truncation), a file of another program, or a format
         this version does not read.
     """
-    from .aggregate import FORMAT as AGGREGATE_FORMAT, AggregateResult
+    from .aggregate import FORMAT as AGGREGATE_FORMAT
+    from .aggregate import AggregateResult
 
     meta, arrays = read(path)
     fmt = meta.get("format") if isinstance(meta, dict) else None

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -136,7 +137,7 @@ def select_element(ref: LayerRef, value: Any) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
         kind = type(value).__name__
-        hint = "0" if isinstance(value, (tuple, list)) else (next(iter(value), "key") if isinstance(value, dict) else "0")
+        hint = next(iter(value), "key") if isinstance(value, dict) else "0"
         raise ConductanceError(
             f"layer {ref.name!r} {'receives' if ref.use_input else 'returns'} a {kind}, not a tensor; "
             f"name the element to observe, e.g. '{ref.name}[{hint}]'")
@@ -162,14 +163,15 @@ def replace_element(ref: LayerRef, value: Any, new: torch.Tensor) -> Any:
     """``value`` with the observed element replaced by ``new`` (same container type)."""
     if ref.element is None:
         return new
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
+        if not isinstance(ref.element, int):
+            raise ConductanceError(f"layer {ref.name!r}: a {type(value).__name__} is indexed by position, "
+                                   f"not by {ref.element!r}")
         items = list(value)
         items[ref.element] = new
+        if isinstance(value, list):
+            return items
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, list):
-        items = list(value)
-        items[ref.element] = new
-        return items
     if isinstance(value, dict):
         out = type(value)(value) if not hasattr(value, "__dataclass_fields__") else value
         out[ref.element] = new

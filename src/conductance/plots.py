@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Mapping
-from typing import Any, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -315,7 +315,7 @@ def pixel_map(image: ArrayLike, attribution: ArrayLike, mode: str = "overlay", *
     -------
     >>> fig = plots.pixel_map(photo[0], neuron_cond[0, 0], mode="scale", title="filter 12", smooth=2)
     """
-    shaping = dict(clip=clip, threshold=threshold, smooth=smooth)
+    shaping: dict[str, Any] = dict(clip=clip, threshold=threshold, smooth=smooth)
     rgb = pixel_image(image, attribution, mode, alpha=alpha, cmap=cmap, rescale=rescale, **shaping)
     fig, ax = _new(ax, (4.0, 4.0))
     ax.imshow(rgb, **{"interpolation": "nearest", **kwargs})

@@ -41,8 +41,8 @@ class Progress:
             raise ConductanceError("progress=True needs tqdm: pip install tqdm (or pip install "
                                    "'conductance[progress]')") from None
         # integer counts: no unit scaling, which would print "8.00/64.0"
-        self.bar = tqdm(total=None if total is None else int(total), desc=desc, unit=f" {unit}", unit_scale=False, dynamic_ncols=True,
-                        leave=True, file=sys.stderr)
+        self.bar = tqdm(total=None if total is None else int(total), desc=desc, unit=f" {unit}", unit_scale=False,
+                        dynamic_ncols=True, leave=True, file=sys.stderr)
 
     def update(self, n: int) -> None:
         if self.bar is not None:

@@ -151,9 +151,24 @@ class Request:
                    channels_last=check_channels_last(channels_last), progress=progress)
 
     @property
+    def fixed_steps(self) -> int:
+        """Intervals of the fixed rule (``resolve_method`` always sets them for a fixed rule)."""
+        if self.n_steps is None:
+            raise ConductanceError(f"method={self.method!r} needs n_steps")
+        return self.n_steps
+
+    @property
+    def target_tolerance(self) -> float:
+        """The adaptive rule's tolerance (``resolve_method`` always sets it for the adaptive rule)."""
+        if self.tolerance is None:
+            raise ConductanceError("the adaptive rule needs a tolerance")
+        return self.tolerance
+
+    @property
     def initial_steps(self) -> int:
         """Pairs of the adaptive rule's starting grid."""
         return self.n_steps or ADAPTIVE_INITIAL_STEPS
 
 
-__all__ = ["ADAPTIVE_INITIAL_STEPS", "DEFAULT_MAX_STEPS", "DEFAULT_TOLERANCE", "KEYWORDS", "UNITS", "Request", "resolve_method"]
+__all__ = ["ADAPTIVE_INITIAL_STEPS", "DEFAULT_MAX_STEPS", "DEFAULT_TOLERANCE", "KEYWORDS", "UNITS", "Request",
+           "resolve_method"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional, TypeVar, Union
+from typing import Any, ClassVar, NamedTuple, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ class ResultProtocol:
         if not isinstance(model, nn.Module):
             raise ConductanceError(f"bind() takes the model (an nn.Module), got {type(model).__name__}")
         modules = dict(model.named_modules())
-        table: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
+        table: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
         for name in self._layer_names():
             module = modules.get(module_name(name))
             if module is not None:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -208,7 +208,8 @@ class FeatureSelectionResult(ResultProtocol):
                    else f"{r['random_accuracy']:.{digits}f} ± {r['random_std']:.{digits}f}")
             body.append([r["measure"], str(r["k"]), str(r["n_units"]), f"{r['accuracy']:.{digits}f}", rnd])
         widths = [max(len(x) for x in col) for col in zip(header, *body)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        def line(cells: Sequence[str]) -> str:
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [f"feature selection on {self.layer!r} ({self.units} units, {self.n_layer_units} in the layer; "
                f"{self.select_index.numel()} selection / {self.evaluate_index.numel()} evaluation examples, "
                f"{len(self.classes)} classes)",
@@ -239,7 +240,7 @@ def _plain(value: Any) -> Any:
 # checks and the split
 
 def _check_labels(labels: Any, n: int) -> torch.Tensor:
-    if isinstance(labels, np.ndarray) or isinstance(labels, (list, tuple)):
+    if isinstance(labels, (np.ndarray, list, tuple)):
         labels = torch.as_tensor(np.asarray(labels))
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a tensor, array or list of class indices, got {type(labels).__name__}")
@@ -279,15 +280,13 @@ def _check_measures(measures: Union[str, Sequence[str]]) -> tuple[str, ...]:
 
 
 def _check_ks(ks: Union[int, Sequence[int]]) -> tuple[int, ...]:
-    if isinstance(ks, numbers.Integral):
-        ks = (ks,)
-    ks = tuple(ks)
+    ks = (int(ks),) if isinstance(ks, numbers.Integral) else tuple(cast(Sequence[int], ks))
     if not ks:
         raise ConductanceError("ks is empty; give the numbers of units to keep per class, e.g. (1, 2, 5)")
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ConductanceError(f"every k must be a positive integer (units kept per class), got {k!r}")
-    return tuple(sorted(set(int(k) for k in ks)))
+    return tuple(sorted({int(k) for k in ks}))
 
 
 def stratified_split(labels: torch.Tensor, select_fraction: float = 0.6, seed: int = 0
@@ -611,7 +610,8 @@ def feature_selection(model: nn.Module, inputs: torch.Tensor, labels: Any, layer
     y = labels.numpy()
     sel_np, eval_np = select.numpy(), evaluate.numpy()
     clf_kwargs = {"max_iter": 2000, **(classifier_kwargs or {})}
-    fit = lambda cols: _fit_score(features, y, sel_np, eval_np, list(cols), clf_kwargs)
+    def fit(cols: Sequence[int]) -> Any:
+        return _fit_score(features, y, sel_np, eval_np, list(cols), clf_kwargs)
 
     random_cache: dict[int, list[float]] = {}
 

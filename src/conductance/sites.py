@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -169,11 +169,11 @@ def resolve(model: nn.Module, sites: Union[Site, Sequence[Site]], at_input: bool
     """The :class:`~conductance.layers.LayerRef` of each site (see :func:`conductance.layers.resolve_layers`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(sites, (list, tuple)) and sites and not at_input and all(isinstance(s, LayerRef) for s in sites):
-        # already resolved (the package's own calls, once per forward): skip the walk over the modules
-        if len({s.name for s in sites}) == len(sites):
-            return list(sites)
-    return resolve_layers(model, sites, use_input=at_input)
+    # already resolved (the package's own calls, once per forward): skip the walk over the modules
+    if (isinstance(sites, (list, tuple)) and sites and not at_input and all(isinstance(s, LayerRef) for s in sites)
+            and len({s.name for s in sites}) == len(sites)):
+        return list(sites)
+    return resolve_layers(model, cast(Union[LayerSpec, Sequence[LayerSpec]], sites), use_input=at_input)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ class Recorder:
             raise never_reached(missing)
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator["Recorder"]:
+    def attached(self) -> Iterator[Recorder]:
         """Register the hooks (for this context only); they are removed on exit, whatever happens inside."""
         grad_mode = torch.is_grad_enabled()
         try:
