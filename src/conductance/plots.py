@@ -243,6 +243,20 @@ def shape_attribution(attribution: np.ndarray, *, clip: Optional[float] = None, 
     pixels are set to 0 (e.g. 90 keeps the top 10%). ``clip``: percentile of ``|a|`` that becomes
     the colour limit; larger values saturate (e.g. 99: a few extreme pixels no longer wash out the
     rest). Percentiles are taken after smoothing; the limit is symmetric around zero.
+
+    Parameters
+    ----------
+    attribution : ndarray, shape (H, W)
+    clip, threshold : float, optional
+        Percentiles in [0, 100].
+    smooth : float
+        Blur in pixels; 0 for none.
+
+    Returns
+    -------
+    shown : ndarray, shape (H, W)
+    limit : float
+        The colour limit (positive).
     """
     clip = _percentile(clip, "clip")
     threshold = _percentile(threshold, "threshold")
@@ -274,6 +288,23 @@ def pixel_image(image: ArrayLike, attribution: ArrayLike, mode: str = "overlay",
     attribution is large in either sign, black where it is zero.
     ``clip``, ``threshold``, ``smooth``: see :func:`shape_attribution` (``max|a|`` becomes the
     clipped limit).
+
+    Parameters
+    ----------
+    image : array, shape (3, H, W), (1, H, W), (H, W) or (H, W, 3)
+    attribution : array, shape (C, H, W) or (H, W)
+    mode : str
+        ``"overlay"`` or ``"scale"``.
+    alpha : float
+        Largest colour weight, in [0, 1].
+    cmap : str
+        Matplotlib colour map name.
+    rescale : bool
+        Stretch the image to [0, 1].
+
+    Returns
+    -------
+    ndarray, shape (H, W, 3)
     """
     img = _image_hw(image, rescale)
     a, m = shape_attribution(_attribution_hw(attribution, img.shape[:2]), clip=clip, threshold=threshold,
@@ -314,6 +345,10 @@ def pixel_map(image: ArrayLike, attribution: ArrayLike, mode: str = "overlay", *
     Example
     -------
     >>> fig = plots.pixel_map(photo[0], neuron_cond[0, 0], mode="scale", title="filter 12", smooth=2)
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     shaping = dict(clip=clip, threshold=threshold, smooth=smooth)
     rgb = pixel_image(image, attribution, mode, alpha=alpha, cmap=cmap, rescale=rescale, **shaping)
@@ -340,6 +375,20 @@ def image_attr(attribution: ArrayLike, image: Optional[ArrayLike] = None, mode: 
     other keywords are :func:`pixel_map`'s. This is not a copy of Captum's function: its
     ``method`` / ``sign`` options map onto ``mode`` ("overlay" ~ "blended_heat_map" with
     sign "all", "scale" ~ "masked_image" with sign "absolute_value").
+
+    Parameters
+    ----------
+    attribution : array, shape (H, W, C), (C, H, W) or (H, W)
+    image : array, optional
+        The photo, in either channel order.
+    mode : str
+        ``"overlay"`` or ``"scale"``.
+    **kwargs
+        :func:`pixel_map`'s keywords.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     if image is None:
         a = _attribution_hw(attribution, None)
@@ -362,6 +411,10 @@ def pixel_maps(image: ArrayLike, maps: Mapping[str, ArrayLike], mode: str = "ove
     Example
     -------
     >>> fig = plots.pixel_maps(photo, {f"filter {c}": cond[i, 0] for i, c in enumerate(filters)}, mode="scale")
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     if not isinstance(maps, Mapping) or not maps:
         raise ConductanceError("maps must be a non-empty dict {panel title: attribution (C, H, W) or (H, W)}")
@@ -417,6 +470,10 @@ def token_map(tokens: Sequence[str], scores: ArrayLike, row_labels: Optional[Seq
     Example
     -------
     >>> fig = plots.token_map(["this", "is", "not", "good"], per_token, row_labels=["filter 7"])
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     s = _array(scores, "scores")
     tokens = [str(t) for t in tokens]
@@ -512,6 +569,10 @@ def curves(series: Mapping[str, Any], xlabel: str = "", ylabel: str = "", *, ax:
     Example
     -------
     >>> fig = plots.curves({"conductance": (ks, logit), "random": (ks, random_logits)}, "units removed", "logit")
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     if not isinstance(series, Mapping) or not series:
         raise ConductanceError("series must be a non-empty dict {label: (x, y)}")
@@ -550,6 +611,18 @@ def flip_share(flip_counts: Mapping[str, ArrayLike], k: Optional[int] = 10, *, a
 
     ``flip_counts[name]``: (examples,) counts from :func:`conductance.flip_count` (``inf``: never
     flipped, so the curve stays below 1). A vertical line marks ``k``. ``**kwargs`` go to ``ax.plot``.
+
+    Parameters
+    ----------
+    flip_counts : dict str -> array, shape (examples,)
+    k : int, optional
+        Where to draw the vertical line; None for none.
+    ax : matplotlib Axes, optional
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     if not isinstance(flip_counts, Mapping) or not flip_counts:
         raise ConductanceError("flip_counts must be a non-empty dict {ranking name: counts (examples,)}")
@@ -587,6 +660,10 @@ def error_vs_steps(errors: Mapping[str, Any], *, ax: Any = None, title: Optional
     Example
     -------
     >>> fig = plots.error_vs_steps({"gausslegendre": (points, err_gl), "uniform": (points, err_u)})
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     if not isinstance(errors, Mapping) or not errors:
         raise ConductanceError("errors must be a non-empty dict {rule: (points, errors)}")
@@ -678,6 +755,10 @@ def sign_heatmap(values: ArrayLike, threshold: float = 0.01, cluster: bool = Tru
     Example
     -------
     >>> fig = plots.sign_heatmap(conductances, threshold=0.01, title="sign of filter conductance")
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     _pyplot()
     from matplotlib.colors import BoundaryNorm, ListedColormap
