@@ -139,7 +139,7 @@ class FeatureSelectionResult(ResultProtocol):
         Returns
         -------
         list of dict
-            Rows as in :attr:`rows` (measure, k, units, accuracy, ...), best first.
+            Rows as in :attr:`rows` (measure, k, n_units, accuracy, ...), best first.
         """
         if layer is not None and self._name_of(layer) != self.layer:
             raise ConductanceError(f"this result is of layer {self.layer!r} only, not {layer!r}")
