@@ -577,6 +577,13 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     Returns
     -------
     Integral
+
+    Parameters
+    ----------
+    problem : PathProblem
+    measures, units, cut_layers, unit_layers, tolerance, max_points, initial_steps, store_bytes, unit_floor,
+    refine_share
+        As for :class:`AdaptiveIntegrator`.
     """
     return AdaptiveIntegrator(problem, measures, units, cut_layers, unit_layers, tolerance, max_points,
                               initial_steps, store_bytes, unit_floor, refine_share).run()

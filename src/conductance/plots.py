@@ -342,13 +342,13 @@ def pixel_map(image: ArrayLike, attribution: ArrayLike, mode: str = "overlay", *
     The argument order is (image, attribution), like the rest of this module; Captum's
     ``visualize_image_attr`` takes (attribution, image): use :func:`image_attr` for that order.
 
-    Example
-    -------
-    >>> fig = plots.pixel_map(photo[0], neuron_cond[0, 0], mode="scale", title="filter 12", smooth=2)
-
     Returns
     -------
     matplotlib.figure.Figure
+
+    Example
+    -------
+    >>> fig = plots.pixel_map(photo[0], neuron_cond[0, 0], mode="scale", title="filter 12", smooth=2)
     """
     shaping = dict(clip=clip, threshold=threshold, smooth=smooth)
     rgb = pixel_image(image, attribution, mode, alpha=alpha, cmap=cmap, rescale=rescale, **shaping)
@@ -408,13 +408,27 @@ def pixel_maps(image: ArrayLike, maps: Mapping[str, ArrayLike], mode: str = "ove
     by default a new Figure. ``clip``, ``threshold``, ``smooth`` and ``**kwargs`` (for
     ``ax.imshow``) apply to every panel, as in :func:`pixel_map`.
 
-    Example
-    -------
-    >>> fig = plots.pixel_maps(photo, {f"filter {c}": cond[i, 0] for i, c in enumerate(filters)}, mode="scale")
+    Parameters
+    ----------
+    image : array, shape (3, H, W), (1, H, W), (H, W) or (H, W, 3)
+    maps : dict str -> array, shape (C, H, W) or (H, W)
+        Panel title -> attribution.
+    mode : str
+        ``"overlay"`` or ``"scale"``.
+    ncols : int
+        Panels per row.
+    show_image : bool
+        Start with a panel of the photo itself.
+    panel_size : float
+        Inches per panel.
 
     Returns
     -------
     matplotlib.figure.Figure
+
+    Example
+    -------
+    >>> fig = plots.pixel_maps(photo, {f"filter {c}": cond[i, 0] for i, c in enumerate(filters)}, mode="scale")
     """
     if not isinstance(maps, Mapping) or not maps:
         raise ConductanceError("maps must be a non-empty dict {panel title: attribution (C, H, W) or (H, W)}")
@@ -467,13 +481,13 @@ def token_map(tokens: Sequence[str], scores: ArrayLike, row_labels: Optional[Seq
         (default: 24 per line when there are more than 30 tokens and no ``ax`` is given)
     **kwargs : passed to ``ax.imshow``
 
-    Example
-    -------
-    >>> fig = plots.token_map(["this", "is", "not", "good"], per_token, row_labels=["filter 7"])
-
     Returns
     -------
     matplotlib.figure.Figure
+
+    Example
+    -------
+    >>> fig = plots.token_map(["this", "is", "not", "good"], per_token, row_labels=["filter 7"])
     """
     s = _array(scores, "scores")
     tokens = [str(t) for t in tokens]
@@ -566,13 +580,26 @@ def curves(series: Mapping[str, Any], xlabel: str = "", ylabel: str = "", *, ax:
     "minmax" or "std"). ``styles[label]`` passes matplotlib keyword arguments to that line;
     ``**kwargs`` go to every ``ax.plot`` (``styles`` win over them).
 
-    Example
-    -------
-    >>> fig = plots.curves({"conductance": (ks, logit), "random": (ks, random_logits)}, "units removed", "logit")
+    Parameters
+    ----------
+    series : dict str -> (x, y)
+        ``x`` (n,), ``y`` (n,) or (repeats, n).
+    xlabel, ylabel : str
+    logx, logy : bool
+        Logarithmic axes.
+    styles : dict str -> dict, optional
+    band : str
+        ``"minmax"`` or ``"std"``.
+    markers : bool
+        Mark each point.
 
     Returns
     -------
     matplotlib.figure.Figure
+
+    Example
+    -------
+    >>> fig = plots.curves({"conductance": (ks, logit), "random": (ks, random_logits)}, "units removed", "logit")
     """
     if not isinstance(series, Mapping) or not series:
         raise ConductanceError("series must be a non-empty dict {label: (x, y)}")
@@ -657,13 +684,20 @@ def error_vs_steps(errors: Mapping[str, Any], *, ax: Any = None, title: Optional
     raised to 1e-16 (the float64 floor). ``tolerance`` draws a horizontal reference line.
     ``**kwargs`` go to ``ax.plot``.
 
-    Example
-    -------
-    >>> fig = plots.error_vs_steps({"gausslegendre": (points, err_gl), "uniform": (points, err_u)})
+    Parameters
+    ----------
+    errors : dict str -> (points, errors)
+        ``points`` (n,), ``errors`` (n,) or (examples, n).
+    tolerance : float, optional
+    xlabel, ylabel : str
 
     Returns
     -------
     matplotlib.figure.Figure
+
+    Example
+    -------
+    >>> fig = plots.error_vs_steps({"gausslegendre": (points, err_gl), "uniform": (points, err_u)})
     """
     if not isinstance(errors, Mapping) or not errors:
         raise ConductanceError("errors must be a non-empty dict {rule: (points, errors)}")
@@ -752,13 +786,23 @@ def sign_heatmap(values: ArrayLike, threshold: float = 0.01, cluster: bool = Tru
     ``symbol`` names the values in the colour bar's legend (``|symbol| < threshold``), so it can
     match the text around the figure (e.g. "c" for conductance). ``**kwargs`` go to ``ax.imshow``.
 
-    Example
-    -------
-    >>> fig = plots.sign_heatmap(conductances, threshold=0.01, title="sign of filter conductance")
+    Parameters
+    ----------
+    values : array, shape (examples, units)
+    threshold : float
+        Magnitudes below it are drawn white.
+    cluster : bool
+        Reorder rows and columns so that similar sign patterns sit together.
+    row_labels, col_labels : sequence, optional
+    symbol : str
 
     Returns
     -------
     matplotlib.figure.Figure
+
+    Example
+    -------
+    >>> fig = plots.sign_heatmap(conductances, threshold=0.01, title="sign of filter conductance")
     """
     _pyplot()
     from matplotlib.colors import BoundaryNorm, ListedColormap
