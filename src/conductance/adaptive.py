@@ -574,16 +574,16 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     :class:`~conductance.engine.Integral` with values and coarse values per measure and layer,
     each (batch, *unit_shape).
 
-    Returns
-    -------
-    Integral
-
     Parameters
     ----------
     problem : PathProblem
     measures, units, cut_layers, unit_layers, tolerance, max_points, initial_steps, store_bytes, unit_floor,
     refine_share
         As for :class:`AdaptiveIntegrator`.
+
+    Returns
+    -------
+    Integral
     """
     return AdaptiveIntegrator(problem, measures, units, cut_layers, unit_layers, tolerance, max_points,
                               initial_steps, store_bytes, unit_floor, refine_share).run()

@@ -179,11 +179,6 @@ def googlenet(weights_path: Optional[str] = None, calibration: Optional[torch.Te
     eval mode otherwise has vanishing activations and logits equal to the fc bias, which makes
     every attribution zero.
 
-    Raises
-    ------
-    ConductanceError
-        The weights file is missing, is not a state dict, or does not fit GoogLeNet.
-
     Parameters
     ----------
     weights_path : str, optional
@@ -195,6 +190,11 @@ def googlenet(weights_path: Optional[str] = None, calibration: Optional[torch.Te
     Returns
     -------
     nn.Module
+
+    Raises
+    ------
+    ConductanceError
+        The weights file is missing, is not a state dict, or does not fit GoogLeNet.
     """
     from torchvision.models import googlenet as tv_googlenet
 
