@@ -147,7 +147,7 @@ def read(path: str, kind: str = "result") -> tuple[Any, dict[str, np.ndarray]]:
     ----------
     path : str
     kind : str
-        What the file should hold, for the messages (``"result"``, ``"checkpoint"``).
+        What the file should hold, for the messages (``"result"``, ``"aggregate"``).
 
     Returns
     -------
