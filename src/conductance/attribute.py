@@ -108,6 +108,23 @@ def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
     The first of ``measures`` is the result's own; the others are in ``result.extra[measure]``.
     ``request``: the checked settings; without it, ``settings`` (the keywords of
     :func:`layer_conductance`) are checked into one.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor, shape (batch, *input_shape), or a tuple of them
+    layers : a layer spec or a list of them
+    measures : sequence of str
+        Path measures (:data:`conductance.measures.PATH_MEASURES`).
+    baselines, target
+        As in :func:`layer_conductance`.
+    refine_on_input : bool
+        See :func:`run_path`.
+
+    Returns
+    -------
+    LayerResult
+        Values (batch, *unit_shape) per layer.
     """
     if request is None:
         request = Request.make(**settings)
@@ -158,6 +175,13 @@ def _package(measure: str, values: dict[str, torch.Tensor], coarse: dict[str, to
 
 
 def check_measures(measures: Sequence[str]) -> None:
+    """Refuse unknown or repeated measure names.
+
+    Parameters
+    ----------
+    measures : sequence of str
+        Names from :data:`conductance.measures.MEASURES`.
+    """
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
         raise ConductanceError(f"unknown measure(s) {unknown}; choose from {MEASURES}")
@@ -168,7 +192,21 @@ def check_measures(measures: Sequence[str]) -> None:
 def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
                        measures: Sequence[str], *, baselines: Any, target: Target, request: Request,
                        refine_on_input: bool = False) -> dict[str, LayerResult]:
-    """Every requested measure, each as a LayerResult; the path measures share one run of the path."""
+    """Every requested measure, each as a LayerResult; the path measures share one run of the path.
+
+    Parameters
+    ----------
+    model, inputs, layers, baselines, target
+        As in :func:`layer_importance`.
+    measures : sequence of str
+    request : Request
+    refine_on_input : bool
+
+    Returns
+    -------
+    dict str -> LayerResult
+        Measure name -> its result, values (batch, *unit_shape) per layer.
+    """
     check_measures(measures)
     problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target, request=request)
     units, method = request.units, request.method

@@ -132,7 +132,19 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
 
 
 def select_element(ref: LayerRef, value: Any) -> torch.Tensor:
-    """The observed tensor of a module's output (or input), following ``ref.element``."""
+    """The observed tensor of a module's output (or input), following ``ref.element``.
+
+    Parameters
+    ----------
+    ref : LayerRef
+    value : Tensor, tuple, list or dict
+        What the module returned (or received).
+
+    Returns
+    -------
+    Tensor
+        Any shape; a missing or non-tensor element raises a ConductanceError naming the fix.
+    """
     if ref.element is None:
         if isinstance(value, torch.Tensor):
             return value
@@ -160,7 +172,19 @@ def select_element(ref: LayerRef, value: Any) -> torch.Tensor:
 
 
 def replace_element(ref: LayerRef, value: Any, new: torch.Tensor) -> Any:
-    """``value`` with the observed element replaced by ``new`` (same container type)."""
+    """``value`` with the observed element replaced by ``new`` (same container type).
+
+    Parameters
+    ----------
+    ref : LayerRef
+    value : Tensor, tuple (named or not), list or dict
+    new : Tensor
+
+    Returns
+    -------
+    Any
+        A new container (a list or dict is copied, not changed), or ``new`` itself without an element.
+    """
     if ref.element is None:
         return new
     if isinstance(value, (tuple, list)):

@@ -9,7 +9,12 @@ from .errors import ConductanceError
 
 
 def check_progress(progress: Any) -> None:
-    """ConductanceError unless ``progress`` is True, False or None (checked before any work)."""
+    """ConductanceError unless ``progress`` is True, False or None (checked before any work).
+
+    Parameters
+    ----------
+    progress : Any
+    """
     if progress is not None and not isinstance(progress, bool):
         raise ConductanceError(f"progress must be True, False or None (a bar when stderr is a terminal), "
                                f"got {progress!r}")
@@ -45,6 +50,12 @@ class Progress:
                         dynamic_ncols=True, leave=True, file=sys.stderr)
 
     def update(self, n: int) -> None:
+        """Advance the bar by ``n`` (nothing when no bar is shown).
+
+        Parameters
+        ----------
+        n : int
+        """
         if self.bar is not None:
             self.bar.update(int(n))
 

@@ -58,7 +58,17 @@ _AGGREGATE_OPTIONS = ("by", "target", "near_zero", "limit_batches", "progress", 
 
 
 def prunable_layers(model: nn.Module) -> list[str]:
-    """Names of the convolution and linear layers of ``model`` (the layers a pruner removes channels of)."""
+    """Names of the convolution and linear layers of ``model`` (the layers a pruner removes channels of).
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    list of str
+        Dotted names, in ``named_modules`` order.
+    """
     return [name for name, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
 
 
@@ -167,6 +177,14 @@ class ConductanceImportance(tp.importance.Importance):
         """Compute the scores of every scored layer of ``model`` now (the pruner would at its first call).
 
         Returns self; :meth:`scores` then gives them by layer name.
+
+        Parameters
+        ----------
+        model : nn.Module
+
+        Returns
+        -------
+        ConductanceImportance
         """
         from .aggregate import AggregateResult, aggregate  # noqa: F811 (the runtime name of the type above)
 
@@ -214,7 +232,12 @@ class ConductanceImportance(tp.importance.Importance):
         return (np.abs(class_means) * counts[have, None]).sum(0) / counts.sum()
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """Layer name -> (channels,) score of each output channel, as last computed."""
+        """Layer name -> (channels,) score of each output channel, as last computed.
+
+        Returns
+        -------
+        dict str -> Tensor, shape (channels,)
+        """
         return {self._names[m]: s.clone() for m, s in self._scores.items()}
 
     def bind(self, model: nn.Module) -> ConductanceImportance:
@@ -222,6 +245,16 @@ class ConductanceImportance(tp.importance.Importance):
 
         Layers are matched by name and must have the same channel counts; saves recomputing the
         scores when one network is pruned at several ratios.
+
+        Parameters
+        ----------
+        model : nn.Module
+            A copy of the network the scores were computed on, not yet pruned.
+
+        Returns
+        -------
+        ConductanceImportance
+            Itself.
         """
         if not self._scores:
             raise ConductanceError("no scores yet: call fit(model) (or let a pruner call the importance) first")
@@ -313,7 +346,17 @@ class CalibratedTaylorImportance(tp.importance.GroupTaylorImportance):
         self._grads: dict[str, torch.Tensor] = {}
 
     def fit(self, model: nn.Module) -> CalibratedTaylorImportance:
-        """Accumulate the calibration-set gradient into ``model``'s ``.grad`` (previous gradients are cleared)."""
+        """Accumulate the calibration-set gradient into ``model``'s ``.grad`` (previous gradients are cleared).
+
+        Parameters
+        ----------
+        model : nn.Module
+
+        Returns
+        -------
+        CalibratedTaylorImportance
+            Itself.
+        """
         from .aggregate import split_batch
 
         start = time.perf_counter()
@@ -340,7 +383,18 @@ class CalibratedTaylorImportance(tp.importance.GroupTaylorImportance):
         return self
 
     def bind(self, model: nn.Module) -> CalibratedTaylorImportance:
-        """Copy the calibration gradient of the fitted model onto an unpruned copy of it (by parameter name)."""
+        """Copy the calibration gradient of the fitted model onto an unpruned copy of it (by parameter name).
+
+        Parameters
+        ----------
+        model : nn.Module
+            An unpruned copy of the fitted model.
+
+        Returns
+        -------
+        CalibratedTaylorImportance
+            Itself.
+        """
         if self._model is None:
             raise ConductanceError("no gradient yet: call fit(model) first")
         grads = self._grads
@@ -388,6 +442,15 @@ def input_fill(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[nn.Mod
     Returns module -> (in_channels,) float64 tensor: for a convolution the mean over examples and
     positions of input channel c, for a linear layer the mean of input feature c. A module called
     more than once per forward gets no entry (its inputs are not one channel set).
+
+    Parameters
+    ----------
+    model : nn.Module
+    batches : iterable of Tensor, each (batch, *input_shape)
+
+    Returns
+    -------
+    dict nn.Module -> Tensor, shape (in_channels,), float64
     """
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
@@ -453,6 +516,11 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, importance: Any, *, pr
         layers; for a padded convolution exact away from the border (the kernel sum is used).
     fill_data : iterable of batches, needed for ``compensate="mean"`` (inputs only are used).
     baselines : None (zeros like ``example_inputs``), a number or a tensor (1, ...), for ``"baseline"``.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself, pruned.
     """
     from .aggregate import split_batch
 
