@@ -133,6 +133,12 @@ def run(args: argparse.Namespace) -> dict:
 
     runs: list = []
     out["runs"] = runs
+    if args.keep:
+        # runs of these rules from an earlier output, when only the others changed
+        with open(os.path.join(OUT_DIR, args.json_name)) as f:
+            earlier = json.load(f)
+        runs.extend(r for r in earlier["runs"] if r["rule"] in args.keep)
+        out["kept_from_earlier_run"] = list(args.keep)
 
     def checkpoint() -> None:
         # written after every run, so that a run that dies keeps what it measured
@@ -142,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for rule in FIXED:
+        for rule in [r for r in FIXED if r not in args.keep]:
             for points in [p for p in args.points if rule != "uniform" or p <= 256] + (
                     args.captum_extend if rule == "captum" else []):
                 t0 = time.perf_counter()
@@ -285,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--report-only", metavar="JSON")
+    p.add_argument("--keep", nargs="*", default=[], choices=FIXED,
+                   help="keep these fixed rules' runs from the last output instead of running them again")
     p.add_argument("--reference-cache", metavar="PT", default=os.path.join(OUT_DIR, "unit_accuracy_reference.pt"),
                    help="reuse the reference values from this file when photos and steps match (written "
                         "after computing them; '' to always recompute)")
