@@ -8,12 +8,12 @@ import types
 
 import pytest
 import torch
-from models import random_cnn, random_mlp
 from torch import nn
 
 import conductance as cd
 from conductance import ConductanceError, ConductanceWarning, engine
 from conductance.request import Request
+from models import random_cnn, random_mlp
 
 
 class ForwardCounter:

@@ -283,8 +283,8 @@ def test_transformer_heads_get_their_own_per_unit_error():
 
 
 def test_a_grid_with_no_coarser_grid_does_not_claim_exact_values():
-    """Two points (n_steps=1; Captum's point rules: n_steps=2) leave nothing to halve: the estimate is the distance to zero (100%) or
-    more, and the fixed rule warns, instead of an estimate of 0."""
+    """Two points (n_steps=1; Captum's point rules: n_steps=2) leave nothing to halve: the estimate is
+    the distance to zero (100%) or more, and the fixed rule warns, instead of an estimate of 0."""
     model = random_cnn(seed=3, act=nn.ReLU)
     x = torch.randn(2, 2, 6, 6) * 2
     for method in ("uniform", "uniform_left", "gausslegendre"):

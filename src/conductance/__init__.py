@@ -5,8 +5,19 @@ Implements conductance (Dhamdhere, Sundararajan, Yan, "How Important Is a Neuron
 """
 
 from . import hf, reference, sites
-from .ablation import (AblationCurve, AblationSummary, ablate, ablation_summary, compare_rankings, deletion_curve,
-                       flip_count, flipped_by_top_k, insertion_curve, layer_mean, layer_values)
+from .ablation import (
+                       AblationCurve,
+                       AblationSummary,
+                       ablate,
+                       ablation_summary,
+                       compare_rankings,
+                       deletion_curve,
+                       flip_count,
+                       flipped_by_top_k,
+                       insertion_curve,
+                       layer_mean,
+                       layer_values,
+)
 from .aggregate import AggregateResult, aggregate
 from .attribute import layer_conductance, layer_importance
 from .engine import shared

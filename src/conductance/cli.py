@@ -45,14 +45,29 @@ def usual_permissions(path: str) -> None:
     """Give a file we wrote the permissions of any new file (0666 less the umask).
 
     Our files are written through a temporary file (mkstemp, always 0600) then renamed, so without
-    this a result file would be unreadable to the user's group whatever their umask says."""
+    this a result file would be unreadable to the user's group whatever their umask says.
+
+    Parameters
+    ----------
+    path : str
+    """
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
 
 
 def resolve_device(spec: str):
-    """``--device`` as a torch.device that exists on this machine; ConductanceError otherwise."""
+    """``--device`` as a torch.device that exists on this machine; ConductanceError otherwise.
+
+    Parameters
+    ----------
+    spec : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+
+    Returns
+    -------
+    torch.device
+    """
     import torch
 
     if spec == "auto":
@@ -158,7 +173,20 @@ def load_entry_point(spec: str, what: str, kind: Optional[type] = None):
 
     ``module:function`` is resolved by :func:`pkgutil.resolve_name` (``function`` may be dotted,
     ``pkg.mod:Class.build``), with the current folder importable. ``kind``: the type the value must
-    have (a ConductanceError naming the argument otherwise)."""
+    have (a ConductanceError naming the argument otherwise).
+
+    Parameters
+    ----------
+    spec : str
+    what : str
+        The command-line option, for messages.
+    kind : type, optional
+
+    Returns
+    -------
+    Any
+        What the function returned.
+    """
     import importlib.util
     import pkgutil
 
@@ -413,6 +441,12 @@ def _fetch_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``conductance`` command's argument parser, one subcommand per task.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
     parser = argparse.ArgumentParser(
         prog="conductance",
         description=f"How important is each hidden unit of a network? Conductance ({PAPER}) with a known "
@@ -537,6 +571,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``conductance`` command.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments; ``sys.argv[1:]`` by default.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 with a one-line message for a bad argument or a missing file.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

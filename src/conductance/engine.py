@@ -19,15 +19,15 @@ comparison values the per-unit error estimate :func:`unit_error` measures agains
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
-
-import contextlib
 
 from .errors import ConductanceError, not_dependent, warn
 from .layers import LayerRef
@@ -129,12 +129,34 @@ def shared(value: Any) -> Shared:
     """Mark a forward argument as shared by all examples: passed unchanged to every path point.
 
     Use it for a tensor whose first dimension happens to equal the batch size but does not index
-    the examples (a weight matrix, a lookup table)."""
+    the examples (a weight matrix, a lookup table).
+
+    Parameters
+    ----------
+    value : Any
+        A tensor (any shape) or other forward argument.
+
+    Returns
+    -------
+    Shared
+        A wrapper the engine unwraps; pass it in ``additional_forward_args`` or ``forward_kwargs``.
+    """
     return Shared(value)
 
 
 def unwrap_shared(args: Any) -> Any:
-    """``args`` with every :class:`Shared` replaced by its value (nothing indexed)."""
+    """``args`` with every :class:`Shared` replaced by its value (nothing indexed).
+
+    Parameters
+    ----------
+    args : Any
+        A forward argument, possibly a tuple, list or dict of them.
+
+    Returns
+    -------
+    Any
+        The same structure without :class:`Shared` wrappers.
+    """
     if isinstance(args, Shared):
         return args.value
     if isinstance(args, tuple):
@@ -149,7 +171,22 @@ def unwrap_shared(args: Any) -> Any:
 def ambiguous_args(args: Any, batch: int, where: str) -> list[str]:
     """Per-example forward arguments that may be shared ones whose first dimension equals the batch
     size by coincidence: parameters (or tensors that require grad), and square floating-point
-    matrices (batch, batch). Integer tensors (token ids, masks) are taken as per example."""
+    matrices (batch, batch). Integer tensors (token ids, masks) are taken as per example.
+
+    Parameters
+    ----------
+    args : Any
+        Forward arguments (a tensor, or a tuple, list or dict of them).
+    batch : int
+        Number of examples.
+    where : str
+        Name of ``args`` for the messages (``"forward_kwargs"``).
+
+    Returns
+    -------
+    list of str
+        One description (name and shape) per doubtful tensor; empty when none is.
+    """
     if isinstance(args, torch.Tensor):
         if args.dim() > 0 and args.shape[0] == batch and (
                 isinstance(args, nn.Parameter) or args.requires_grad
@@ -183,7 +220,21 @@ def _index_args(args: Any, ex: torch.Tensor, batch: int) -> Any:
 
 
 def model_output(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> Any:
-    """Run the user's model on points ``x`` (m, *input_shape) belonging to examples ``ex``."""
+    """Run the user's model on points ``x`` (m, *input_shape) belonging to examples ``ex``.
+
+    Parameters
+    ----------
+    problem : PathProblem
+    x : Tensor, shape (m, *input_shape)
+        Path points (packed, for a tuple of inputs).
+    ex : LongTensor, shape (m,)
+        Example index of each point; per-example forward arguments are indexed with it.
+
+    Returns
+    -------
+    Any
+        Whatever the model returns for the batch of ``m`` points.
+    """
     extra = _index_args(problem.additional_forward_args, ex, problem.batch_size)
     kwargs = _index_args(problem.forward_kwargs, ex, problem.batch_size)
     problem.n_forwards += 1
@@ -193,7 +244,18 @@ def model_output(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> Any
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """The tensor of scores inside a model output (a tensor, a tuple's first item, ``.logits``)."""
+    """The tensor of scores inside a model output (a tensor, a tuple's first item, ``.logits``).
+
+    Parameters
+    ----------
+    output : Any
+        A model's output.
+
+    Returns
+    -------
+    Tensor, shape (m, ...)
+        The scores, with the points in the first dimension.
+    """
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
@@ -206,7 +268,17 @@ def logits_of(output: Any) -> torch.Tensor:
 
 def target_arity(target: Callable) -> int:
     """1 for ``target(output)``, 2 for ``target(output, examples)``: two when the callable takes two
-    positional arguments without defaults (or ``*args``)."""
+    positional arguments without defaults (or ``*args``).
+
+    Parameters
+    ----------
+    target : callable
+
+    Returns
+    -------
+    int
+        1 or 2; a callable with no positional parameter raises a ConductanceError.
+    """
     try:
         params = list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):
@@ -222,12 +294,39 @@ def target_arity(target: Callable) -> int:
 
 
 def call_target(target: Callable, output: Any, ex: torch.Tensor) -> Any:
-    """Call a target callable, giving it each row's example index (LongTensor (m,)) when it takes two arguments."""
+    """Call a target callable, giving it each row's example index (LongTensor (m,)) when it takes two arguments.
+
+    Parameters
+    ----------
+    target : callable
+    output : Any
+        The model output for ``m`` points.
+    ex : LongTensor, shape (m,)
+
+    Returns
+    -------
+    Any
+        What ``target`` returns (checked by the caller, one score per point).
+    """
     return target(output, ex) if target_arity(target) == 2 else target(output)
 
 
 def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.Tensor:
-    """F at each point: the target's score, shape (m,)."""
+    """F at each point: the target's score, shape (m,).
+
+    Parameters
+    ----------
+    problem : PathProblem
+        Its ``target`` is None, a LongTensor (batch,) or (batch, k), or a callable.
+    output : Any
+        The model output at ``m`` points.
+    ex : LongTensor, shape (m,)
+        Example index of each point.
+
+    Returns
+    -------
+    Tensor, shape (m,)
+    """
     target = problem.target
     if callable(target):
         value = call_target(target, output, ex)
@@ -252,7 +351,19 @@ def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.
 
 
 def interpolate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """Points ``x' + a (x - x')`` for examples ``ex`` (m,) at ``alphas`` (m,); (m, *input_shape)."""
+    """Points ``x' + a (x - x')`` for examples ``ex`` (m,) at ``alphas`` (m,); (m, *input_shape).
+
+    Parameters
+    ----------
+    problem : PathProblem
+    ex : LongTensor, shape (m,)
+    alphas : Tensor, shape (m,)
+
+    Returns
+    -------
+    Tensor, shape (m, *input_shape)
+        In channels-last layout when ``problem.channels_last`` and the points are 4-D.
+    """
     base = problem.baselines[ex]
     shape = (-1,) + (1,) * (base.dim() - 1)
     return _layout(problem, base + alphas.to(base.dtype).view(shape) * (problem.inputs[ex] - base))
@@ -264,7 +375,17 @@ def _layout(problem: PathProblem, x: torch.Tensor) -> torch.Tensor:
 
 def wants_channels_last(model: nn.Module, inputs: torch.Tensor) -> bool:
     """Channels-last points pay off for 4-D floating inputs of a model with 2-D convolutions on the CPU
-    (the automatic choice, ``channels_last=None``; ``CHANNELS_LAST`` is its documented default)."""
+    (the automatic choice, ``channels_last=None``; ``CHANNELS_LAST`` is its documented default).
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor, shape (batch, *input_shape)
+
+    Returns
+    -------
+    bool
+    """
     return (CHANNELS_LAST and inputs.dim() == 4 and inputs.device.type == "cpu" and inputs.is_floating_point()
             and any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
@@ -278,7 +399,16 @@ _LAYOUT_ERRORS = ("view size is not compatible", "stride", "contiguous")
 
 
 def is_layout_error(exc: RuntimeError) -> bool:
-    """Whether a model failed because it cannot take channels-last activations (it ``.view()``s them)."""
+    """Whether a model failed because it cannot take channels-last activations (it ``.view()``s them).
+
+    Parameters
+    ----------
+    exc : RuntimeError
+
+    Returns
+    -------
+    bool
+    """
     return any(k in str(exc) for k in _LAYOUT_ERRORS)
 
 
@@ -299,6 +429,11 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
         Example index of each point.
     alphas : Tensor (m,)
         Position of each point on its example's path.
+
+    Returns
+    -------
+    PointBatch
+        ``F`` (m,), and per recorded layer its value and gradient ``dF/dy``, each (m, *layer_shape).
     """
     m = int(ex.shape[0])
     if m > problem.chunk_size:
@@ -352,6 +487,14 @@ class LayerPoints:
 
         One product per row, reusing the graph. ``is_grads_batched`` (vmap) was measured slower on
         GoogLeNet: its convolution backward ran per unit on slower kernels, then stacked the results.
+
+        Parameters
+        ----------
+        v : Tensor, shape (rows, m, *layer_shape)
+
+        Returns
+        -------
+        Tensor, shape (rows, m, *input_shape)
         """
         rows = [torch.autograd.grad(self.y, self.x, grad_outputs=v[u], retain_graph=True)[0]
                 for u in range(v.shape[0])]
@@ -373,6 +516,11 @@ def layer_points(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor, r
         Example index of each point.
     alphas : Tensor (m,)
         Position of each point on its example's path.
+
+    Yields
+    ------
+    LayerPoints
+        The points, the layer's value, ``F`` and ``dF/dy`` for the ``m`` points.
     """
     x = interpolate(problem, ex, alphas).detach().requires_grad_(True)
     recorder = Recorder([ref], cut_below=False)
@@ -394,7 +542,16 @@ _OOM_ERRORS = ("out of memory", "can't allocate memory", "Failed to allocate")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocator running out of memory (CUDA, MPS or the CPU)."""
+    """Whether ``exc`` is an allocator running out of memory (CUDA, MPS or the CPU).
+
+    Parameters
+    ----------
+    exc : BaseException
+
+    Returns
+    -------
+    bool
+    """
     return isinstance(exc, torch.OutOfMemoryError) or any(k in str(exc) for k in _OOM_ERRORS)
 
 
@@ -464,6 +621,18 @@ def check_finite(batch: PointBatch, order: Sequence[str]) -> None:
     first layer whose value is not finite, else the output, else the last layer (nearest the output,
     where a bad derivative enters the backward pass) whose gradient is not finite, and the path
     positions (example, alpha) of the first points affected.
+
+    Parameters
+    ----------
+    batch : PointBatch
+        ``F`` (m,) and the recorded values and gradients, (m, *layer_shape) each.
+    order : sequence of str
+        Layer names, as described above.
+
+    Raises
+    ------
+    ConductanceError
+        When any value, gradient or output is NaN or infinite.
     """
     def where(bad: torch.Tensor) -> str:
         idx = bad.nonzero().flatten()[:5].tolist()
@@ -503,7 +672,19 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_units(t: torch.Tensor, units: str) -> torch.Tensor:
-    """(m, C, ...) -> (m, C) for ``units="channel"``; unchanged for ``"neuron"``."""
+    """(m, C, ...) -> (m, C) for ``units="channel"``; unchanged for ``"neuron"``.
+
+    Parameters
+    ----------
+    t : Tensor, shape (m, C, ...)
+    units : str
+        ``"neuron"`` (one value per element) or ``"channel"`` (summed over the dimensions after ``C``).
+
+    Returns
+    -------
+    Tensor
+        (m, C) for channels, ``t`` itself for neurons.
+    """
     if units == "channel" and t.dim() > 2:
         return t.sum(dim=tuple(range(2, t.dim())))   # any memory layout, no copy
     return t
@@ -529,7 +710,20 @@ class Scratch:
 
     def like(self, kind: str, t: torch.Tensor) -> torch.Tensor:
         """A buffer of ``t``'s shape and, when dense, its strides (channels-last stays channels-last,
-        so elementwise work runs in one memory order)."""
+        so elementwise work runs in one memory order).
+
+        Parameters
+        ----------
+        kind : str
+            Which buffer (one per kind is kept and reused).
+        t : Tensor
+            Any shape; the buffer gets its shape, dtype, device and, when dense, its strides.
+
+        Returns
+        -------
+        Tensor
+            Uninitialised memory of ``t``'s shape, overwritten by the next request of the same kind.
+        """
         key = (kind, t.shape, t.stride(), t.dtype, t.device)
         view = self._views.get(key)
         if view is not None:
@@ -588,7 +782,24 @@ def left_and_right_contributions(measures: dict[str, IntervalMeasure], y0: torch
                                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The left sums (gradient at each interval's start) and right sums (at its end) of ``m``
     intervals, as :func:`interval_contributions` gives them; their mean is the trapezoid rule.
-    The layer's change is formed once for both."""
+    The layer's change is formed once for both.
+
+    Parameters
+    ----------
+    measures : dict str -> IntervalMeasure
+    y0, g0, y1, g1 : Tensor, shape (m, *layer_shape)
+        The layer's value and gradient at the start and the end of each interval.
+    width : Tensor broadcastable to (m, *layer_shape), or float
+        Interval widths ``a1 - a0``.
+    units : str
+        ``"neuron"`` or ``"channel"``.
+    scratch : Scratch
+
+    Returns
+    -------
+    left, right : dict str -> Tensor, shape (m, *unit_shape)
+        Per measure, each interval's contribution under the left and under the right rule.
+    """
     dy = torch.sub(y1, y0, out=scratch.like("dy", y0))
     return (_contributions(measures, g0, y0, y1, width, units, scratch, "", dy),
             _contributions(measures, g1, y0, y1, width, units, scratch, ":right", dy))
@@ -608,7 +819,17 @@ def _contributions(measures: dict[str, IntervalMeasure], gbar: torch.Tensor, y0:
 def trapezoid_total(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor,
                     scratch: Scratch) -> Optional[torch.Tensor]:
     """``sum((g0 + g1) / 2 * (y1 - y0))`` over all elements as two dot products, a 0-dim float64 tensor;
-    None when the four tensors do not share one dense memory layout."""
+    None when the four tensors do not share one dense memory layout.
+
+    Parameters
+    ----------
+    y0, g0, y1, g1 : Tensor, shape (m, *layer_shape)
+    scratch : Scratch
+
+    Returns
+    -------
+    Tensor, shape (), float64, or None
+    """
     d = torch.sub(y1, y0, out=scratch.like("dy", y0))
     if not (_dense(d) and g0.stride() == d.stride() == g1.stride()):
         return None
@@ -689,6 +910,10 @@ def comparison_values(values: torch.Tensor, coarse: torch.Tensor, trapezoid: Opt
     Parameters
     ----------
     values, coarse, trapezoid, quarter : Tensor (batch, *unit_shape)
+
+    Returns
+    -------
+    Tensor, shape (batch, *unit_shape)
     """
     T = values if trapezoid is None else trapezoid
     flat = (-1,) + (1,) * (values.dim() - 1)
@@ -855,7 +1080,21 @@ def _slice(a: PointBatch, s: slice) -> PointBatch:
 
 def relative_error(delta: torch.Tensor, output_diff: torch.Tensor, F_end: torch.Tensor,
                    F_start: torch.Tensor) -> torch.Tensor:
-    """|delta| / |F(x) - F(x')|, guarded when F barely changes along the path; shape (batch,)."""
+    """|delta| / |F(x) - F(x')|, guarded when F barely changes along the path; shape (batch,).
+
+    Parameters
+    ----------
+    delta : Tensor, shape (batch,)
+        Completeness gap: sum of the units' conductances minus ``F(x) - F(x')``.
+    output_diff : Tensor, shape (batch,)
+        ``F(x) - F(x')``.
+    F_end, F_start : Tensor, shape (batch,)
+        ``F(x)`` and ``F(x')``, which set the guard's scale.
+
+    Returns
+    -------
+    Tensor, shape (batch,)
+    """
     scale = torch.maximum(F_end.abs(), F_start.abs()).clamp(min=1.0)
     denom = torch.maximum(output_diff.abs(), 1e-6 * scale)
     return delta.abs() / denom
@@ -863,7 +1102,16 @@ def relative_error(delta: torch.Tensor, output_diff: torch.Tensor, F_end: torch.
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums are kept in: the model's, but at least float32 (bf16 and fp16 sums lose the
-    small interval contributions)."""
+    small interval contributions).
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+
+    Returns
+    -------
+    torch.dtype
+    """
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -898,7 +1146,17 @@ def unit_error(values: torch.Tensor, coarse: torch.Tensor, output_diff: Optional
 
 
 def record_values(problem: PathProblem, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each requested layer's value at ``x`` (batch, *input_shape), from one forward without autograd."""
+    """Each requested layer's value at ``x`` (batch, *input_shape), from one forward without autograd.
+
+    Parameters
+    ----------
+    problem : PathProblem
+    x : Tensor, shape (batch, *input_shape)
+
+    Returns
+    -------
+    dict str -> Tensor, shape (batch, *layer_shape)
+    """
     ex = torch.arange(x.shape[0], device=x.device)
     recorder = Recorder(problem.refs, cut_below=False)
     with recorder.attached(), torch.no_grad():
@@ -911,7 +1169,19 @@ def record_values(problem: PathProblem, x: torch.Tensor) -> dict[str, torch.Tens
 
 def endpoint(problem: PathProblem, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """F (batch,) and every recorded layer's value (batch, *layer_shape) at ``x``, an end of the path,
-    from forwards without autograd (in chunks); the input itself is layer ``INPUT``."""
+    from forwards without autograd (in chunks); the input itself is layer ``INPUT``.
+
+    Parameters
+    ----------
+    problem : PathProblem
+    x : Tensor, shape (batch, *input_shape)
+        The inputs or the baselines.
+
+    Returns
+    -------
+    F : Tensor, shape (batch,)
+    values : dict str -> Tensor, shape (batch, *layer_shape)
+    """
     Fs: list[torch.Tensor] = []
     values: dict[str, list[torch.Tensor]] = {n: [] for n in problem.layer_names}
     for start, stop in _chunks(x.shape[0], problem.chunk_size):
@@ -932,7 +1202,20 @@ def endpoint(problem: PathProblem, x: torch.Tensor) -> tuple[torch.Tensor, dict[
 
 def graph_reaches(root: torch.Tensor, leaf: torch.Tensor, blocked: Sequence[Any] = ()) -> bool:
     """Whether the autograd graph of ``root`` reaches the leaf tensor ``leaf`` without passing
-    through any of the ``blocked`` graph nodes (no backward is run)."""
+    through any of the ``blocked`` graph nodes (no backward is run).
+
+    Parameters
+    ----------
+    root : Tensor
+        Any tensor with an autograd graph.
+    leaf : Tensor
+        A tensor that requires grad.
+    blocked : sequence of autograd nodes
+
+    Returns
+    -------
+    bool
+    """
     if root.grad_fn is None:
         return False
     seen, stack = set(blocked), [root.grad_fn]
@@ -943,7 +1226,7 @@ def graph_reaches(root: torch.Tensor, leaf: torch.Tensor, blocked: Sequence[Any]
         seen.add(node)
         if getattr(node, "variable", None) is leaf:
             return True
-        stack.extend(fn for fn, _ in node.next_functions)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
     return False
 
 
@@ -954,6 +1237,15 @@ def check_cuts(problem: PathProblem) -> dict[str, bool]:
     through its own clone; a layer is a cut when F's graph no longer reaches the input once
     that clone's node is blocked. The same forward reports layers it never reaches, and sets
     ``problem.copy_layer_outputs`` when the model changes a layer's output in place.
+
+    Parameters
+    ----------
+    problem : PathProblem
+
+    Returns
+    -------
+    dict str -> bool
+        Layer name -> whether it cuts every path from the input to F.
     """
     ex = torch.zeros(1, dtype=torch.long, device=problem.inputs.device)
     alpha = torch.ones(1, dtype=torch.float64, device=problem.inputs.device)

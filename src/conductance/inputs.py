@@ -29,6 +29,17 @@ MAX_POINTS = 20_000
 
 
 def check_inputs(inputs: Any) -> torch.Tensor:
+    """Check one input tensor: floating point, on a real device, with examples, finite.
+
+    Parameters
+    ----------
+    inputs : Tensor, shape (batch, *input_shape)
+
+    Returns
+    -------
+    Tensor, shape (batch, *input_shape)
+        ``inputs`` detached. Other values raise TypeError or ConductanceError saying what to pass.
+    """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor of shape (batch, ...) (or, for layer and neuron conductance "
                         f"of a multi-input model, a tuple of them), got {type(inputs).__name__}")
@@ -52,6 +63,19 @@ def check_inputs(inputs: Any) -> torch.Tensor:
 
 
 def check_baselines(baselines: Any, inputs: torch.Tensor) -> torch.Tensor:
+    """The baselines as one tensor of the inputs' shape, dtype and device.
+
+    Parameters
+    ----------
+    baselines : None, a number, or Tensor broadcastable to ``inputs``
+        None is zeros; a tensor (*input_shape) is shared by every example.
+    inputs : Tensor, shape (batch, *input_shape)
+
+    Returns
+    -------
+    Tensor, shape (batch, *input_shape)
+        Contiguous; NaN or Inf raise a ConductanceError.
+    """
     if baselines is None:
         return torch.zeros_like(inputs)
     if isinstance(baselines, numbers.Number):
@@ -90,14 +114,38 @@ class InputSpec:
         return [math.prod(s) for s in self.shapes]
 
     def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(*lead, N) -> tuple of (*lead, *shape_i) in each input's dtype."""
+        """(*lead, N) -> tuple of (*lead, *shape_i) in each input's dtype.
+
+        Parameters
+        ----------
+        flat : Tensor, shape (*lead, N)
+            N is the sum of :attr:`sizes`.
+
+        Returns
+        -------
+        tuple of Tensor
+        """
         lead = tuple(flat.shape[:-1])
         return tuple(part.reshape(lead + tuple(shape)).to(dtype)
                      for part, shape, dtype in zip(flat.split(self.sizes, -1), self.shapes, self.dtypes))
 
 
 def pack_inputs(inputs: Sequence[Any], baselines: Any) -> tuple[torch.Tensor, torch.Tensor, InputSpec]:
-    """Check a tuple of inputs and their baselines (None, a number, or a tuple of one per input) and pack them."""
+    """Check a tuple of inputs and their baselines (None, a number, or a tuple of one per input) and pack them.
+
+    Parameters
+    ----------
+    inputs : sequence of Tensor, each (batch, *shape_i)
+    baselines : None, a number, or a sequence of one baseline per input
+
+    Returns
+    -------
+    flat : Tensor, shape (batch, N)
+        The inputs flattened and concatenated in the promoted dtype, ``N = sum_i prod(shape_i)``.
+    flat_baselines : Tensor, shape (batch, N)
+    spec : InputSpec
+        Unpacks ``flat`` (or points built from it) into the model's inputs.
+    """
     if len(inputs) == 0:
         raise ConductanceError("inputs is an empty tuple; pass one tensor or a tuple of tensors")
     parts = []
@@ -141,7 +189,13 @@ def _float_params(model: nn.Module) -> list[torch.Tensor]:
 
 
 def check_model_fits(model: nn.Module, inputs: torch.Tensor) -> None:
-    """Refuse a model that cannot run at all (weights on the meta device), before anything runs."""
+    """Refuse a model that cannot run at all (weights on the meta device), before anything runs.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor, shape (batch, *input_shape)
+    """
     if any(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
         raise ConductanceError("the model's weights are on the meta device (created without data, e.g. with "
                                "device='meta' or low_cpu_mem_usage): load its weights first (model.to_empty(...) "
@@ -149,7 +203,18 @@ def check_model_fits(model: nn.Module, inputs: torch.Tensor) -> None:
 
 
 def explain_failure(model: nn.Module, inputs: torch.Tensor) -> Optional[str]:
-    """Why the model may have failed on ``inputs``: a dtype or device that differs from its weights."""
+    """Why the model may have failed on ``inputs``: a dtype or device that differs from its weights.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor
+
+    Returns
+    -------
+    str or None
+        A sentence with the fix, or None when dtypes and devices agree.
+    """
     params = _float_params(model)
     dtypes = sorted({str(t.dtype) for t in params})
     devices = sorted({str(t.device) for t in params})
@@ -164,7 +229,19 @@ def explain_failure(model: nn.Module, inputs: torch.Tensor) -> Optional[str]:
 
 
 def check_forward_args(additional_forward_args: Any, forward_kwargs: Any) -> tuple[tuple, dict]:
-    """The positional and keyword arguments after the inputs, in the forms the engine uses."""
+    """The positional and keyword arguments after the inputs, in the forms the engine uses.
+
+    Parameters
+    ----------
+    additional_forward_args : None, a tuple, or one value
+        Lists and dicts are refused (ambiguous).
+    forward_kwargs : None or dict str -> Any
+
+    Returns
+    -------
+    args : tuple
+    kwargs : dict
+    """
     extra = additional_forward_args
     if extra is None:
         extra = ()
@@ -187,6 +264,17 @@ def check_forward_args(additional_forward_args: Any, forward_kwargs: Any) -> tup
 
 
 def default_chunk(inputs: torch.Tensor) -> int:
+    """Path points per forward pass when the user gives no ``internal_batch_size``.
+
+    Parameters
+    ----------
+    inputs : Tensor, shape (batch, *input_shape)
+
+    Returns
+    -------
+    int
+        About :data:`DEFAULT_CHUNK_ELEMENTS` input elements, between 1 and :data:`MAX_DEFAULT_CHUNK`.
+    """
     per_example = max(1, inputs[0].numel())
     return int(max(1, min(MAX_DEFAULT_CHUNK, DEFAULT_CHUNK_ELEMENTS // per_example)))
 
@@ -198,6 +286,19 @@ def resolve_target(target: Target, output: Any, batch: int, device: torch.device
     with more dimensions, such as a language model's (batch, positions, vocab), it is
     (batch, output.dim() - 1): one index tuple per example into the output without its batch
     dimension (Captum's convention), e.g. ``(position, token)``.
+
+    Parameters
+    ----------
+    target : None, int, sequence, LongTensor or callable
+    output : Any
+        The model's output at the inputs, (batch, ...) scores.
+    batch : int
+    device : torch.device
+        Where the index tensor goes.
+
+    Returns
+    -------
+    None, LongTensor of shape (batch,) or (batch, k), or the callable
     """
     if callable(target) and not isinstance(target, torch.Tensor):
         engine.target_arity(target)  # a callable that takes no output is refused before the path runs
@@ -296,9 +397,26 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
     (``method``, ``additional_forward_args``, ``forward_kwargs``, ``internal_batch_size``,
     ``attribute_to_layer_input``, ...) are checked into one here.
 
-    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic, layout included);
-    otherwise convolutional models get channels-last path points when they can take them
-    (``channels_last=True`` / ``False`` in the request forces the choice)."""
+    ``method="captum"`` (and Captum's other rules) keeps the inputs' memory layout (Captum's arithmetic,
+    layout included); otherwise convolutional models get channels-last path points when they can take them
+    (``channels_last=True`` / ``False`` in the request forces the choice).
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor, shape (batch, *input_shape), or a tuple of them
+    layers : a layer spec or a list of them (see :func:`conductance.layers.resolve_layers`)
+    baselines, target
+        As in :func:`conductance.layer_conductance`.
+    track_input : bool
+        Keep the graph to the input (for input-side integrals such as neuron conductance).
+
+    Returns
+    -------
+    problem : PathProblem
+    output : Any
+        The model's output at the inputs.
+    """
     if request is None:
         from .request import Request
         request = Request.make(**settings)
@@ -369,6 +487,17 @@ def check_autograd_available() -> None:
 
 
 def check_steps(n_steps: Optional[int], tolerance: Optional[float], max_steps: int) -> None:
+    """Refuse step settings outside their ranges, before anything runs.
+
+    Parameters
+    ----------
+    n_steps : int or None
+        At least 1, at most ``MAX_POINTS - 1``.
+    tolerance : float or None
+        In (0, 1).
+    max_steps : int
+        Points per example, 2 to ``MAX_POINTS``.
+    """
     if n_steps is not None and (not isinstance(n_steps, numbers.Integral) or isinstance(n_steps, bool)
                                 or n_steps < 1):
         raise ConductanceError(f"n_steps must be an integer >= 1, got {n_steps!r}")
@@ -390,7 +519,17 @@ def check_steps(n_steps: Optional[int], tolerance: Optional[float], max_steps: i
 
 def check_budget(method: str, n_steps: Optional[int], max_steps: int, default_max_steps: int) -> None:
     """Contradictory settings, once the rule is known: a budget for a fixed rule, a budget below the
-    adaptive rule's own starting grid."""
+    adaptive rule's own starting grid.
+
+    Parameters
+    ----------
+    method : str
+        The settled rule.
+    n_steps : int or None
+    max_steps : int
+    default_max_steps : int
+        The default of ``max_steps`` (a changed one counts as given).
+    """
     if method != "adaptive" and max_steps != default_max_steps:
         points = "" if n_steps is None else f" = {n_steps + 1}"  # a fixed rule's n_steps is resolved by now
         raise ConductanceError(f"max_steps={max_steps} is the adaptive rule's budget, but method={method!r} is a "

@@ -14,11 +14,13 @@ dict key types and tuple-versus-list, so that a loaded result equals the saved o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -43,6 +45,13 @@ def atomic_write(path: str, write_to: Callable[[str], None]) -> None:
 
     A reader never sees a half-written file; on error the temporary file is removed and ``path``
     is left as it was. The file gets the permissions the umask allows (not mkstemp's 0600).
+
+    Parameters
+    ----------
+    path : str
+        The file to write; its folder is created when missing.
+    write_to : callable str -> None
+        Writes the whole content to the path it is given.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -57,10 +66,8 @@ def atomic_write(path: str, write_to: Callable[[str], None]) -> None:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -73,7 +80,20 @@ def atomic_write(path: str, write_to: Callable[[str], None]) -> None:
 
 
 def checksum(meta_json: str, arrays: dict[str, np.ndarray]) -> str:
-    """sha256 (hex) of ``meta_json`` and of every array's name, dtype, shape and bytes, in name order."""
+    """sha256 (hex) of ``meta_json`` and of every array's name, dtype, shape and bytes, in name order.
+
+    Parameters
+    ----------
+    meta_json : str
+        The metadata, serialised with sorted keys.
+    arrays : dict str -> ndarray
+        Any shapes and dtypes.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
     h = hashlib.sha256(meta_json.encode())
     for k in sorted(arrays):
         a = np.ascontiguousarray(arrays[k])
@@ -122,6 +142,19 @@ def read(path: str, kind: str = "result") -> tuple[Any, dict[str, np.ndarray]]:
 
     Call :func:`verify` on them before use. ``kind`` names the expected content in error
     messages. Raises FileNotFoundError, or ConductanceError for a file that is not one of ours.
+
+    Parameters
+    ----------
+    path : str
+    kind : str
+        What the file should hold, for the messages (``"result"``, ``"aggregate"``).
+
+    Returns
+    -------
+    meta : Any
+        The decoded JSON metadata (a dict for our files).
+    arrays : dict str -> ndarray
+        Writable copies of every stored array.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
@@ -142,7 +175,7 @@ def read(path: str, kind: str = "result") -> tuple[Any, dict[str, np.ndarray]]:
                                               "to try it as safetensors") from None
             with safe_open(path, framework="np") as f:
                 meta = json.loads((f.metadata() or {})[META_KEY])
-                arrays = {k: np.array(f.get_tensor(k)) for k in f.keys()}   # writable copies
+                arrays = {k: np.array(f.get_tensor(k)) for k in f.keys()}   # writable copies  # noqa: SIM118
     except ConductanceError:
         raise
     except Exception as exc:     # zipfile.BadZipFile (including bad CRCs), ValueError, KeyError, EOFError, ...
@@ -152,7 +185,29 @@ def read(path: str, kind: str = "result") -> tuple[Any, dict[str, np.ndarray]]:
 
 def verify(path: str, meta: Any, arrays: dict[str, np.ndarray], formats: tuple[str, ...], kind: str = "result"
            ) -> dict:
-    """Check the format and the checksum of what :func:`read` returned; the metadata without the checksum."""
+    """Check the format and the checksum of what :func:`read` returned; the metadata without the checksum.
+
+    Parameters
+    ----------
+    path : str
+        For the messages.
+    meta, arrays
+        What :func:`read` returned.
+    formats : tuple of str
+        The ``"format"`` values accepted.
+    kind : str
+        What the file should hold, for the messages.
+
+    Returns
+    -------
+    dict
+        The metadata without its checksum entry.
+
+    Raises
+    ------
+    ConductanceError
+        A format not in ``formats``, a missing checksum, or content that does not match it.
+    """
     if not isinstance(meta, dict) or meta.get("format") not in formats:
         got = meta.get("format") if isinstance(meta, dict) else None
         raise _unreadable(path, kind, f"format {got!r}, expected " + " or ".join(repr(f) for f in formats))
@@ -165,7 +220,16 @@ def verify(path: str, meta: Any, arrays: dict[str, np.ndarray], formats: tuple[s
 
 
 def file_format(path: str) -> Optional[str]:
-    """The ``"format"`` field of a conductance file (unchecked), or None if it has none."""
+    """The ``"format"`` field of a conductance file (unchecked), or None if it has none.
+
+    Parameters
+    ----------
+    path : str
+
+    Returns
+    -------
+    str or None
+    """
     meta, _ = read(path)
     return meta.get("format") if isinstance(meta, dict) else None
 
@@ -188,6 +252,22 @@ def encode(value: Any, arrays: dict[str, np.ndarray], fallback: Optional[Callabl
     Anything else raises a ConductanceError naming ``where``, unless ``fallback`` maps it to an
     encodable value. A tensor met twice (a TransformerResult holds its values and its engine
     result's, the same objects) is stored once.
+
+    Parameters
+    ----------
+    value : Any
+        What to store.
+    arrays : dict str -> ndarray
+        Filled in place with the tensors and arrays met.
+    fallback : callable, optional
+        Maps an otherwise unsupported object to an encodable value.
+    where : str
+        Name of ``value`` in error messages.
+
+    Returns
+    -------
+    Any
+        JSON-able data (strict JSON: non-finite floats are tagged) that :func:`decode` reads.
     """
     from .result import ResultProtocol
 
@@ -242,7 +322,20 @@ def _hashable(value: Any) -> Any:
 
 def decode(data: Any, arrays: dict[str, np.ndarray], _made: Optional[dict[str, torch.Tensor]] = None) -> Any:
     """Inverse of :func:`encode`: tensors come back on the CPU with their saved dtype (a tensor stored
-    once for several places is one tensor again)."""
+    once for several places is one tensor again).
+
+    Parameters
+    ----------
+    data : Any
+        What :func:`encode` returned (after a JSON round trip).
+    arrays : dict str -> ndarray
+        The arrays :func:`encode` filled.
+
+    Returns
+    -------
+    Any
+        The original value: tuples, dict key types, tensor dtypes and results as they were.
+    """
     made: dict[str, torch.Tensor] = {} if _made is None else _made
     if isinstance(data, list):
         return [decode(v, arrays, made) for v in data]
@@ -282,7 +375,14 @@ def _registry() -> dict[str, Any]:
 
 
 def save(path: str, result: Any) -> None:
-    """Write ``result`` (any result type) to ``path``; :func:`load` reads it back as an equal object."""
+    """Write ``result`` (any result type) to ``path``; :func:`load` reads it back as an equal object.
+
+    Parameters
+    ----------
+    path : str
+        ``*.safetensors``, or any other name for an npz archive.
+    result : LayerResult, TransformerResult, AggregateResult, AblationCurve, AblationSummary or FeatureSelectionResult
+    """
     from .aggregate import AggregateResult
 
     if isinstance(result, AggregateResult):
@@ -313,7 +413,8 @@ def load(path: str, measure: Optional[str] = None) -> Any:
         A damaged file (checksum mismatch, truncation), a file of another program, or a format
         this version does not read.
     """
-    from .aggregate import FORMAT as AGGREGATE_FORMAT, AggregateResult
+    from .aggregate import FORMAT as AGGREGATE_FORMAT
+    from .aggregate import AggregateResult
 
     meta, arrays = read(path)
     fmt = meta.get("format") if isinstance(meta, dict) else None

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -131,12 +132,24 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
 
 
 def select_element(ref: LayerRef, value: Any) -> torch.Tensor:
-    """The observed tensor of a module's output (or input), following ``ref.element``."""
+    """The observed tensor of a module's output (or input), following ``ref.element``.
+
+    Parameters
+    ----------
+    ref : LayerRef
+    value : Tensor, tuple, list or dict
+        What the module returned (or received).
+
+    Returns
+    -------
+    Tensor
+        Any shape; a missing or non-tensor element raises a ConductanceError naming the fix.
+    """
     if ref.element is None:
         if isinstance(value, torch.Tensor):
             return value
         kind = type(value).__name__
-        hint = "0" if isinstance(value, (tuple, list)) else (next(iter(value), "key") if isinstance(value, dict) else "0")
+        hint = next(iter(value), "key") if isinstance(value, dict) else "0"
         raise ConductanceError(
             f"layer {ref.name!r} {'receives' if ref.use_input else 'returns'} a {kind}, not a tensor; "
             f"name the element to observe, e.g. '{ref.name}[{hint}]'")
@@ -159,17 +172,30 @@ def select_element(ref: LayerRef, value: Any) -> torch.Tensor:
 
 
 def replace_element(ref: LayerRef, value: Any, new: torch.Tensor) -> Any:
-    """``value`` with the observed element replaced by ``new`` (same container type)."""
+    """``value`` with the observed element replaced by ``new`` (same container type).
+
+    Parameters
+    ----------
+    ref : LayerRef
+    value : Tensor, tuple (named or not), list or dict
+    new : Tensor
+
+    Returns
+    -------
+    Any
+        A new container (a list or dict is copied, not changed), or ``new`` itself without an element.
+    """
     if ref.element is None:
         return new
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
+        if not isinstance(ref.element, int):
+            raise ConductanceError(f"layer {ref.name!r}: a {type(value).__name__} is indexed by position, "
+                                   f"not by {ref.element!r}")
         items = list(value)
         items[ref.element] = new
+        if isinstance(value, list):
+            return items
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, list):
-        items = list(value)
-        items[ref.element] = new
-        return items
     if isinstance(value, dict):
         out = type(value)(value) if not hasattr(value, "__dataclass_fields__") else value
         out[ref.element] = new

@@ -19,13 +19,40 @@ import torch
 
 
 def conductance(gbar: torch.Tensor, dy: torch.Tensor, width: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Stieltjes sum of ``dF/dy`` against the change of ``y`` over one interval (the efficient form)."""
+    """Stieltjes sum of ``dF/dy`` against the change of ``y`` over one interval (the efficient form).
+
+    Parameters
+    ----------
+    gbar, dy : Tensor, shape (m, *layer_shape)
+    width : Tensor
+        Unused (conductance does not depend on it).
+    out : Tensor, shape (m, *layer_shape)
+
+    Returns
+    -------
+    Tensor
+        ``out``, holding ``gbar * dy``.
+    """
     return torch.mul(gbar, dy, out=out)
 
 
 def internal_influence(gbar: torch.Tensor, dy: torch.Tensor, width: torch.Tensor, out: torch.Tensor
                        ) -> torch.Tensor:
-    """``integral dF/dy da`` over one interval (Leino et al. 2018), on the same straight path."""
+    """``integral dF/dy da`` over one interval (Leino et al. 2018), on the same straight path.
+
+    Parameters
+    ----------
+    gbar : Tensor, shape (m, *layer_shape)
+    dy : Tensor
+        Unused.
+    width : Tensor, broadcastable to ``gbar``
+    out : Tensor, shape (m, *layer_shape)
+
+    Returns
+    -------
+    Tensor
+        ``out``, holding ``gbar * width``.
+    """
     return torch.mul(gbar, width, out=out)
 
 

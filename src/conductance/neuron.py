@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -38,11 +39,12 @@ def _unit_index(neuron: Neuron, layer_shape: tuple, units: str, layer: str) -> t
     if units == "channel":
         if not isinstance(neuron, numbers.Integral):
             raise ConductanceError(f"with units='channel' a unit is one channel index (an int); got {neuron!r}")
-        if not 0 <= neuron < layer_shape[0]:
-            raise ConductanceError(f"channel {neuron} is out of range: layer {layer!r} has {layer_shape[0]} "
+        channel = int(neuron)
+        if not 0 <= channel < layer_shape[0]:
+            raise ConductanceError(f"channel {channel} is out of range: layer {layer!r} has {layer_shape[0]} "
                                    "channels")
-        return (int(neuron),)
-    index = (int(neuron),) if isinstance(neuron, numbers.Integral) else tuple(int(i) for i in neuron)
+        return (channel,)
+    index = (int(neuron),) if isinstance(neuron, numbers.Integral) else tuple(int(i) for i in cast(Sequence, neuron))
     if len(index) != len(layer_shape):
         raise ConductanceError(f"neuron {neuron!r} does not index layer {layer!r} of shape {layer_shape} "
                                f"(per example); give a tuple of {len(layer_shape)} indices, or use "
@@ -68,15 +70,15 @@ def _path_points(problem: engine.PathProblem, output: Any, request: Request, tol
 
     ``output``: the model's output at the inputs; ``tolerance``: the adaptive grid's own target."""
     B = problem.batch_size
-    method, n_steps = request.method, request.n_steps
+    method = request.method
     if method in CAPTUM_RULES:
         # the comparison is the plain trapezoid rule on every other point: it also shows what Captum's
         # weights leave out (the default's sum to (n - 1) / n)
-        alphas, weights = captum_point_rule(method, n_steps, "neuron_conductance")
+        alphas, weights = captum_point_rule(method, request.fixed_steps, "neuron_conductance")
         return [alphas] * B, [weights] * B, [comparison_point_weights(alphas)] * B
     if method != "adaptive":
         # a left sum is compared with the trapezoid rule on its points and coarser (see integrate_fixed)
-        grid = fixed_grid(method, n_steps)
+        grid = fixed_grid(method, request.fixed_steps)
         return ([grid.alphas] * B, [point_weights(grid.alphas, grid.interval_rule)] * B,
                 [comparison_point_weights(grid.alphas)] * B)
     # The grid is refined on the layer's units and on the input's integrated gradients feature by
@@ -238,6 +240,7 @@ def _integrate_neurons(problem: engine.PathProblem, ref: Any, neurons: Sequence[
                 level.index_add_(1, e, contrib * wc[k][start:stop].to(contrib.dtype).view(shape))
             bar.update(int(e.shape[0]))
     assert out is not None
-    err = torch.stack([engine.unit_error(out[u], engine.comparison_values(out[u], **{k: v[u] for k, v in out_levels.items()}),
-                                         F_end - F_start) for u in range(out.shape[0])])
+    err = torch.stack([
+        engine.unit_error(out[u], engine.comparison_values(out[u], **{k: v[u] for k, v in out_levels.items()}),
+                          F_end - F_start) for u in range(out.shape[0])])
     return out.detach(), err

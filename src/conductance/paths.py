@@ -60,7 +60,17 @@ EIGEN_NODES = 256
 
 
 def gauss_legendre_nodes(n: int) -> np.ndarray:
-    """Gauss-Legendre nodes mapped from [-1, 1] to [0, 1], increasing; shape (n,)."""
+    """Gauss-Legendre nodes mapped from [-1, 1] to [0, 1], increasing; shape (n,).
+
+    Parameters
+    ----------
+    n : int
+        Number of nodes, at least 1.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+    """
     if n <= EIGEN_NODES:
         nodes, _ = np.polynomial.legendre.leggauss(n)
     else:
@@ -101,6 +111,10 @@ def fixed_grid(method: str, n_steps: int) -> Grid:
         ``n_steps + 1`` positions for it, left sums).
     n_steps : int
         Number of intervals; the grid has ``n_steps + 1`` points.
+
+    Returns
+    -------
+    Grid
     """
     if method in CAPTUM_RIEMANN:
         alphas, _ = captum_rule(method, n_steps + 1)
@@ -124,6 +138,16 @@ def captum_rule(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     "gausslegendre": Gauss-Legendre nodes with their weights, no end points; ours differs).
     Captum builds its Riemann positions with float32 ``torch.linspace``; they are built the same
     way here so that results agree to float32 rounding, not just to the rule.
+
+    Parameters
+    ----------
+    name : str
+    n : int
+        Number of points (Captum's ``n_steps``).
+
+    Returns
+    -------
+    alphas, step_sizes : ndarray, shape (n,)
     """
     if name == "captum_gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(n)
@@ -150,6 +174,17 @@ def captum_point_rule(method: str, n_steps: int, measure: str) -> tuple[np.ndarr
     points (not ``n_steps + 1``) and weight each by its step size. ``method="captum"`` is each
     class's default: ``"riemann_trapezoid"`` for ``measure="neuron_conductance"``, Captum's
     Gauss-Legendre rule for ``"internal_influence"`` and ``"layer_integrated_gradients"``.
+
+    Parameters
+    ----------
+    method : str
+        ``"captum"`` or a ``"riemann_*"`` name.
+    n_steps : int
+    measure : str
+
+    Returns
+    -------
+    alphas, weights : ndarray, shape (n_steps,)
     """
     if method == "captum":
         name = "riemann_trapezoid" if measure == "neuron_conductance" else "captum_gausslegendre"
@@ -165,6 +200,18 @@ def point_weights(alphas: np.ndarray, interval_rule: str) -> np.ndarray:
 
     The weights are the ones implied by the interval rule, so a point-weighted integral
     and an interval (Stieltjes) sum use the same evaluations consistently. Shape (n_points,).
+
+    Parameters
+    ----------
+    alphas : ndarray, shape (n_points,)
+        Increasing positions.
+    interval_rule : str
+        ``"left"`` or ``"trapezoid"``.
+
+    Returns
+    -------
+    ndarray, shape (n_points,)
+        They add up to ``alphas[-1] - alphas[0]``.
     """
     widths = np.diff(alphas)
     weights = np.zeros_like(alphas)
@@ -180,7 +227,17 @@ def point_weights(alphas: np.ndarray, interval_rule: str) -> np.ndarray:
 
 def coarse_positions(n_points: int) -> np.ndarray:
     """Indices of the coarse grid of a fixed rule with ``n_points`` points: every other point from the
-    first, and always the last (so both grids span the whole path)."""
+    first, and always the last (so both grids span the whole path).
+
+    Parameters
+    ----------
+    n_points : int
+        At least 1.
+
+    Returns
+    -------
+    ndarray of int, shape ((n_points + 1) // 2,) or one more for an even ``n_points``
+    """
     idx = np.arange(0, n_points, 2)
     if idx[-1] != n_points - 1:
         idx = np.append(idx, n_points - 1)
@@ -188,7 +245,16 @@ def coarse_positions(n_points: int) -> np.ndarray:
 
 
 def quarter_positions(n_points: int) -> np.ndarray:
-    """Indices of the grid two halvings down: :func:`coarse_positions` of the coarse grid."""
+    """Indices of the grid two halvings down: :func:`coarse_positions` of the coarse grid.
+
+    Parameters
+    ----------
+    n_points : int
+
+    Returns
+    -------
+    ndarray of int
+    """
     coarse = coarse_positions(n_points)
     return coarse[coarse_positions(len(coarse))]
 
@@ -214,6 +280,15 @@ def comparison_point_weights(alphas: np.ndarray) -> dict[str, np.ndarray]:
     either end of [0, 1] to its first and last points. The sums with these weights go to
     :func:`conductance.engine.comparison_values`; each array has shape (n_points,). A grid of one
     or two points has no coarser grid: ``"coarse"`` is then zero and there is no ``"quarter"``.
+
+    Parameters
+    ----------
+    alphas : ndarray, shape (n_points,)
+        Increasing positions in [0, 1].
+
+    Returns
+    -------
+    dict str -> ndarray, shape (n_points,)
     """
     alphas = np.asarray(alphas, dtype=np.float64)
     n = alphas.shape[0]

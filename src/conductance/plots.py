@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Mapping
-from typing import Any, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -243,6 +243,20 @@ def shape_attribution(attribution: np.ndarray, *, clip: Optional[float] = None, 
     pixels are set to 0 (e.g. 90 keeps the top 10%). ``clip``: percentile of ``|a|`` that becomes
     the colour limit; larger values saturate (e.g. 99: a few extreme pixels no longer wash out the
     rest). Percentiles are taken after smoothing; the limit is symmetric around zero.
+
+    Parameters
+    ----------
+    attribution : ndarray, shape (H, W)
+    clip, threshold : float, optional
+        Percentiles in [0, 100].
+    smooth : float
+        Blur in pixels; 0 for none.
+
+    Returns
+    -------
+    shown : ndarray, shape (H, W)
+    limit : float
+        The colour limit (positive).
     """
     clip = _percentile(clip, "clip")
     threshold = _percentile(threshold, "threshold")
@@ -274,6 +288,23 @@ def pixel_image(image: ArrayLike, attribution: ArrayLike, mode: str = "overlay",
     attribution is large in either sign, black where it is zero.
     ``clip``, ``threshold``, ``smooth``: see :func:`shape_attribution` (``max|a|`` becomes the
     clipped limit).
+
+    Parameters
+    ----------
+    image : array, shape (3, H, W), (1, H, W), (H, W) or (H, W, 3)
+    attribution : array, shape (C, H, W) or (H, W)
+    mode : str
+        ``"overlay"`` or ``"scale"``.
+    alpha : float
+        Largest colour weight, in [0, 1].
+    cmap : str
+        Matplotlib colour map name.
+    rescale : bool
+        Stretch the image to [0, 1].
+
+    Returns
+    -------
+    ndarray, shape (H, W, 3)
     """
     img = _image_hw(image, rescale)
     a, m = shape_attribution(_attribution_hw(attribution, img.shape[:2]), clip=clip, threshold=threshold,
@@ -311,11 +342,15 @@ def pixel_map(image: ArrayLike, attribution: ArrayLike, mode: str = "overlay", *
     The argument order is (image, attribution), like the rest of this module; Captum's
     ``visualize_image_attr`` takes (attribution, image): use :func:`image_attr` for that order.
 
+    Returns
+    -------
+    matplotlib.figure.Figure
+
     Example
     -------
     >>> fig = plots.pixel_map(photo[0], neuron_cond[0, 0], mode="scale", title="filter 12", smooth=2)
     """
-    shaping = dict(clip=clip, threshold=threshold, smooth=smooth)
+    shaping: dict[str, Any] = dict(clip=clip, threshold=threshold, smooth=smooth)
     rgb = pixel_image(image, attribution, mode, alpha=alpha, cmap=cmap, rescale=rescale, **shaping)
     fig, ax = _new(ax, (4.0, 4.0))
     ax.imshow(rgb, **{"interpolation": "nearest", **kwargs})
@@ -340,6 +375,20 @@ def image_attr(attribution: ArrayLike, image: Optional[ArrayLike] = None, mode: 
     other keywords are :func:`pixel_map`'s. This is not a copy of Captum's function: its
     ``method`` / ``sign`` options map onto ``mode`` ("overlay" ~ "blended_heat_map" with
     sign "all", "scale" ~ "masked_image" with sign "absolute_value").
+
+    Parameters
+    ----------
+    attribution : array, shape (H, W, C), (C, H, W) or (H, W)
+    image : array, optional
+        The photo, in either channel order.
+    mode : str
+        ``"overlay"`` or ``"scale"``.
+    **kwargs
+        :func:`pixel_map`'s keywords.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     if image is None:
         a = _attribution_hw(attribution, None)
@@ -358,6 +407,24 @@ def pixel_maps(image: ArrayLike, maps: Mapping[str, ArrayLike], mode: str = "ove
     ``fig``: a Figure or SubFigure to draw the grid in (e.g. one cell of ``fig.subfigures``);
     by default a new Figure. ``clip``, ``threshold``, ``smooth`` and ``**kwargs`` (for
     ``ax.imshow``) apply to every panel, as in :func:`pixel_map`.
+
+    Parameters
+    ----------
+    image : array, shape (3, H, W), (1, H, W), (H, W) or (H, W, 3)
+    maps : dict str -> array, shape (C, H, W) or (H, W)
+        Panel title -> attribution.
+    mode : str
+        ``"overlay"`` or ``"scale"``.
+    ncols : int
+        Panels per row.
+    show_image : bool
+        Start with a panel of the photo itself.
+    panel_size : float
+        Inches per panel.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
 
     Example
     -------
@@ -413,6 +480,10 @@ def token_map(tokens: Sequence[str], scores: ArrayLike, row_labels: Optional[Seq
     wrap : tokens per line; a long snippet is drawn as several lines of strips, like text
         (default: 24 per line when there are more than 30 tokens and no ``ax`` is given)
     **kwargs : passed to ``ax.imshow``
+
+    Returns
+    -------
+    matplotlib.figure.Figure
 
     Example
     -------
@@ -509,6 +580,23 @@ def curves(series: Mapping[str, Any], xlabel: str = "", ylabel: str = "", *, ax:
     "minmax" or "std"). ``styles[label]`` passes matplotlib keyword arguments to that line;
     ``**kwargs`` go to every ``ax.plot`` (``styles`` win over them).
 
+    Parameters
+    ----------
+    series : dict str -> (x, y)
+        ``x`` (n,), ``y`` (n,) or (repeats, n).
+    xlabel, ylabel : str
+    logx, logy : bool
+        Logarithmic axes.
+    styles : dict str -> dict, optional
+    band : str
+        ``"minmax"`` or ``"std"``.
+    markers : bool
+        Mark each point.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
     Example
     -------
     >>> fig = plots.curves({"conductance": (ks, logit), "random": (ks, random_logits)}, "units removed", "logit")
@@ -550,6 +638,18 @@ def flip_share(flip_counts: Mapping[str, ArrayLike], k: Optional[int] = 10, *, a
 
     ``flip_counts[name]``: (examples,) counts from :func:`conductance.flip_count` (``inf``: never
     flipped, so the curve stays below 1). A vertical line marks ``k``. ``**kwargs`` go to ``ax.plot``.
+
+    Parameters
+    ----------
+    flip_counts : dict str -> array, shape (examples,)
+    k : int, optional
+        Where to draw the vertical line; None for none.
+    ax : matplotlib Axes, optional
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
     """
     if not isinstance(flip_counts, Mapping) or not flip_counts:
         raise ConductanceError("flip_counts must be a non-empty dict {ranking name: counts (examples,)}")
@@ -583,6 +683,17 @@ def error_vs_steps(errors: Mapping[str, Any], *, ax: Any = None, title: Optional
     as their mean with a min-max band. Errors of exactly 0 cannot be shown on a log axis and are
     raised to 1e-16 (the float64 floor). ``tolerance`` draws a horizontal reference line.
     ``**kwargs`` go to ``ax.plot``.
+
+    Parameters
+    ----------
+    errors : dict str -> (points, errors)
+        ``points`` (n,), ``errors`` (n,) or (examples, n).
+    tolerance : float, optional
+    xlabel, ylabel : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
 
     Example
     -------
@@ -674,6 +785,20 @@ def sign_heatmap(values: ArrayLike, threshold: float = 0.01, cluster: bool = Tru
     drawn order; without them the ticks are the original indices when there are at most 40.
     ``symbol`` names the values in the colour bar's legend (``|symbol| < threshold``), so it can
     match the text around the figure (e.g. "c" for conductance). ``**kwargs`` go to ``ax.imshow``.
+
+    Parameters
+    ----------
+    values : array, shape (examples, units)
+    threshold : float
+        Magnitudes below it are drawn white.
+    cluster : bool
+        Reorder rows and columns so that similar sign patterns sit together.
+    row_labels, col_labels : sequence, optional
+    symbol : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
 
     Example
     -------

@@ -9,7 +9,12 @@ from .errors import ConductanceError
 
 
 def check_progress(progress: Any) -> None:
-    """ConductanceError unless ``progress`` is True, False or None (checked before any work)."""
+    """ConductanceError unless ``progress`` is True, False or None (checked before any work).
+
+    Parameters
+    ----------
+    progress : Any
+    """
     if progress is not None and not isinstance(progress, bool):
         raise ConductanceError(f"progress must be True, False or None (a bar when stderr is a terminal), "
                                f"got {progress!r}")
@@ -41,10 +46,16 @@ class Progress:
             raise ConductanceError("progress=True needs tqdm: pip install tqdm (or pip install "
                                    "'conductance[progress]')") from None
         # integer counts: no unit scaling, which would print "8.00/64.0"
-        self.bar = tqdm(total=None if total is None else int(total), desc=desc, unit=f" {unit}", unit_scale=False, dynamic_ncols=True,
-                        leave=True, file=sys.stderr)
+        self.bar = tqdm(total=None if total is None else int(total), desc=desc, unit=f" {unit}", unit_scale=False,
+                        dynamic_ncols=True, leave=True, file=sys.stderr)
 
     def update(self, n: int) -> None:
+        """Advance the bar by ``n`` (nothing when no bar is shown).
+
+        Parameters
+        ----------
+        n : int
+        """
         if self.bar is not None:
             self.bar.update(int(n))
 

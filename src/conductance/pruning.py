@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from torch import nn
 
 from .errors import ConductanceError
 from .sites import intervene
+
+if TYPE_CHECKING:   # a runtime import would load aggregate (and its extras) with this module
+    from .aggregate import AggregateResult
 
 try:
     import torch_pruning as tp
@@ -54,14 +58,24 @@ _AGGREGATE_OPTIONS = ("by", "target", "near_zero", "limit_batches", "progress", 
 
 
 def prunable_layers(model: nn.Module) -> list[str]:
-    """Names of the convolution and linear layers of ``model`` (the layers a pruner removes channels of)."""
+    """Names of the convolution and linear layers of ``model`` (the layers a pruner removes channels of).
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    list of str
+        Dotted names, in ``named_modules`` order.
+    """
     return [name for name, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
 
 
 def _out_channels(module: nn.Module) -> int:
     if isinstance(module, nn.modules.conv._ConvNd) and getattr(module, "transposed", False):
-        return int(module.weight.shape[1] * module.groups)
-    return int(module.weight.shape[0])
+        return int(cast(torch.Tensor, module.weight).shape[1] * module.groups)
+    return int(cast(torch.Tensor, module.weight).shape[0])
 
 
 def _sum_of_squares(stats: dict, counts: np.ndarray) -> np.ndarray:
@@ -117,7 +131,7 @@ class ConductanceImportance(tp.importance.Importance):
     def __init__(self, calibration_data: Iterable, measure: str = "conductance", *, statistic: str = "class_max",
                  group_reduction: str = "sum", normalizer: Optional[str] = None,
                  layers: Optional[Sequence[str]] = None, **aggregate_options: Any):
-        from .measures import MEASURES, LIG
+        from .measures import LIG, MEASURES
 
         if not isinstance(measure, str) or measure not in MEASURES or measure == LIG:
             allowed = tuple(m for m in MEASURES if m != LIG)
@@ -148,7 +162,7 @@ class ConductanceImportance(tp.importance.Importance):
         self.normalizer = normalizer
         self.layers = list(layers) if layers is not None else None
         self.aggregate_options = dict(aggregate_options)
-        self.result = None
+        self.result: Optional[AggregateResult] = None
         self.seconds = 0.0
         self._model: Optional[nn.Module] = None
         self._scores: dict[nn.Module, torch.Tensor] = {}
@@ -159,12 +173,20 @@ class ConductanceImportance(tp.importance.Importance):
         """Forget the scores: the next call recomputes them."""
         self._scores, self._names, self.result = {}, {}, None
 
-    def fit(self, model: nn.Module) -> "ConductanceImportance":
+    def fit(self, model: nn.Module) -> ConductanceImportance:
         """Compute the scores of every scored layer of ``model`` now (the pruner would at its first call).
 
         Returns self; :meth:`scores` then gives them by layer name.
+
+        Parameters
+        ----------
+        model : nn.Module
+
+        Returns
+        -------
+        ConductanceImportance
         """
-        from .aggregate import aggregate
+        from .aggregate import AggregateResult, aggregate  # noqa: F811 (the runtime name of the type above)
 
         if model.training:
             raise ConductanceError("put the model in eval() mode before pruning by conductance: the scores "
@@ -178,8 +200,8 @@ class ConductanceImportance(tp.importance.Importance):
         if not names:
             raise ConductanceError("the model has no convolution or linear layer to score")
         start = time.perf_counter()
-        result = aggregate(model, self.calibration_data, list(names), measure=self.measure, units="channel",
-                           **self.aggregate_options)
+        result = cast(AggregateResult, aggregate(model, self.calibration_data, list(names), measure=self.measure,
+                                                 units="channel", **self.aggregate_options))
         self.seconds = time.perf_counter() - start
         if result.n_examples == 0:
             raise ConductanceError("calibration_data yielded no examples")
@@ -210,14 +232,29 @@ class ConductanceImportance(tp.importance.Importance):
         return (np.abs(class_means) * counts[have, None]).sum(0) / counts.sum()
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """Layer name -> (channels,) score of each output channel, as last computed."""
+        """Layer name -> (channels,) score of each output channel, as last computed.
+
+        Returns
+        -------
+        dict str -> Tensor, shape (channels,)
+        """
         return {self._names[m]: s.clone() for m, s in self._scores.items()}
 
-    def bind(self, model: nn.Module) -> "ConductanceImportance":
+    def bind(self, model: nn.Module) -> ConductanceImportance:
         """Use the scores computed for another copy of the same network (``copy.deepcopy``) on ``model``.
 
         Layers are matched by name and must have the same channel counts; saves recomputing the
         scores when one network is pruned at several ratios.
+
+        Parameters
+        ----------
+        model : nn.Module
+            A copy of the network the scores were computed on, not yet pruned.
+
+        Returns
+        -------
+        ConductanceImportance
+            Itself.
         """
         if not self._scores:
             raise ConductanceError("no scores yet: call fit(model) (or let a pruner call the importance) first")
@@ -308,8 +345,18 @@ class CalibratedTaylorImportance(tp.importance.GroupTaylorImportance):
         self._shapes: Optional[list] = None
         self._grads: dict[str, torch.Tensor] = {}
 
-    def fit(self, model: nn.Module) -> "CalibratedTaylorImportance":
-        """Accumulate the calibration-set gradient into ``model``'s ``.grad`` (previous gradients are cleared)."""
+    def fit(self, model: nn.Module) -> CalibratedTaylorImportance:
+        """Accumulate the calibration-set gradient into ``model``'s ``.grad`` (previous gradients are cleared).
+
+        Parameters
+        ----------
+        model : nn.Module
+
+        Returns
+        -------
+        CalibratedTaylorImportance
+            Itself.
+        """
         from .aggregate import split_batch
 
         start = time.perf_counter()
@@ -335,8 +382,19 @@ class CalibratedTaylorImportance(tp.importance.GroupTaylorImportance):
         self._grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         return self
 
-    def bind(self, model: nn.Module) -> "CalibratedTaylorImportance":
-        """Copy the calibration gradient of the fitted model onto an unpruned copy of it (by parameter name)."""
+    def bind(self, model: nn.Module) -> CalibratedTaylorImportance:
+        """Copy the calibration gradient of the fitted model onto an unpruned copy of it (by parameter name).
+
+        Parameters
+        ----------
+        model : nn.Module
+            An unpruned copy of the fitted model.
+
+        Returns
+        -------
+        CalibratedTaylorImportance
+            Itself.
+        """
         if self._model is None:
             raise ConductanceError("no gradient yet: call fit(model) first")
         grads = self._grads
@@ -351,7 +409,7 @@ class CalibratedTaylorImportance(tp.importance.GroupTaylorImportance):
         return self
 
     def __call__(self, group: Any) -> Optional[torch.Tensor]:
-        model = getattr(getattr(group, "_DG", None), "model", None) or self._model
+        model: Optional[nn.Module] = getattr(getattr(group, "_DG", None), "model", None) or self._model
         if model is None:
             raise ConductanceError("call importance.fit(model) before pruning")
         if model is not self._model or self._shapes != [tuple(p.shape) for p in model.parameters()]:
@@ -384,6 +442,15 @@ def input_fill(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[nn.Mod
     Returns module -> (in_channels,) float64 tensor: for a convolution the mean over examples and
     positions of input channel c, for a linear layer the mean of input feature c. A module called
     more than once per forward gets no entry (its inputs are not one channel set).
+
+    Parameters
+    ----------
+    model : nn.Module
+    batches : iterable of Tensor, each (batch, *input_shape)
+
+    Returns
+    -------
+    dict nn.Module -> Tensor, shape (in_channels,), float64
     """
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
@@ -417,7 +484,7 @@ def input_fill(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[nn.Mod
 
 def _fold(module: nn.Module, idxs: Sequence[int], fill: torch.Tensor) -> None:
     """Add what input channels ``idxs`` held constant at ``fill[idxs]`` contribute to ``module``'s bias."""
-    w = module.weight.detach()
+    w = cast(torch.Tensor, module.weight).detach()
     idx = torch.as_tensor(list(idxs), dtype=torch.long, device=w.device)
     value = fill.to(w.device, torch.float64)[idx]
     if isinstance(module, nn.Linear):
@@ -426,7 +493,7 @@ def _fold(module: nn.Module, idxs: Sequence[int], fill: torch.Tensor) -> None:
         shift = w[:, idx].double().flatten(2).sum(2) @ value
     if module.bias is None:
         module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-    module.bias.data += shift.to(w.dtype)
+    cast(torch.Tensor, module.bias).data += shift.to(w.dtype)
 
 
 def prune(model: nn.Module, example_inputs: torch.Tensor, importance: Any, *, pruning_ratio: float = 0.5,
@@ -449,6 +516,11 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, importance: Any, *, pr
         layers; for a padded convolution exact away from the border (the kernel sum is used).
     fill_data : iterable of batches, needed for ``compensate="mean"`` (inputs only are used).
     baselines : None (zeros like ``example_inputs``), a number or a tensor (1, ...), for ``"baseline"``.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself, pruned.
     """
     from .aggregate import split_batch
 

@@ -82,7 +82,22 @@ def neuron_conductance(model: nn.Module, x: torch.Tensor, layer: str, *, baselin
 
 
 def layer_conductance(model: nn.Module, x: torch.Tensor, layer: str, **kwargs) -> torch.Tensor:
-    """Cond^y = sum_i Cond^y_i for every unit of ``layer``, one example; shape (*layer_shape)."""
+    """Cond^y = sum_i Cond^y_i for every unit of ``layer``, one example; shape (*layer_shape).
+
+    Parameters
+    ----------
+    model : nn.Module
+    x : Tensor, shape (*input_shape)
+        One example, without a batch dimension.
+    layer : str
+        Dotted module name.
+    **kwargs
+        ``baseline``, ``target``, ``n_steps``, ``rule``: as for :func:`neuron_conductance`.
+
+    Returns
+    -------
+    Tensor, shape (*layer_shape)
+    """
     x_dims = x.dim()
     per_input = neuron_conductance(model, x, layer, **kwargs)
     return per_input.flatten(per_input.dim() - x_dims).sum(-1)
@@ -90,7 +105,25 @@ def layer_conductance(model: nn.Module, x: torch.Tensor, layer: str, **kwargs) -
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, *, baseline: Optional[torch.Tensor] = None,
                          target: Optional[int] = None, n_steps: int = 200, rule: str = "midpoint") -> torch.Tensor:
-    """IG_i for one example (shape of ``x``): (x_i - x'_i) * integral dF/dx_i da."""
+    """IG_i for one example (shape of ``x``): (x_i - x'_i) * integral dF/dx_i da.
+
+    Parameters
+    ----------
+    model : nn.Module
+    x : Tensor, shape (*input_shape)
+        One example, without a batch dimension.
+    baseline : Tensor, optional
+        Broadcastable to ``x``; zeros by default.
+    target : int, optional
+        Output index; None for a scalar output.
+    n_steps : int
+    rule : str
+        ``"midpoint"`` or ``"gausslegendre"``.
+
+    Returns
+    -------
+    Tensor, shape (*input_shape)
+    """
     x = x.detach().to(torch.float64)
     base = torch.zeros_like(x) if baseline is None else baseline.detach().to(torch.float64).expand_as(x)
     model = copy.deepcopy(model).double()

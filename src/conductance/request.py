@@ -38,6 +38,20 @@ def resolve_method(method: Optional[str], n_steps: Optional[int], tolerance: Opt
 
     Neither ``n_steps`` nor ``tolerance``: adaptive to ``DEFAULT_TOLERANCE``. ``tolerance``:
     adaptive. ``n_steps`` alone: the trapezoid rule on Gauss-Legendre nodes plus both ends.
+
+    Parameters
+    ----------
+    method : str or None
+        A name from :data:`conductance.paths.METHODS`, or None to choose from the other two.
+    n_steps : int or None
+    tolerance : float or None
+        Relative completeness error the adaptive rule aims at.
+
+    Returns
+    -------
+    method : str
+    n_steps : int or None
+    tolerance : float or None
     """
     if method is not None and method not in METHODS:
         raise ConductanceError(f"unknown method {method!r}; choose one of {METHODS}. Captum's names "
@@ -57,6 +71,18 @@ def resolve_method(method: Optional[str], n_steps: Optional[int], tolerance: Opt
 
 
 def check_units(units: Any) -> str:
+    """Check the ``units`` setting.
+
+    Parameters
+    ----------
+    units : Any
+        ``"neuron"`` or ``"channel"``.
+
+    Returns
+    -------
+    str
+        ``units`` unchanged; anything else raises a ConductanceError.
+    """
     if units not in UNITS:
         raise ConductanceError(f"unknown units {units!r}; choose 'neuron' (the layer's own shape) or "
                                "'channel' (summed over every dimension after the channel dimension)")
@@ -64,6 +90,17 @@ def check_units(units: Any) -> str:
 
 
 def check_internal_batch_size(internal_batch_size: Any) -> Optional[int]:
+    """Check the ``internal_batch_size`` setting (path points per forward pass).
+
+    Parameters
+    ----------
+    internal_batch_size : Any
+        A positive integer, or None for the default chunking.
+
+    Returns
+    -------
+    int or None
+    """
     if internal_batch_size is not None and (not isinstance(internal_batch_size, numbers.Integral)
                                             or isinstance(internal_batch_size, bool) or internal_batch_size < 1):
         raise ConductanceError(f"internal_batch_size must be a positive integer, got {internal_batch_size!r}")
@@ -71,7 +108,18 @@ def check_internal_batch_size(internal_batch_size: Any) -> Optional[int]:
 
 
 def check_memory_budget(memory_budget: Any) -> int:
-    """Bytes the adaptive rule may keep in stored points; None: ``engine.ADAPTIVE_STORE_BYTES`` (3 GiB)."""
+    """Bytes the adaptive rule may keep in stored points; None: ``engine.ADAPTIVE_STORE_BYTES`` (3 GiB).
+
+    Parameters
+    ----------
+    memory_budget : Any
+        A positive integer number of bytes, or None.
+
+    Returns
+    -------
+    int
+        Bytes.
+    """
     if memory_budget is None:
         return int(engine.ADAPTIVE_STORE_BYTES)
     if not isinstance(memory_budget, numbers.Integral) or isinstance(memory_budget, bool) or memory_budget < 1:
@@ -82,6 +130,17 @@ def check_memory_budget(memory_budget: Any) -> int:
 
 
 def check_channels_last(channels_last: Any) -> Optional[bool]:
+    """Check the ``channels_last`` setting.
+
+    Parameters
+    ----------
+    channels_last : Any
+        None (automatic), True or False.
+
+    Returns
+    -------
+    bool or None
+    """
     if channels_last is not None and not isinstance(channels_last, bool):
         raise ConductanceError(f"channels_last must be None (automatic: channels-last path points for a "
                                f"convolutional model with 4-D inputs on the CPU), True or False; got "
@@ -136,6 +195,17 @@ class Request:
         """Check the user's settings and settle the rule; raises ConductanceError naming the bad argument.
 
         Nothing here runs the model, so every bad setting is refused before the first forward pass.
+
+        Parameters
+        ----------
+        method, n_steps, tolerance, max_steps, units, internal_batch_size, additional_forward_args, forward_kwargs,
+        attribute_to_layer_input, memory_budget, channels_last, progress
+            As in :func:`conductance.layer_conductance`.
+
+        Returns
+        -------
+        Request
+            Frozen; ``method`` settled by :func:`resolve_method`.
         """
         check_units(units)
         check_progress(progress)
@@ -151,9 +221,24 @@ class Request:
                    channels_last=check_channels_last(channels_last), progress=progress)
 
     @property
+    def fixed_steps(self) -> int:
+        """Intervals of the fixed rule (``resolve_method`` always sets them for a fixed rule)."""
+        if self.n_steps is None:
+            raise ConductanceError(f"method={self.method!r} needs n_steps")
+        return self.n_steps
+
+    @property
+    def target_tolerance(self) -> float:
+        """The adaptive rule's tolerance (``resolve_method`` always sets it for the adaptive rule)."""
+        if self.tolerance is None:
+            raise ConductanceError("the adaptive rule needs a tolerance")
+        return self.tolerance
+
+    @property
     def initial_steps(self) -> int:
         """Pairs of the adaptive rule's starting grid."""
         return self.n_steps or ADAPTIVE_INITIAL_STEPS
 
 
-__all__ = ["ADAPTIVE_INITIAL_STEPS", "DEFAULT_MAX_STEPS", "DEFAULT_TOLERANCE", "KEYWORDS", "UNITS", "Request", "resolve_method"]
+__all__ = ["ADAPTIVE_INITIAL_STEPS", "DEFAULT_MAX_STEPS", "DEFAULT_TOLERANCE", "KEYWORDS", "UNITS", "Request",
+           "resolve_method"]

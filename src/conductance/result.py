@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional, TypeVar, Union
+from typing import Any, ClassVar, NamedTuple, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,13 @@ def _spread(points: torch.Tensor) -> str:
 
 
 def pandas() -> Any:
-    """Import pandas, or raise a ConductanceError saying how to install it."""
+    """Import pandas, or raise a ConductanceError saying how to install it.
+
+    Returns
+    -------
+    module
+        The ``pandas`` module.
+    """
     try:
         import pandas as pd
     except ImportError:
@@ -43,7 +49,18 @@ def pandas() -> Any:
 
 
 def plain(value: Any) -> Any:
-    """``value`` with tensors and arrays as (nested) lists and numpy scalars as Python numbers."""
+    """``value`` with tensors and arrays as (nested) lists and numpy scalars as Python numbers.
+
+    Parameters
+    ----------
+    value : Any
+        Nested dicts, lists, tuples, tensors, arrays and scalars.
+
+    Returns
+    -------
+    Any
+        The same structure in JSON-serialisable Python types (tuples become lists).
+    """
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -61,7 +78,16 @@ def plain(value: Any) -> Any:
 
 def same(a: Any, b: Any) -> bool:
     """Deep equality for result contents: tensors and arrays equal in dtype, shape and every value
-    (NaN equal to NaN), dicts with the same keys, lists / tuples item by item."""
+    (NaN equal to NaN), dicts with the same keys, lists / tuples item by item.
+
+    Parameters
+    ----------
+    a, b : Any
+
+    Returns
+    -------
+    bool
+    """
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -92,7 +118,18 @@ def same(a: Any, b: Any) -> bool:
 
 
 def module_name(layer: str) -> str:
-    """The module part of a layer label: without ``":input"``, an element ``"[i]"``, or ``"<model>"``."""
+    """The module part of a layer label: without ``":input"``, an element ``"[i]"``, or ``"<model>"``.
+
+    Parameters
+    ----------
+    layer : str
+        A layer label such as ``"lstm[0]"`` or ``"fc2:input"``.
+
+    Returns
+    -------
+    str
+        The dotted module name (``""`` for the model itself).
+    """
     if layer.endswith(":input"):
         layer = layer[:-len(":input")]
     if layer.endswith("]") and "[" in layer:
@@ -119,11 +156,21 @@ class ResultProtocol:
     def bind(self: _R, model: nn.Module) -> _R:
         """Remember (weakly) which module of ``model`` each layer name is, so that a layer can be
         given as the module object: ``result[model.fc1]`` is ``result["fc1"]``. The functions that
-        compute results bind them; a loaded result needs ``bind(model)`` for module lookup. Returns self."""
+        compute results bind them; a loaded result needs ``bind(model)`` for module lookup. Returns self.
+
+        Parameters
+        ----------
+        model : nn.Module
+            The model the result was computed on.
+
+        Returns
+        -------
+        The result itself.
+        """
         if not isinstance(model, nn.Module):
             raise ConductanceError(f"bind() takes the model (an nn.Module), got {type(model).__name__}")
         modules = dict(model.named_modules())
-        table: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
+        table: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
         for name in self._layer_names():
             module = modules.get(module_name(name))
             if module is not None:
@@ -173,7 +220,13 @@ class ResultProtocol:
     def save(self, path: str) -> None:
         """Write the result to ``path`` atomically: ``*.safetensors`` (needs the safetensors package) or else
         an npz archive, tensors as arrays and everything else as JSON, with a checksum; no pickle.
-        :func:`conductance.load` reads it back as an equal object (tensors on the CPU)."""
+        :func:`conductance.load` reads it back as an equal object (tensors on the CPU).
+
+        Parameters
+        ----------
+        path : str
+            ``*.safetensors`` or another name (an npz archive).
+        """
         from . import io
 
         io.save(path, self)
@@ -187,7 +240,12 @@ class ResultProtocol:
     __hash__ = None  # type: ignore[assignment]
 
     def to_dict(self) -> dict:
-        """Plain Python content (lists, numbers, strings; JSON-serialisable)."""
+        """Plain Python content (lists, numbers, strings; JSON-serialisable).
+
+        Returns
+        -------
+        dict
+        """
         return plain(self._fields())
 
 
@@ -321,7 +379,13 @@ class LayerResult(ResultProtocol, Mapping):
     def to_dataframe(self) -> Any:
         """A tidy pandas table, one row per (layer, example, unit): columns ``layer``, ``example``,
         ``unit`` (flat index), ``value`` and the example's per-unit error estimate ``unit_error``.
-        Needs pandas."""
+        Needs pandas.
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``sum over layers of batch * n_units`` rows.
+        """
         pd = pandas()
         frames = []
         for name, values in self.attributions.items():
@@ -336,7 +400,12 @@ class LayerResult(ResultProtocol, Mapping):
         return pd.concat(frames, ignore_index=True)
 
     def to_dict(self) -> dict:
-        """Plain content (JSON-serialisable): settings, values, errors and ``extra`` as nested lists."""
+        """Plain content (JSON-serialisable): settings, values, errors and ``extra`` as nested lists.
+
+        Returns
+        -------
+        dict
+        """
         return plain(self._fields())
 
     def _fields(self) -> dict[str, Any]:
@@ -351,6 +420,22 @@ class LayerResult(ResultProtocol, Mapping):
         layer; ``options`` go to :func:`conductance.plots.top_units` and from there to ``ax.bar``
         (e.g. ``color="red"``). Returns the matplotlib Figure (needs matplotlib); no pyplot figure is
         left open.
+
+        Parameters
+        ----------
+        layer : str, nn.Module or None
+        example : int
+            Row of the batch.
+        k : int
+            Number of bars.
+        ax : matplotlib Axes, optional
+            Draw there instead of on a new figure.
+        **options
+            Keywords for the bars.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
         """
         from .plots import top_units
 
@@ -381,7 +466,13 @@ class LayerResult(ResultProtocol, Mapping):
         return ", ".join(parts)
 
     def summary(self) -> str:
-        """A short text table: per layer, shape, cut or not, worst per-unit and completeness errors."""
+        """A short text table: per layer, shape, cut or not, worst per-unit and completeness errors.
+
+        Returns
+        -------
+        str
+            One line per layer.
+        """
         lines = [f"{self.measure}: method={self.method}"
                  + (f" n_steps={self.n_steps}" if self.n_steps else "")
                  + (f" tolerance={self.tolerance}" if self.tolerance else "")

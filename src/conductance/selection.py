@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -112,7 +112,12 @@ class FeatureSelectionResult(ResultProtocol):
         return [self.layer]
 
     def summary(self) -> str:
-        """The plain-text table (:meth:`format_table`)."""
+        """The plain-text table (:meth:`format_table`).
+
+        Returns
+        -------
+        str
+        """
         return self.format_table()
 
     def top(self, k: int = 5, layer: Union[str, nn.Module, None] = None, *, measure: Optional[str] = None,
@@ -121,6 +126,20 @@ class FeatureSelectionResult(ResultProtocol):
 
         A feature selection studies one layer: ``layer`` may only name it (or be None).
         ``measure``: only that measure's rows; ``random=True`` includes the random-unit rows.
+
+        Parameters
+        ----------
+        k : int
+            Number of rows.
+        layer : str, nn.Module or None
+            The studied layer, or None.
+        measure : str, optional
+        random : bool
+
+        Returns
+        -------
+        list of dict
+            Rows as in :attr:`rows` (measure, k, n_units, accuracy, ...), best first.
         """
         if layer is not None and self._name_of(layer) != self.layer:
             raise ConductanceError(f"this result is of layer {self.layer!r} only, not {layer!r}")
@@ -131,7 +150,12 @@ class FeatureSelectionResult(ResultProtocol):
         return [dict(r) for r in sorted(rows, key=lambda r: (-r["accuracy"], r["n_units"]))[:int(k)]]
 
     def to_dataframe(self) -> Any:
-        """The tidy table of :attr:`rows` as a pandas DataFrame, one row per (measure, k). Needs pandas."""
+        """The tidy table of :attr:`rows` as a pandas DataFrame, one row per (measure, k). Needs pandas.
+
+        Returns
+        -------
+        pandas.DataFrame
+        """
         pd = pandas()
         columns = ["measure", "k", "n_units", "accuracy", "std", "random_accuracy", "random_std", "n_seeds"]
         frame = pd.DataFrame([dict(r) for r in self.rows])
@@ -141,7 +165,20 @@ class FeatureSelectionResult(ResultProtocol):
         """Held-out accuracy against k, one line per measure, and the random units of the same number
         (matched to conductance, or to the first measure) as the mean over seeds (dashed), with the all-units
         accuracy as a dotted line. ``kwargs`` go to every ``ax.plot`` (e.g. ``color="red"``).
-        Returns the matplotlib Figure (no pyplot figure left open)."""
+        Returns the matplotlib Figure (no pyplot figure left open).
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Draw there instead of on a new figure.
+        title : str, optional
+        **kwargs
+            Line keywords.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
         from .plots import curves
 
         ks = np.asarray(self.ks, dtype=float)
@@ -166,7 +203,19 @@ class FeatureSelectionResult(ResultProtocol):
 
     def row(self, measure: str, k: int) -> dict:
         """The row of ``measure`` at ``k``; for ``measure="random"`` the row matched to conductance
-        (or to the first measure when conductance was not compared)."""
+        (or to the first measure when conductance was not compared).
+
+        Parameters
+        ----------
+        measure : str
+            A compared measure, or ``"random"``.
+        k : int
+            Units per class.
+
+        Returns
+        -------
+        dict
+        """
         if measure == RANDOM:
             ref = "conductance" if "conductance" in self.measures else self.measures[0]
             n = self.row(ref, k)["n_units"]
@@ -181,11 +230,27 @@ class FeatureSelectionResult(ResultProtocol):
                        f"ks {list(self.ks)}")
 
     def accuracy(self, measure: str, k: int) -> float:
-        """Held-out accuracy of ``measure`` (or ``"random"``) at ``k``."""
+        """Held-out accuracy of ``measure`` (or ``"random"``) at ``k``.
+
+        Parameters
+        ----------
+        measure : str
+        k : int
+
+        Returns
+        -------
+        float
+            In [0, 1].
+        """
         return self.row(measure, k)["accuracy"]
 
     def to_dict(self) -> dict:
-        """Plain Python types only (JSON-serialisable)."""
+        """Plain Python types only (JSON-serialisable).
+
+        Returns
+        -------
+        dict
+        """
         return {
             "layer": self.layer, "units": self.units, "measures": list(self.measures), "ks": list(self.ks),
             "classes": [_plain(c) for c in self.classes], "n_layer_units": self.n_layer_units,
@@ -198,7 +263,17 @@ class FeatureSelectionResult(ResultProtocol):
 
     def format_table(self, digits: int = 3) -> str:
         """A plain-text table: per measure and k, the pooled units, accuracy and random units of the
-        same number (mean ± std over seeds)."""
+        same number (mean ± std over seeds).
+
+        Parameters
+        ----------
+        digits : int
+            Decimals of the accuracies.
+
+        Returns
+        -------
+        str
+        """
         header = ["measure", "k", "units", "accuracy", f"random (mean ± std, {self.random_seeds} seeds)"]
         body = []
         for r in self.rows:
@@ -208,7 +283,8 @@ class FeatureSelectionResult(ResultProtocol):
                    else f"{r['random_accuracy']:.{digits}f} ± {r['random_std']:.{digits}f}")
             body.append([r["measure"], str(r["k"]), str(r["n_units"]), f"{r['accuracy']:.{digits}f}", rnd])
         widths = [max(len(x) for x in col) for col in zip(header, *body)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        def line(cells: Sequence[str]) -> str:
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [f"feature selection on {self.layer!r} ({self.units} units, {self.n_layer_units} in the layer; "
                f"{self.select_index.numel()} selection / {self.evaluate_index.numel()} evaluation examples, "
                f"{len(self.classes)} classes)",
@@ -239,7 +315,7 @@ def _plain(value: Any) -> Any:
 # checks and the split
 
 def _check_labels(labels: Any, n: int) -> torch.Tensor:
-    if isinstance(labels, np.ndarray) or isinstance(labels, (list, tuple)):
+    if isinstance(labels, (np.ndarray, list, tuple)):
         labels = torch.as_tensor(np.asarray(labels))
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a tensor, array or list of class indices, got {type(labels).__name__}")
@@ -279,15 +355,13 @@ def _check_measures(measures: Union[str, Sequence[str]]) -> tuple[str, ...]:
 
 
 def _check_ks(ks: Union[int, Sequence[int]]) -> tuple[int, ...]:
-    if isinstance(ks, numbers.Integral):
-        ks = (ks,)
-    ks = tuple(ks)
+    ks = (int(ks),) if isinstance(ks, numbers.Integral) else tuple(cast(Sequence[int], ks))
     if not ks:
         raise ConductanceError("ks is empty; give the numbers of units to keep per class, e.g. (1, 2, 5)")
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ConductanceError(f"every k must be a positive integer (units kept per class), got {k!r}")
-    return tuple(sorted(set(int(k) for k in ks)))
+    return tuple(sorted({int(k) for k in ks}))
 
 
 def stratified_split(labels: torch.Tensor, select_fraction: float = 0.6, seed: int = 0
@@ -297,6 +371,19 @@ def stratified_split(labels: torch.Tensor, select_fraction: float = 0.6, seed: i
 
     The paper's "about 30 select / 20 evaluate per class" is ``select_fraction=0.6`` with 50
     examples per class. The draw is seeded by ``seed``; both outputs are sorted.
+
+    Parameters
+    ----------
+    labels : LongTensor, shape (n,)
+        Class of each example.
+    select_fraction : float
+        In (0, 1).
+    seed : int
+
+    Returns
+    -------
+    select, evaluate : LongTensor, shapes (n_select,) and (n - n_select,)
+        Example indices.
     """
     if isinstance(select_fraction, bool) or not isinstance(select_fraction, numbers.Real) \
             or not 0 < select_fraction < 1:
@@ -385,6 +472,22 @@ def layer_activations(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, 
     Returns (batch, n_units), on the CPU: for ``units="channel"`` each channel's mean over every
     dimension after the channel dimension (a dense layer's activation is returned as it is), for
     ``units="neuron"`` the layer's value flattened.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor, shape (batch, *input_shape)
+    layer : a layer name, module or ``(name, element)`` pair
+    units : str
+        ``"channel"`` or ``"neuron"``.
+    batch_size : int
+        Examples per forward pass.
+    additional_forward_args, forward_kwargs, attribute_to_layer_input
+        As in :func:`conductance.layer_conductance`.
+
+    Returns
+    -------
+    Tensor, shape (batch, n_units)
     """
     if units not in ("channel", "neuron"):
         raise ConductanceError(f"unknown units {units!r}; choose 'channel' or 'neuron'")
@@ -462,6 +565,17 @@ def top_units(class_scores: torch.Tensor, k: int) -> list[int]:
     """Union over classes of each class's ``k`` highest-scoring units (sorted unit indices).
 
     ``class_scores`` is (n_classes, n_units); ties are broken by the lower unit index.
+
+    Parameters
+    ----------
+    class_scores : Tensor, shape (n_classes, n_units)
+    k : int
+        Units per class.
+
+    Returns
+    -------
+    list of int
+        Between ``k`` and ``n_classes * k`` unit indices, increasing.
     """
     order = torch.sort(-class_scores, dim=1, stable=True).indices[:, :k]
     return sorted(set(order.flatten().tolist()))
@@ -611,7 +725,8 @@ def feature_selection(model: nn.Module, inputs: torch.Tensor, labels: Any, layer
     y = labels.numpy()
     sel_np, eval_np = select.numpy(), evaluate.numpy()
     clf_kwargs = {"max_iter": 2000, **(classifier_kwargs or {})}
-    fit = lambda cols: _fit_score(features, y, sel_np, eval_np, list(cols), clf_kwargs)
+    def fit(cols: Sequence[int]) -> Any:
+        return _fit_score(features, y, sel_np, eval_np, list(cols), clf_kwargs)
 
     random_cache: dict[int, list[float]] = {}
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -57,13 +57,39 @@ _TRAINING_WARNED: contextvars.ContextVar[bool] = contextvars.ContextVar("conduct
 
 
 def never_reached(names: Sequence[str]) -> ConductanceError:
-    """Error for sites whose hooks never fired during the forward pass."""
+    """Error for sites whose hooks never fired during the forward pass.
+
+    Parameters
+    ----------
+    names : sequence of str
+        The site labels.
+
+    Returns
+    -------
+    ConductanceError
+        To be raised by the caller.
+    """
     return ConductanceError(f"the forward pass never reached layer(s) {list(names)}: the model does not call "
                             "them for this input; choose layers that the forward runs")
 
 
 def ran_repeatedly(name: str, times: int, need: str = "conductance") -> ConductanceError:
-    """Error for a site whose module ran ``times`` (> 1) times in one forward pass."""
+    """Error for a site whose module ran ``times`` (> 1) times in one forward pass.
+
+    Parameters
+    ----------
+    name : str
+        The site label.
+    times : int
+        How often its module ran.
+    need : str
+        What the module has to run once for, in the message.
+
+    Returns
+    -------
+    ConductanceError
+        To be raised by the caller.
+    """
     return ConductanceError(f"layer {name!r} ran {times} times in one forward pass (a shared or recurrent "
                             f"module); {need} needs one value per forward: hook a module that runs once")
 
@@ -72,6 +98,11 @@ def warn_training(model: nn.Module, what: str = "conductance") -> None:
     """Warn (a ConductanceWarning) when ``model`` is in training mode, once per :func:`training_warned` block.
 
     ``what`` names the results that dropout and batch-norm make random.
+
+    Parameters
+    ----------
+    model : nn.Module
+    what : str
     """
     if model.training and not _TRAINING_WARNED.get():
         warn(f"the model is in training mode: dropout and batch-norm updates make {what} random and change "
@@ -81,7 +112,12 @@ def warn_training(model: nn.Module, what: str = "conductance") -> None:
 @contextlib.contextmanager
 def training_warned() -> Iterator[None]:
     """Inside the block :func:`warn_training` stays silent (the caller has warned already); per context,
-    so other threads still warn."""
+    so other threads still warn.
+
+    Yields
+    ------
+    None
+    """
     token = _TRAINING_WARNED.set(True)
     try:
         yield
@@ -152,13 +188,41 @@ def _input_view(ref: LayerRef) -> tuple[bool, LayerRef]:
 
 
 def read_input(ref: LayerRef, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The tensor an input site names, from a module call's ``args`` and ``kwargs``."""
+    """The tensor an input site names, from a module call's ``args`` and ``kwargs``.
+
+    Parameters
+    ----------
+    ref : LayerRef
+        An input site (``ref.use_input``): element None or an int is a positional argument, a str a keyword.
+    args : tuple
+    kwargs : dict
+
+    Returns
+    -------
+    Tensor
+    """
     in_kwargs, view = _input_view(ref)
     return select_element(view, kwargs if in_kwargs else args)
 
 
 def write_input(ref: LayerRef, args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` with the input site's tensor replaced by ``new``."""
+    """``(args, kwargs)`` with the input site's tensor replaced by ``new``.
+
+    Parameters
+    ----------
+    ref : LayerRef
+        An input site.
+    args : tuple
+    kwargs : dict
+    new : Tensor
+        Same shape as the tensor it replaces.
+
+    Returns
+    -------
+    args : tuple
+    kwargs : dict
+        New containers; the ones given are not changed.
+    """
     in_kwargs, view = _input_view(ref)
     if in_kwargs:
         return args, replace_element(view, kwargs, new)
@@ -166,14 +230,28 @@ def write_input(ref: LayerRef, args: tuple, kwargs: dict, new: torch.Tensor) -> 
 
 
 def resolve(model: nn.Module, sites: Union[Site, Sequence[Site]], at_input: bool = False) -> list[LayerRef]:
-    """The :class:`~conductance.layers.LayerRef` of each site (see :func:`conductance.layers.resolve_layers`)."""
+    """The :class:`~conductance.layers.LayerRef` of each site (see :func:`conductance.layers.resolve_layers`).
+
+    Parameters
+    ----------
+    model : nn.Module
+    sites : a site or a sequence of them
+        Names (``"fc1"``, ``"lstm[0]"``, ``"fc2:input"``), modules, ``(name or module, element)`` pairs, or LayerRefs.
+    at_input : bool
+        Take every site at its module's input.
+
+    Returns
+    -------
+    list of LayerRef
+        In the order given.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(sites, (list, tuple)) and sites and not at_input and all(isinstance(s, LayerRef) for s in sites):
-        # already resolved (the package's own calls, once per forward): skip the walk over the modules
-        if len({s.name for s in sites}) == len(sites):
-            return list(sites)
-    return resolve_layers(model, sites, use_input=at_input)
+    # already resolved (the package's own calls, once per forward): skip the walk over the modules
+    if (isinstance(sites, (list, tuple)) and sites and not at_input and all(isinstance(s, LayerRef) for s in sites)
+            and len({s.name for s in sites}) == len(sites)):
+        return list(sites)
+    return resolve_layers(model, cast(Union[LayerSpec, Sequence[LayerSpec]], sites), use_input=at_input)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +429,13 @@ class Recorder:
 
     def modified_in_place(self) -> list[str]:
         """Layers whose recorded value (handed on without a copy) the model has since changed in place,
-        or, with ``keep_downstream``, whose copy handed downstream it changed."""
+        or, with ``keep_downstream``, whose copy handed downstream it changed.
+
+        Returns
+        -------
+        list of str
+            Layer names; empty when nothing was changed.
+        """
         if self.keep_downstream:
             return [n for n, t in self.downstream.items() if t._version != 0]
         return [n for n, v in self._versions.items() if self.values[n]._version != v]
@@ -363,8 +447,14 @@ class Recorder:
             raise never_reached(missing)
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator["Recorder"]:
-        """Register the hooks (for this context only); they are removed on exit, whatever happens inside."""
+    def attached(self) -> Iterator[Recorder]:
+        """Register the hooks (for this context only); they are removed on exit, whatever happens inside.
+
+        Yields
+        ------
+        Recorder
+            Itself, with its hooks attached.
+        """
         grad_mode = torch.is_grad_enabled()
         try:
             with _installed([(ref, self._hook(ref), False) for ref in self.refs]):

@@ -13,7 +13,12 @@ EXPERIMENTS = ("image", "text", "transformer")
 
 
 def cache_dir() -> str:
-    """Where trained networks are cached: ``$CONDUCTANCE_CACHE`` or ``~/.cache/conductance`` (created)."""
+    """Where trained networks are cached: ``$CONDUCTANCE_CACHE`` or ``~/.cache/conductance`` (created).
+
+    Returns
+    -------
+    str
+    """
     root = os.environ.get("CONDUCTANCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "conductance")
     os.makedirs(root, exist_ok=True)
     return root

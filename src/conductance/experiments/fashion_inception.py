@@ -59,6 +59,16 @@ class BasicConv(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolution, BatchNorm, ReLU.
+
+        Parameters
+        ----------
+        x : Tensor, shape (batch, cin, H, W)
+
+        Returns
+        -------
+        Tensor, shape (batch, cout, H', W')
+        """
         return self.relu(self.bn(self.conv(x)))
 
 
@@ -77,6 +87,16 @@ class InceptionModule(nn.Module):
         self.out_channels = c1 + c3 + c5 + pool_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The four branches, concatenated along channels.
+
+        Parameters
+        ----------
+        x : Tensor, shape (batch, cin, H, W)
+
+        Returns
+        -------
+        Tensor, shape (batch, cout, H, W)
+        """
         return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], dim=1)
 
 
@@ -103,6 +123,16 @@ class FashionInception(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits.
+
+        Parameters
+        ----------
+        x : Tensor, shape (batch, 1, 28, 28)
+
+        Returns
+        -------
+        Tensor, shape (batch, 10)
+        """
         if x.dim() != 4 or x.shape[1] != 1:
             raise ConductanceError(f"FashionInception expects images of shape (batch, 1, 28, 28); got "
                                    f"{tuple(x.shape)}")
@@ -127,7 +157,12 @@ class TrainConfig:
     bn_images: int = 5000         # training images that re-estimate the BatchNorm statistics at the end
 
     def key(self) -> str:
-        """File-name-safe key: the version plus a hash of the settings."""
+        """File-name-safe key: the version plus a hash of the settings.
+
+        Returns
+        -------
+        str
+        """
         text = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)  # every field changes the key
         return f"{VERSION}-n{self.n_train}-e{self.epochs}-s{self.seed}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
@@ -152,12 +187,34 @@ class TrainedModel:
 
 
 def cache_path(config: TrainConfig) -> str:
-    """Where the weights of ``config`` are cached."""
+    """Where the weights of ``config`` are cached.
+
+    Parameters
+    ----------
+    config : TrainConfig
+
+    Returns
+    -------
+    str
+    """
     return os.path.join(cache_dir(), f"{config.key()}.pt")
 
 
 def fashion_tensors(split: str, n: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST as float images (n, 1, 28, 28) in [0, 1] and labels (n,) (the first n in file order)."""
+    """Fashion-MNIST as float images (n, 1, 28, 28) in [0, 1] and labels (n,) (the first n in file order).
+
+    Parameters
+    ----------
+    split : str
+        ``"train"`` or ``"test"``.
+    n : int, optional
+        How many; all by default.
+
+    Returns
+    -------
+    images : Tensor, shape (n, 1, 28, 28), float32
+    labels : LongTensor, shape (n,)
+    """
     from ..datasets import load_fashion_mnist
 
     images, labels = load_fashion_mnist(split)
@@ -168,7 +225,20 @@ def fashion_tensors(split: str, n: Optional[int] = None) -> tuple[torch.Tensor, 
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` on images x (n, 1, 28, 28) with labels y (n,)."""
+    """Top-1 accuracy of ``model`` on images x (n, 1, 28, 28) with labels y (n,).
+
+    Parameters
+    ----------
+    model : nn.Module
+    x : Tensor, shape (n, 1, 28, 28)
+    y : LongTensor, shape (n,)
+    batch_size : int
+
+    Returns
+    -------
+    float
+        In [0, 1].
+    """
     was_training = model.training
     model.eval()
     correct = 0
@@ -184,6 +254,17 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> t
 
     Seeded: the initial weights, the choice of training images and the batch order come from
     ``config.seed``, so a rerun on the same machine and torch version gives the same weights.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    log : callable str -> None, optional
+
+    Returns
+    -------
+    model : FashionInception
+    history : list
+        One entry per epoch.
     """
     x_all, y_all = fashion_tensors("train")
     g = torch.Generator().manual_seed(config.seed)
@@ -236,6 +317,17 @@ def load_or_train(config: TrainConfig = FULL_CONFIG, log: Optional[Callable[[str
 
     The test accuracy (on the first ``config.n_test`` Fashion-MNIST test images) is stored with
     the weights and re-measured after loading only if it is missing.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    log : callable str -> None, optional
+    retrain : bool
+        Train even when the cache has the weights.
+
+    Returns
+    -------
+    TrainedModel
     """
     path = cache_path(config)
     if not retrain and os.path.exists(path):

@@ -78,7 +78,16 @@ class ImageSettings:
 
 
 def settings_for(quick: bool) -> ImageSettings:
-    """The quick (about a minute on 2 cores, training included) or the full settings."""
+    """The quick (about a minute on 2 cores, training included) or the full settings.
+
+    Parameters
+    ----------
+    quick : bool
+
+    Returns
+    -------
+    ImageSettings
+    """
     from .. import assets
 
     gl = {"n_steps": 32, "method": "gausslegendre"}
@@ -116,7 +125,16 @@ def _rule_text(rule: dict) -> str:
 def load_googlenet(path: str) -> nn.Module:
     """torchvision GoogLeNet with the pretrained weights in the state-dict file ``path``:
     :func:`conductance.assets.googlenet` with ``weights_path`` (see there for the file format and
-    the errors)."""
+    the errors).
+
+    Parameters
+    ----------
+    path : str
+
+    Returns
+    -------
+    nn.Module
+    """
     from .. import assets
 
     return assets.googlenet(weights_path=path)
@@ -190,6 +208,10 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
     max_units : longest prefix of filters tried in the flip counts (default: all)
     random_seeds, seed : number of random rankings per photo, and the seed they derive from
     baselines : the baseline image (default a black photo in the normalised space)
+
+    Returns
+    -------
+    PhotoAnalysis
     """
     if pixel_block not in blocks:
         raise ConductanceError(f"pixel_block {pixel_block!r} must be one of the blocks {list(blocks)}")
@@ -480,6 +502,22 @@ def fashion_ablation(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *
     (n,), "seconds": float}. Rankings per image from ``cd.layer_importance`` (units="channel", black
     baseline, top label); filters removed cumulatively, set to zero ("zero", the paper's removal) or to
     their value at the black image ("baseline").
+
+    Parameters
+    ----------
+    model : nn.Module
+    x : Tensor, shape (n, 1, 28, 28)
+    layers : sequence of str
+    measures : sequence of str
+    rule : dict, optional
+        Keywords of the rule (``method``, ``n_steps``, ``tolerance``, ...), passed on to the attribution calls.
+    random_seeds : int
+    modes : sequence of str
+    seed : int
+
+    Returns
+    -------
+    dict
     """
     rule = dict(rule or {"n_steps": 32, "method": "gausslegendre"})
     start = time.perf_counter()
@@ -518,6 +556,25 @@ def fashion_selection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers
     Returns {"results": {layer: FeatureSelectionResult}, "relative_error": {layer: (n_select * classes,)},
     "seconds": float}. The completeness errors are those of conductance on the selection images, each
     explaining its own label's logit, with the same rule as the selection.
+
+    Parameters
+    ----------
+    model : nn.Module
+    x : Tensor, shape (n, 1, 28, 28)
+    y : LongTensor, shape (n,)
+    layers : sequence of str
+    n_select, n_evaluate : int
+        Images per class.
+    ks : sequence of int
+        Units per class to try.
+    measures : sequence of str
+    rule : dict, optional
+    random_seeds : int
+    seed : int
+
+    Returns
+    -------
+    dict
     """
     rule = dict(rule or {"n_steps": 32, "method": "gausslegendre"})
     start = time.perf_counter()

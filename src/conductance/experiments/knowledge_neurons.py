@@ -64,7 +64,16 @@ SETTINGS = {
 # ----------------------------------------------------------------------------------------------
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words (with clitics such as "it's" kept whole) and single punctuation marks."""
+    """Lower-cased words (with clitics such as "it's" kept whole) and single punctuation marks.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    list of str
+    """
     return _TOKEN.findall(text.lower())
 
 
@@ -79,6 +88,18 @@ class Vocabulary:
 
     @classmethod
     def build(cls, texts: Sequence[str], size: int) -> Vocabulary:
+        """The special tokens, then the ``size - len(SPECIALS)`` most frequent words (ties alphabetical).
+
+        Parameters
+        ----------
+        texts : sequence of str
+        size : int
+            Number of entries, specials included.
+
+        Returns
+        -------
+        Vocabulary
+        """
         counts = collections.Counter(w for t in texts for w in tokenize(t))
         # ties broken alphabetically so the vocabulary does not depend on dict order
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size - len(SPECIALS)]
@@ -88,7 +109,16 @@ class Vocabulary:
         return len(self.words)
 
     def encode(self, text: str) -> list[int]:
-        """[BOS] followed by the ids of the words of ``text``."""
+        """[BOS] followed by the ids of the words of ``text``.
+
+        Parameters
+        ----------
+        text : str
+
+        Returns
+        -------
+        list of int
+        """
         return [BOS] + [self.index.get(w, UNK) for w in tokenize(text)]
 
 
@@ -113,12 +143,32 @@ class LMConfig:
     seed: int = 0
 
     def key(self, data_fingerprint: str) -> str:
+        """File-name-safe key: the cache version plus a hash of the settings and the training data.
+
+        Parameters
+        ----------
+        data_fingerprint : str
+
+        Returns
+        -------
+        str
+        """
         blob = json.dumps({"version": CACHE_VERSION, "data": data_fingerprint, **asdict(self)}, sort_keys=True)
         return f"{CACHE_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def build_model(config: LMConfig, vocab_size: int) -> nn.Module:
-    """An untrained GPT2LMHeadModel of ``config``'s shape; [BOS] doubles as eos (no pad token, as GPT-2)."""
+    """An untrained GPT2LMHeadModel of ``config``'s shape; [BOS] doubles as eos (no pad token, as GPT-2).
+
+    Parameters
+    ----------
+    config : LMConfig
+    vocab_size : int
+
+    Returns
+    -------
+    nn.Module
+    """
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
         from transformers.utils import logging as hf_logging
@@ -140,7 +190,20 @@ def _windows(ids: list[list[int]], length: int) -> torch.Tensor:
 
 def train(config: LMConfig, texts: Sequence[str], log: Callable[[str], None] = print
           ) -> tuple[nn.Module, Vocabulary, dict]:
-    """Train the LM on ``texts`` (next-token loss, AdamW, linear warm-up then cosine decay); seeded."""
+    """Train the LM on ``texts`` (next-token loss, AdamW, linear warm-up then cosine decay); seeded.
+
+    Parameters
+    ----------
+    config : LMConfig
+    texts : sequence of str
+    log : callable str -> None
+
+    Returns
+    -------
+    model : nn.Module
+    vocab : Vocabulary
+    info : dict
+    """
     torch.manual_seed(config.seed)
     vocab = Vocabulary.build(texts, config.vocab_size)
     model = build_model(config, len(vocab))
@@ -184,7 +247,16 @@ def _weights_digest(state: dict) -> str:
 
 
 def training_texts(config: LMConfig) -> list[str]:
-    """The training snippets used: all of the training split, or the first ``n_train`` of a seeded permutation."""
+    """The training snippets used: all of the training split, or the first ``n_train`` of a seeded permutation.
+
+    Parameters
+    ----------
+    config : LMConfig
+
+    Returns
+    -------
+    list of str
+    """
     from ..datasets import load_rotten_tomatoes
 
     texts, _ = load_rotten_tomatoes("train")
@@ -195,6 +267,17 @@ def training_texts(config: LMConfig) -> list[str]:
 
 
 def cache_path(config: LMConfig, texts: Sequence[str]) -> str:
+    """Where the LM of ``config`` trained on ``texts`` is cached.
+
+    Parameters
+    ----------
+    config : LMConfig
+    texts : sequence of str
+
+    Returns
+    -------
+    str
+    """
     fingerprint = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     return os.path.join(cache_dir(), f"{config.key(fingerprint)}.pt")
 
@@ -205,6 +288,17 @@ def load_or_train(config: LMConfig, log: Callable[[str], None] = print) -> tuple
     Cached under ``$CONDUCTANCE_CACHE`` in a file named after the configuration and the training
     text; the file's weights are checked against the digest saved with them, and a file that
     fails the check (or does not load) is retrained and replaced.
+
+    Parameters
+    ----------
+    config : LMConfig
+    log : callable str -> None
+
+    Returns
+    -------
+    model : nn.Module
+    vocab : Vocabulary
+    info : dict
     """
     texts = training_texts(config)
     path = cache_path(config, texts)
@@ -245,7 +339,20 @@ def load_or_train(config: LMConfig, log: Callable[[str], None] = print) -> tuple
 def perplexities(model: nn.Module, vocab: Vocabulary, train_texts: Sequence[str], texts: Sequence[str]
                  ) -> dict[str, float]:
     """Per-token perplexity of the LM and of an add-one unigram model on ``texts`` (each snippet alone,
-    every token after [BOS] predicted; [UNK] is one of the predicted classes for both models)."""
+    every token after [BOS] predicted; [UNK] is one of the predicted classes for both models).
+
+    Parameters
+    ----------
+    model : nn.Module
+    vocab : Vocabulary
+    train_texts : sequence of str
+        For the unigram counts.
+    texts : sequence of str
+
+    Returns
+    -------
+    dict str -> float
+    """
     counts = np.ones(len(vocab))
     for t in train_texts:
         for i in vocab.encode(t)[1:]:
@@ -273,7 +380,21 @@ def select_prompts(model: nn.Module, vocab: Vocabulary, texts: Sequence[str], n:
                    ) -> list[dict]:
     """Up to ``n`` prompts: each snippet cut before its first word (alphabetic, 3+ letters, in the
     vocabulary) that is the model's top word (its most probable token other than [UNK], [PAD] and
-    [BOS]) after at least ``min_context`` words of context."""
+    [BOS]) after at least ``min_context`` words of context.
+
+    Parameters
+    ----------
+    model : nn.Module
+    vocab : Vocabulary
+    texts : sequence of str
+    n : int
+    min_context : int
+
+    Returns
+    -------
+    list of dict
+        One prompt each.
+    """
     prompts = []
     limit = cast(Any, model.config).n_positions  # a transformers config
     with torch.no_grad():
@@ -298,7 +419,18 @@ def select_prompts(model: nn.Module, vocab: Vocabulary, texts: Sequence[str], n:
 
 
 def target_prob(model: nn.Module, ids: torch.Tensor, token: int) -> float:
-    """Probability of ``token`` after the last position of ``ids`` (1, tokens)."""
+    """Probability of ``token`` after the last position of ``ids`` (1, tokens).
+
+    Parameters
+    ----------
+    model : nn.Module
+    ids : LongTensor, shape (1, tokens)
+    token : int
+
+    Returns
+    -------
+    float
+    """
     with torch.no_grad():
         return float(torch.softmax(model(ids).logits[0, -1].double(), -1)[token])
 
@@ -328,6 +460,22 @@ def kn_integrated_gradients(model: nn.Module, ids: torch.Tensor, token: int, blo
     (``alpha = k/m``, k = 1..m). All neurons of the layer are scaled together, one layer per run.
 
     Returns the attributions (neurons,) and ``P(w) - P(0)`` (their sum as the rule converges).
+
+    Parameters
+    ----------
+    model : nn.Module
+    ids : LongTensor, shape (1, tokens)
+    token : int
+    block : int
+    n_steps : int
+    rule : str
+    chunk : int
+        Path points per forward pass.
+
+    Returns
+    -------
+    attributions : Tensor, shape (neurons,)
+    change : float
     """
     name = hf.family(model).mlp[block]
     with sites.record(model, name, at_input=True) as rec, torch.no_grad():
@@ -362,7 +510,20 @@ def kn_integrated_gradients(model: nn.Module, ids: torch.Tensor, token: int, blo
 
 def attribute_prompt(model: nn.Module, prompt: dict, **path: Any) -> dict[str, Any]:
     """Conductance and gradient x activation of every MLP neuron and head for one prompt (one path run),
-    plus the Knowledge-Neurons 20-step integrated gradients of every MLP layer (one run per layer)."""
+    plus the Knowledge-Neurons 20-step integrated gradients of every MLP layer (one run per layer).
+
+    Parameters
+    ----------
+    model : nn.Module
+    prompt : dict
+        As from :func:`select_prompts`.
+    **path
+        Rule keywords for the conductance run.
+
+    Returns
+    -------
+    dict str -> Any
+    """
     ids = torch.tensor([prompt["ids"]])
     mlp = hf.layers(model, "mlp")
     att = hf.layers(model, "attention")
@@ -391,14 +552,34 @@ def attribute_prompt(model: nn.Module, prompt: dict, **path: Any) -> dict[str, A
 
 
 def top_units(scores: np.ndarray, k: int) -> list[tuple[int, int]]:
-    """(block, unit) of the ``k`` largest scores of (blocks, units): the units raising the target most."""
+    """(block, unit) of the ``k`` largest scores of (blocks, units): the units raising the target most.
+
+    Parameters
+    ----------
+    scores : ndarray, shape (blocks, units)
+    k : int
+
+    Returns
+    -------
+    list of (int, int)
+    """
     flat = np.argsort(-scores, axis=None, kind="stable")[:k]
     pairs = (np.unravel_index(i, scores.shape) for i in flat)
     return [(int(block), int(unit)) for block, unit in pairs]
 
 
 def mlp_inputs(model: nn.Module, ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Each block's MLP down-projection input (1, tokens, neurons) at ``ids``."""
+    """Each block's MLP down-projection input (1, tokens, neurons) at ``ids``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    ids : LongTensor, shape (1, tokens)
+
+    Returns
+    -------
+    dict int -> Tensor, shape (1, tokens, neurons)
+    """
     return hf.head_inputs(model, ids, module=hf.family(model).mlp[0].replace(".0.", ".{i}.", 1))
 
 
@@ -406,7 +587,23 @@ def intervene(model: nn.Module, ids: torch.Tensor, token: int, units: list[tuple
               values: Optional[dict] = None) -> float:
     """Target probability with ``units`` (neurons or heads) zeroed at every position, or set to
     ``values`` (block -> (1, tokens, width): e.g. twice their activations to amplify them, or their
-    values at the baseline input)."""
+    values at the baseline input).
+
+    Parameters
+    ----------
+    model : nn.Module
+    ids : LongTensor, shape (1, tokens)
+    token : int
+    units : list of (int, int)
+        (block, unit) pairs.
+    kind : str
+        ``"neuron"`` (MLP neurons) or ``"head"`` (attention heads).
+    values : dict int -> Tensor, optional
+
+    Returns
+    -------
+    float
+    """
     ablate = hf.ablate_neurons if kind == "neuron" else hf.ablate_heads
     with ablate(model, units, values=values):
         return target_prob(model, ids, token)
@@ -424,7 +621,16 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
         settings: Optional[dict] = None) -> None:
     """Add the knowledge-neurons sections to ``report`` (``weights`` is unused: the LM is trained here).
 
-    ``settings`` overrides entries of :data:`SETTINGS` (tests use a smaller configuration)."""
+    ``settings`` overrides entries of :data:`SETTINGS` (tests use a smaller configuration).
+
+    Parameters
+    ----------
+    report : Report
+    quick : bool
+    weights : str, optional
+    seed : int
+    settings : dict, optional
+    """
     from ..datasets import load_rotten_tomatoes
 
     cfg = {**SETTINGS[bool(quick)], **(settings or {})}

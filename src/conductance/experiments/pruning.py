@@ -79,6 +79,16 @@ class FashionResNet(nn.Module):
         self.fc = nn.Linear(64, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of Fashion-MNIST images.
+
+        Parameters
+        ----------
+        x : Tensor, shape (batch, 1, 28, 28)
+
+        Returns
+        -------
+        Tensor, shape (batch, n_classes)
+        """
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -97,6 +107,12 @@ class ResNetConfig:
     bn_images: int = 5000
 
     def key(self) -> str:
+        """A short name of the configuration, used in the cache file name.
+
+        Returns
+        -------
+        str
+        """
         text = json.dumps({"version": RESNET_VERSION, **asdict(self)}, sort_keys=True)
         return (f"{RESNET_VERSION}-n{self.n_train}-e{self.epochs}-s{self.seed}-"
                 f"{hashlib.sha1(text.encode()).hexdigest()[:10]}")
@@ -142,7 +158,18 @@ def _train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
 
 def load_or_train_resnet(config: ResNetConfig = RESNET_FULL, log: Optional[Callable[[str], None]] = None
                          ) -> fi.TrainedModel:
-    """:class:`FashionResNet` for ``config``, from ``$CONDUCTANCE_CACHE`` or trained (and cached) now."""
+    """:class:`FashionResNet` for ``config``, from ``$CONDUCTANCE_CACHE`` or trained (and cached) now.
+
+    Parameters
+    ----------
+    config : ResNetConfig
+    log : callable str -> None, optional
+        Progress messages.
+
+    Returns
+    -------
+    TrainedModel
+    """
     path = os.path.join(cache_dir(), f"{config.key()}.pt")
     if os.path.exists(path):
         try:
@@ -176,7 +203,20 @@ def load_or_train_resnet(config: ResNetConfig = RESNET_FULL, log: Optional[Calla
 # ----------------------------------------------------------------------------------------------
 
 def make_importance(criterion: str, calibration: list, **conductance_options: Any) -> Any:
-    """A fresh Torch-Pruning importance for ``criterion`` (one of :data:`CRITERIA`)."""
+    """A fresh Torch-Pruning importance for ``criterion`` (one of :data:`CRITERIA`).
+
+    Parameters
+    ----------
+    criterion : str
+    calibration : list of Tensor
+        Calibration batches, each (batch, *input_shape).
+    **conductance_options
+        For :class:`conductance.pruning.ConductanceImportance`.
+
+    Returns
+    -------
+    A Torch-Pruning importance object.
+    """
     import torch_pruning as tp
 
     from ..pruning import CalibratedTaylorImportance, ConductanceImportance
@@ -199,7 +239,16 @@ def make_importance(criterion: str, calibration: list, **conductance_options: An
 
 
 def classifier(model: nn.Module) -> nn.Module:
-    """The last linear layer of ``model`` (its classifier, whose outputs are never pruned)."""
+    """The last linear layer of ``model`` (its classifier, whose outputs are never pruned).
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    nn.Linear
+    """
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linear:
         raise ValueError("the model has no linear classifier to keep")
@@ -211,6 +260,23 @@ def prune_copy(model: nn.Module, importance: Any, ratio: float, example: torch.T
     """An unpruned copy of ``model`` pruned with ``importance`` (fitted on ``model``; bound to the copy).
 
     Every convolution loses ``ratio`` of its output channels; the classifier keeps its outputs.
+
+    Parameters
+    ----------
+    model : nn.Module
+    importance : a fitted importance (see :func:`make_importance`)
+    ratio : float
+        Share of channels removed, in [0, 1).
+    example : Tensor, shape (1, *input_shape)
+        Traces the dependency graph.
+    compensate, fill_data, global_pruning
+        As for :func:`conductance.pruning.prune`.
+    seed : int
+
+    Returns
+    -------
+    nn.Module
+        The pruned copy; ``model`` is left as it was.
     """
     from ..pruning import prune
 
@@ -224,7 +290,21 @@ def prune_copy(model: nn.Module, importance: Any, ratio: float, example: torch.T
 
 
 def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float = 1e-3, seed: int = 0) -> nn.Module:
-    """One epoch of AdamW (constant ``lr``, batch 64) on (x, y), BatchNorm re-estimated; eval mode."""
+    """One epoch of AdamW (constant ``lr``, batch 64) on (x, y), BatchNorm re-estimated; eval mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+    x : Tensor, shape (n, 1, 28, 28)
+    y : LongTensor, shape (n,)
+    lr : float
+    seed : int
+
+    Returns
+    -------
+    nn.Module
+        ``model``, trained in place.
+    """
     _train_epochs(model, x, y, epochs=1, batch_size=64, lr=lr, weight_decay=1e-4, seed=seed, one_cycle=False)
     return model.eval()
 
@@ -250,7 +330,22 @@ def _completeness(importance: Any) -> dict:
 
 
 def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[str], None], seed: int = 0) -> dict:
-    """Every criterion at every ratio on one Fashion-MNIST network; returns the numbers."""
+    """Every criterion at every ratio on one Fashion-MNIST network; returns the numbers.
+
+    Parameters
+    ----------
+    name : str
+        The network's name in the numbers and messages.
+    model : nn.Module
+    settings : dict
+        Ratios, criteria and sizes of the run (quick or full).
+    log : callable str -> None
+    seed : int
+
+    Returns
+    -------
+    dict
+    """
     x_cal, y_cal = fi.fashion_tensors("train", settings["n_cal"])
     calibration = [(x_cal[s:s + 64], y_cal[s:s + 64]) for s in range(0, settings["n_cal"], 64)]
     x_all, y_all = fi.fashion_tensors("train")
@@ -311,7 +406,17 @@ def _views(names: list) -> torch.Tensor:
 
 
 def study_efficientnet(settings: dict, log: Callable[[str], None]) -> dict:
-    """EfficientNet-Lite0 pruned by each criterion; top-1 agreement and logit margins on held-out photos."""
+    """EfficientNet-Lite0 pruned by each criterion; top-1 agreement and logit margins on held-out photos.
+
+    Parameters
+    ----------
+    settings : dict
+    log : callable str -> None
+
+    Returns
+    -------
+    dict
+    """
     from ..assets import efficientnet_lite0
 
     model = efficientnet_lite0().eval()
@@ -398,6 +503,18 @@ def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str],
 
     ``parts``: which of :data:`PARTS` to run (``CONDUCTANCE_PRUNING_PARTS=inception,resnet`` from the
     command line). Each finished part is also written to ``$CONDUCTANCE_PRUNING_JSON`` when set.
+
+    Parameters
+    ----------
+    report : Report
+    quick : bool
+    seed : int
+    log : callable str -> None
+    parts : tuple of str
+
+    Returns
+    -------
+    dict
     """
     torch.manual_seed(seed)
     settings = QUICK if quick else FULL

@@ -26,7 +26,17 @@ TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"
 
 
 def to_jsonable(value: Any) -> Any:
-    """Convert tensors, arrays and numpy scalars (recursively) to plain JSON values; NaN becomes None."""
+    """Convert tensors, arrays and numpy scalars (recursively) to plain JSON values; NaN becomes None.
+
+    Parameters
+    ----------
+    value : Any
+
+    Returns
+    -------
+    Any
+        Dicts, lists, numbers, strings and None only.
+    """
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is a core dependency
@@ -59,7 +69,20 @@ class Missing(str):
 
 
 def percent(value: Any, digits: int = 1, why: str = "") -> str:
-    """``value`` (a share in [0, 1]) as a percentage, or a :class:`Missing` cell when it is NaN."""
+    """``value`` (a share in [0, 1]) as a percentage, or a :class:`Missing` cell when it is NaN.
+
+    Parameters
+    ----------
+    value : float or Any convertible to float
+    digits : int
+        Decimals shown.
+    why : str
+        The reason a missing value is missing, for the table's note.
+
+    Returns
+    -------
+    str or Missing
+    """
     value = float(value)
     if not math.isfinite(value):
         return Missing(why)
@@ -67,7 +90,17 @@ def percent(value: Any, digits: int = 1, why: str = "") -> str:
 
 
 def shorten(text: str, n: int = 70) -> str:
-    """``text`` cut to at most ``n`` characters at a word boundary, with an ellipsis when cut."""
+    """``text`` cut to at most ``n`` characters at a word boundary, with an ellipsis when cut.
+
+    Parameters
+    ----------
+    text : str
+    n : int
+
+    Returns
+    -------
+    str
+    """
     text = " ".join(str(text).split())
     if len(text) <= n:
         return text
@@ -109,17 +142,50 @@ class Section:
     blocks: list[Any] = field(default_factory=list)
 
     def text(self, paragraph: str) -> Section:
-        """Add a paragraph of plain text (escaped; blank lines start new paragraphs)."""
+        """Add a paragraph of plain text (escaped; blank lines start new paragraphs).
+
+        Parameters
+        ----------
+        paragraph : str
+
+        Returns
+        -------
+        Section
+            Itself, so calls chain.
+        """
         self.blocks.append({"kind": "text", "paragraphs": [p.strip() for p in paragraph.strip().split("\n\n")]})
         return self
 
     def html(self, fragment: str) -> Section:
-        """Add a trusted HTML fragment as it is."""
+        """Add a trusted HTML fragment as it is.
+
+        Parameters
+        ----------
+        fragment : str
+
+        Returns
+        -------
+        Section
+            Itself.
+        """
         self.blocks.append({"kind": "html", "html": fragment})
         return self
 
     def figure(self, fig: Any, caption: str, name: Optional[str] = None, dpi: int = 110) -> str:
-        """Embed a matplotlib figure (closed afterwards); returns the PNG file name saved beside the page."""
+        """Embed a matplotlib figure (closed afterwards); returns the PNG file name saved beside the page.
+
+        Parameters
+        ----------
+        fig : matplotlib Figure
+        caption : str
+        name : str, optional
+            File name stem; by default from the section and a counter.
+        dpi : int
+
+        Returns
+        -------
+        str
+        """
         name = name or f"{self.key}-{len(self.blocks)}"
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
@@ -141,7 +207,22 @@ class Section:
         """Add a table; cells are formatted numbers or escaped text.
 
         Cells without a value (NaN, or a :class:`Missing` from :func:`percent`) show "n/a"; the
-        note under the table gives ``missing`` (or each cell's own reason) as the explanation."""
+        note under the table gives ``missing`` (or each cell's own reason) as the explanation.
+
+        Parameters
+        ----------
+        rows : sequence of sequences
+            One row per line, as many cells as ``headers``.
+        headers : sequence of str
+        caption : str, optional
+        missing : str
+            Explanation of the missing cells.
+
+        Returns
+        -------
+        Section
+            Itself.
+        """
         cells = [[_fmt(c) for c in row] for row in rows]
         cells = [[Missing(missing) if isinstance(c, Missing) and not c.why else c for c in row] for row in cells]
         reasons = list(dict.fromkeys((c.why or missing) for row in cells for c in row if isinstance(c, Missing)))
@@ -151,7 +232,18 @@ class Section:
         return self
 
     def numbers(self, **values: Any) -> Section:
-        """Record numbers under this section's key in ``results.json`` (not shown by themselves)."""
+        """Record numbers under this section's key in ``results.json`` (not shown by themselves).
+
+        Parameters
+        ----------
+        **values
+            JSON-able values (tensors and arrays are converted).
+
+        Returns
+        -------
+        Section
+            Itself.
+        """
         self.report.data.setdefault(self.key, {}).update(to_jsonable(values))
         return self
 
@@ -175,13 +267,28 @@ class Report:
         self.started = _dt.datetime.now(_dt.timezone.utc)
 
     def section(self, title: str, key: Optional[str] = None) -> Section:
-        """Start a new section; ``key`` (default: from the title) names its numbers in the JSON."""
+        """Start a new section; ``key`` (default: from the title) names its numbers in the JSON.
+
+        Parameters
+        ----------
+        title : str
+        key : str, optional
+
+        Returns
+        -------
+        Section
+        """
         sec = Section(title=title, key=key or _slug(title), report=self)
         self.sections.append(sec)
         return sec
 
     def to_html(self) -> str:
-        """The page, rendered from the Jinja2 templates in ``templates/`` (autoescaped)."""
+        """The page, rendered from the Jinja2 templates in ``templates/`` (autoescaped).
+
+        Returns
+        -------
+        str
+        """
         try:
             import jinja2
         except ImportError as exc:
@@ -200,6 +307,11 @@ class Report:
 
     def write(self, out_dir: str) -> tuple[str, str]:
         """Write ``report.html``, ``results.json`` and ``figures/*.png`` into ``out_dir``.
+
+        Parameters
+        ----------
+        out_dir : str
+            Created when missing.
 
         Returns
         -------

@@ -59,7 +59,16 @@ PAPER = {
 
 
 def sentiment_score(output: torch.Tensor) -> torch.Tensor:
-    """Target for the sentiment score fresh logit - rotten logit: (points, 2) -> (points,)."""
+    """Target for the sentiment score fresh logit - rotten logit: (points, 2) -> (points,).
+
+    Parameters
+    ----------
+    output : Tensor, shape (points, 2)
+
+    Returns
+    -------
+    Tensor, shape (points,)
+    """
     return output[:, 1] - output[:, 0]
 
 
@@ -151,6 +160,18 @@ def token_conductance(model: SentimentCNN, texts: Sequence[str], filters: Sequen
                       ) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
     """Each filter's conductance through each token (summed over the embedding dimension).
 
+    Parameters
+    ----------
+    model : SentimentCNN
+    texts : sequence of str
+        ``n`` texts.
+    filters : sequence of int
+        Filter indices of the pooled layer.
+    n_steps : int
+    target : callable, optional
+        As for :func:`conductance.neuron_conductance` (None: each text's predicted class);
+        :func:`sentiment_score` explains the sentiment score.
+
     Returns
     -------
     scores : (len(filters), n, tokens) array; columns past a text's length are padding (exactly 0)
@@ -171,6 +192,13 @@ def token_conductance(model: SentimentCNN, texts: Sequence[str], filters: Sequen
 def filter_ngrams(model: SentimentCNN, texts: Sequence[str], batch_size: int = 256) -> list[list[str]]:
     """For each text and filter, the n-gram (window of tokens) the filter's max-pool picks.
 
+    Parameters
+    ----------
+    model : SentimentCNN
+    texts : sequence of str
+    batch_size : int
+        Texts per forward pass.
+
     Returns
     -------
     list (n,) of lists (n_filters,) of str; "" when the maximum is a window of pure padding
@@ -189,7 +217,17 @@ def filter_ngrams(model: SentimentCNN, texts: Sequence[str], batch_size: int = 2
 
 
 def negation_share(texts: Sequence[str]) -> float:
-    """Share of texts containing a negation word (NaN for no texts)."""
+    """Share of texts containing a negation word (NaN for no texts).
+
+    Parameters
+    ----------
+    texts : sequence of str
+
+    Returns
+    -------
+    float
+        In [0, 1], or NaN.
+    """
     return float(np.mean([has_negation(t) for t in texts])) if len(texts) else float("nan")
 
 
@@ -219,7 +257,16 @@ def _short(text: str, n: int = 110) -> str:
 
 
 def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int = 0) -> None:
-    """Add the text experiments to ``report`` (``weights`` is the image experiment's; ignored here)."""
+    """Add the text experiments to ``report`` (``weights`` is the image experiment's; ignored here).
+
+    Parameters
+    ----------
+    report : Report
+    quick : bool
+        Smaller settings (a test-sized run).
+    weights : str, optional
+    seed : int
+    """
     from .. import plots
     from ..datasets import load_rotten_tomatoes
 

