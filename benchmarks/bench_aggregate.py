@@ -174,7 +174,7 @@ def main() -> int:
     def one_at_a_time():
         return [cd.aggregate(model, loader, [layer], **common) for layer in LAYERS]
 
-    module = sys.modules["conductance.aggregate"]
+    module = sys.modules["conductance.aggregate.api"]   # where aggregate() looks _write_results up
     write_seconds: list[float] = []
 
     def timed_write(*a, **k):

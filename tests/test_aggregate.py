@@ -21,7 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import agg_entry
 import conductance as cd
-from conductance.aggregate import AggregateResult, _write_results, checkpoint_info
+from conductance.aggregate import AggregateResult, checkpoint_info, read_results, write_results
 from conductance.datasets import fashion_mnist_available, load_fashion_mnist, read_idx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -215,9 +215,26 @@ def test_save_load_roundtrip(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]        # no temporary left behind
     with pytest.raises(cd.ConductanceError, match="several measures"):
         both = cd.aggregate(agg_entry.model(), _batches()[:1], LAYERS, measure=["conductance", "gradient"], **FIXED)
-        _write_results(path, list(both.values()), {})
+        write_results(path, list(both.values()))
         AggregateResult.load(path)
     assert AggregateResult.load(path, measure="gradient").measure == "gradient"
+
+
+def test_public_write_and_read_results(tmp_path):
+    # the public pair the CLI uses: several measures in one file plus extra metadata, checksum checked
+    both = cd.aggregate(agg_entry.model(), _batches()[:2], LAYERS, measure=["conductance", "gradient"], **FIXED)
+    path = str(tmp_path / "two.npz")
+    write_results(path, list(both.values()), {"note": "two measures"})
+    back, meta = read_results(path)
+    assert sorted(back) == ["conductance", "gradient"] and meta["note"] == "two measures"
+    assert all(back[m].equals(both[m]) and back[m].n_examples == 16 for m in both)
+    with pytest.raises(cd.ConductanceError, match="saved result, not a checkpoint"):
+        checkpoint_info(path)
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(cd.ConductanceError, match="two.npz"):
+        read_results(path)
 
 
 def test_safetensors_roundtrip(tmp_path):

@@ -23,7 +23,7 @@ from torch import nn
 
 import agg_entry
 import conductance as cd
-from conductance.aggregate import AggregateResult, _write_results, checkpoint_info
+from conductance.aggregate import AggregateResult, checkpoint_info, read_results, write_results
 from models import Chain, Lambda
 
 LAYERS = ["0", "2"]
@@ -240,10 +240,10 @@ def test_one_process_on_a_checkpoint_written_by_two_is_refused(tmp_path):
     ck = str(tmp_path / "ck.npz")
     model = agg_entry.model()
     cd.aggregate(model, agg_entry.data(), LAYERS, checkpoint=ck, limit_batches=1, **FIXED)
-    results, meta = __import__("conductance.aggregate", fromlist=["_read_results"])._read_results(ck)
+    results, meta = read_results(ck)
     for rank in (0, 1):                         # what two processes leave: one file per rank
         info = dict(meta["checkpoint"], rank=rank, world_size=2)
-        _write_results(f"{ck}.rank{rank}", list(results.values()), {"checkpoint": info})
+        write_results(f"{ck}.rank{rank}", list(results.values()), {"checkpoint": info})
     os.unlink(ck)
     files = {p: Path(p).read_bytes() for p in (f"{ck}.rank0", f"{ck}.rank1")}
     with pytest.raises(cd.ConductanceError, match=r"written by 2 process\(es\).*this run has 1"):

@@ -241,7 +241,7 @@ def _check_data(data: Any, spec: str) -> None:
 def _aggregate(args: argparse.Namespace) -> int:
     import torch
 
-    from .aggregate import _write_results, aggregate, init_distributed
+    from .aggregate import aggregate, init_distributed, write_results
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -276,7 +276,7 @@ def _aggregate(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         if rank == 0:
             results = list(result.values()) if isinstance(result, dict) else [result]
-            _write_results(args.out, results, {})
+            write_results(args.out, results)
             usual_permissions(args.out)
             if args.checkpoint and os.path.exists(args.checkpoint):
                 usual_permissions(args.checkpoint)
@@ -359,7 +359,7 @@ def _show(args: argparse.Namespace) -> int:
     import io
     import json
 
-    from .aggregate import _read_results
+    from .aggregate import read_results
 
     fmt = args.format
     if args.out:
@@ -373,7 +373,7 @@ def _show(args: argparse.Namespace) -> int:
                                    "of them, or make them agree")
         fmt = by_ext[ext]
     fmt = fmt or "text"
-    results, _ = _read_results(args.file)
+    results, _ = read_results(args.file)
     if fmt == "text":
         text = _show_text(results, args)
     else:

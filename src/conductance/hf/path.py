@@ -1,0 +1,271 @@
+"""The path in word-embedding space: the wrapper module, the layer plan and probes, token ids and baselines."""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import ConductanceError
+from ..layers import _ELEMENT, INPUT_SUFFIX, LayerRef, _suggest
+from ..sites import intervene
+from .families import _module_names
+from .result import UNITS
+
+_MODEL = "model"
+
+
+_PROBES = "probes"
+
+
+# ----------------------------------------------------------------------------------------------
+# the embedding-space path
+# ----------------------------------------------------------------------------------------------
+
+class _EmbeddingPath(nn.Module):
+    """``forward(embeds, input_ids, *args, **kwargs)``: the user's model with its word embeddings replaced.
+
+    The replacement hook is registered for one forward and removed in ``finally``; it is put in
+    front of any other hook on the embedding module (``prepend=True``), so hooks that observe the
+    embedding module see the replaced value.
+    """
+
+    def __init__(self, model: nn.Module, embedding: nn.Module, embedding_name: str):
+        super().__init__()
+        self.model = model
+        self.probes = nn.ModuleDict()
+        # a plain attribute: the module is already registered under self.model
+        object.__setattr__(self, "_embedding", embedding)
+        self._embedding_name = embedding_name
+
+    def forward(self, embeds: torch.Tensor, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        def replace(output: Any) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor) or output.shape != embeds.shape:
+                got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise ConductanceError(
+                    f"the embedding module {self._embedding_name!r} returned {got} but the path holds embeddings "
+                    f"of shape {tuple(embeds.shape)}; pass embedding= the module mapping token ids (batch, tokens) "
+                    "to vectors (batch, tokens, hidden)")
+            # each layer keeps its own device: only the embeddings move, to where the model put them
+            return embeds.to(device=output.device, dtype=output.dtype)
+
+        site = LayerRef(self._embedding_name, self._embedding)
+        with intervene(self.model, {site: replace}, whole=True, prepend=True) as hooked:
+            output = self.model(input_ids, *args, **kwargs)
+        if not hooked.calls[site.name]:
+            raise ConductanceError(
+                f"the model never called its embedding module {self._embedding_name!r} (were inputs_embeds passed "
+                "in forward_kwargs?); pass token ids only, and embedding= the module that embeds them")
+        return output
+
+
+@dataclass
+class _Plan:
+    user_names: list[str]                 # as the user wrote them
+    engine_names: list[str]               # names inside the wrapper
+    units: dict[str, str]                 # user name -> unit
+    probes: list[tuple[str, nn.Module]]   # (probe key, module whose input it observes)
+
+
+def _plan_layers(model: nn.Module, layers: Any, units: Union[str, Mapping[str, str], None]) -> _Plan:
+    if isinstance(layers, Mapping):
+        spec = dict(layers)
+        if units is not None and not isinstance(units, Mapping):
+            spec = {k: units for k in spec}
+    else:
+        if isinstance(layers, (str, nn.Module)):
+            layers = [layers]
+        layers = list(layers)
+        if not layers:
+            raise ConductanceError("no layers given: pass names such as 'encoder.layer.0.intermediate' or "
+                                   "cd.hf.layers(model)")
+        modules_by_id = {id(m): n for n, m in model.named_modules()}
+        names = []
+        for item in layers:
+            if isinstance(item, nn.Module):
+                if id(item) not in modules_by_id:
+                    raise ConductanceError(f"the module {type(item).__name__} given as a layer is not part of the "
+                                           "model; pass a submodule of the model or its dotted name")
+                item = modules_by_id[id(item)]
+            if not isinstance(item, str):
+                raise TypeError(f"a layer must be a dotted name or a module, got {type(item).__name__}")
+            names.append(item)
+        if isinstance(units, Mapping):
+            missing = [n for n in names if n not in units]
+            if missing:
+                raise ConductanceError(f"units has no entry for layer(s) {missing}; give a unit for every layer")
+            spec = {n: units[n] for n in names}
+        else:
+            spec = {n: (units or "neuron") for n in names}
+    if len(spec) != len(set(spec)):
+        raise ConductanceError("a layer is listed twice")
+    modules = _module_names(model)
+    plan = _Plan([], [], {}, [])
+    for name, unit in spec.items():
+        if unit not in UNITS:
+            raise ConductanceError(f"unknown unit {unit!r} for layer {name!r}; choose from {UNITS}")
+        if name.endswith(INPUT_SUFFIX):
+            base = name[:-len(INPUT_SUFFIX)]
+            if base not in modules:
+                raise ConductanceError(f"the model has no module named {base!r} (in layer {name!r}). "
+                                       f"{_suggest(base, list(modules))}")
+            key = f"p{len(plan.probes)}"
+            plan.probes.append((key, modules[base]))
+            engine = f"{_PROBES}.{key}"
+        else:
+            match = _ELEMENT.match(name)
+            base = match.group("name") if match and match.group("name") in modules else name
+            if base not in modules:
+                raise ConductanceError(f"the model has no layer named {name!r}. {_suggest(base, list(modules))}")
+            engine = _MODEL if name == "" else f"{_MODEL}.{name}" if base else f"{_MODEL}{name}"
+        plan.user_names.append(name)
+        plan.engine_names.append(engine)
+        plan.units[name] = unit
+    return plan
+
+
+@contextlib.contextmanager
+def _probes_attached(wrapper: _EmbeddingPath, plan: _Plan) -> Iterator[None]:
+    """Route the first positional input of each probed module through an identity probe module."""
+    edits = {}
+    try:
+        for key, module in plan.probes:
+            probe = nn.Identity()
+            wrapper.probes[key] = probe
+
+            def route(args: tuple, kwargs: dict, probe: nn.Module = probe, mod: nn.Module = module) -> tuple:
+                if not args or not isinstance(args[0], torch.Tensor):
+                    raise ConductanceError(f"{type(mod).__name__} receives no tensor as its first positional "
+                                           "input; ':input' observes the first positional argument")
+                return (probe(args[0]),) + tuple(args[1:]), kwargs
+
+            edits[LayerRef(key, module, None, True)] = route
+        if edits:
+            with intervene(wrapper, edits, whole=True):
+                yield
+        else:
+            yield
+    finally:
+        for key, _ in plan.probes:
+            if key in wrapper.probes:
+                del wrapper.probes[key]
+
+
+def _check_ids(input_ids: Any) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a LongTensor (batch, tokens), got {type(input_ids).__name__}")
+    if input_ids.is_floating_point():
+        raise ConductanceError(
+            f"input_ids has dtype {input_ids.dtype}: cd.hf functions take token ids (an integer tensor "
+            "(batch, tokens)) and embed them with the model's own embedding module. If you already have "
+            "embeddings, call cd.layer_conductance on a model that takes embeddings")
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+        raise ConductanceError(f"input_ids must have shape (batch, tokens) with at least one example; got "
+                               f"{tuple(input_ids.shape)}")
+    return input_ids
+
+
+def _pad_id(model: nn.Module, pad_token_id: Optional[int]) -> tuple[Optional[int], str]:
+    """The pad token id and where it came from (``pad_token_id=``, then the config), or (None, why not)."""
+    if pad_token_id is not None:
+        if not isinstance(pad_token_id, numbers.Integral) or isinstance(pad_token_id, bool):
+            raise ConductanceError(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
+        return int(pad_token_id), "pad_token_id="
+    for module in model.modules():
+        value = getattr(getattr(module, "config", None), "pad_token_id", None)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value), "config.pad_token_id"
+    return None, "the config has no pad_token_id"
+
+
+def _eos_id(model: nn.Module) -> Optional[int]:
+    for module in model.modules():
+        value = getattr(getattr(module, "config", None), "eos_token_id", None)
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+def _token_embeddings(embedding: nn.Module, input_ids: torch.Tensor, token: int, what: str) -> torch.Tensor:
+    ids = torch.full_like(input_ids, token)
+    _check_vocabulary(ids, embedding, "word embedding", what)
+    with torch.no_grad():
+        return embedding(ids).detach()
+
+
+def _check_vocabulary(ids: torch.Tensor, embedding: nn.Module, name: str, what: str) -> None:
+    """Token ids must index rows of the embedding table; checked before the model runs."""
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        weight = getattr(embedding, "weight", None)
+        rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    if rows is None or ids.numel() == 0 or ids.device.type == "meta":
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= rows:
+        bad = ((ids < 0) | (ids >= rows)).nonzero()[:5].tolist()
+        raise ConductanceError(f"{what} hold ids outside the vocabulary: the embedding {name!r} has {rows} rows "
+                               f"(valid ids 0..{rows - 1}), got ids from {low} to {high} (at [example, token] "
+                               f"{bad}). Tokenize with this model's own tokenizer")
+
+
+def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor, baseline: Any,
+                         model: nn.Module, pad_token_id: Optional[int]) -> tuple[torch.Tensor, str]:
+    """The baseline embeddings (batch, tokens, hidden) and a description of the choice."""
+    if isinstance(baseline, str):
+        if baseline == "zeros":
+            return torch.zeros_like(embeds), "zeros"
+        if baseline in ("pad", "auto"):
+            pad, source = _pad_id(model, pad_token_id)
+            if pad is not None:
+                return (_token_embeddings(embedding, input_ids, pad, f"the pad token id ({source})"),
+                        f"pad token {pad} ({source})")
+            if baseline == "auto":
+                # Decoders usually have no pad token and pad with their eos token. The zero embedding comes
+                # last: in a model without position embeddings (Llama-style, rotary) it makes the first
+                # RMSNorm's input zero, a near-singular start where the integrand is a spike of width
+                # ~sqrt(eps) / |embedding| in alpha (measured: 1e6-fold completeness errors at 128 steps).
+                eos = _eos_id(model)
+                if eos is not None:
+                    return (_token_embeddings(embedding, input_ids, eos, "the eos token id (baseline='auto')"),
+                            f"eos token {eos} (config.eos_token_id; the config has no pad_token_id)")
+                return torch.zeros_like(embeds), "zeros (the config has no pad_token_id and no eos_token_id)"
+            raise ConductanceError(
+                "baseline='pad' needs the pad token id, and the model's config has none (decoders such as GPT-2 "
+                "and Llama usually have no pad token). Pass pad_token_id=..., a token id as the baseline "
+                "(baseline=tokenizer.unk_token_id or the mask token id: that token at every position), "
+                "baseline='zeros' (the zero embedding), or baseline='auto' (pad if known, else zeros)")
+        raise ConductanceError(f"unknown baseline {baseline!r}; use 'auto', 'pad', 'zeros', a token id (int), token "
+                               "ids (batch, tokens) or embeddings (batch, tokens, hidden)")
+    if isinstance(baseline, numbers.Integral) and not isinstance(baseline, bool):
+        return (_token_embeddings(embedding, input_ids, int(baseline), "the baseline token id"),
+                f"token {int(baseline)} at every position")
+    if isinstance(baseline, torch.Tensor):
+        if not baseline.is_floating_point():
+            ids = baseline.to(input_ids.device)
+            if ids.dim() == 1:
+                ids = ids.unsqueeze(0).expand_as(input_ids)
+            if ids.shape != input_ids.shape:
+                raise ConductanceError(f"baseline token ids of shape {tuple(baseline.shape)} do not match input_ids "
+                                       f"{tuple(input_ids.shape)}; give one baseline id per token")
+            _check_vocabulary(ids, embedding, "word embedding", "the baseline token ids")
+            with torch.no_grad():
+                return embedding(ids).detach(), "token ids given"
+        if baseline.dim() == 2 and baseline.shape == input_ids.shape and embeds.shape[-1] != input_ids.shape[-1]:
+            raise ConductanceError(
+                f"the baseline has the shape of input_ids {tuple(input_ids.shape)} but holds floats: token ids "
+                "must be an integer tensor; embeddings must be (batch, tokens, hidden) = "
+                f"{tuple(embeds.shape)}")
+        try:
+            out = torch.broadcast_to(baseline.to(embeds.device, embeds.dtype), embeds.shape)
+        except RuntimeError:
+            raise ConductanceError(f"baseline embeddings of shape {tuple(baseline.shape)} do not broadcast to the "
+                                   f"embeddings {tuple(embeds.shape)} (batch, tokens, hidden)") from None
+        return out.detach().contiguous(), "embeddings given"
+    raise TypeError(f"baseline must be 'auto', 'pad', 'zeros', a token id or a tensor, got {type(baseline).__name__}")

@@ -1,0 +1,175 @@
+"""Language-model targets (:func:`next_token`, :func:`continuation`) and binding a target to a batch."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import ConductanceError
+
+# ----------------------------------------------------------------------------------------------
+# language-model targets
+# ----------------------------------------------------------------------------------------------
+
+#: What a :func:`next_token` target explains.
+TOKEN_SCORES = ("logit", "logprob", "prob")
+
+
+@dataclass(frozen=True)
+class NextToken:
+    """Target: the score of each example's next token at a position (see :func:`next_token`)."""
+
+    kind: str
+    position: Any
+    token: Any
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """Target: the summed log-probability of each example's continuation (see :func:`continuation`)."""
+
+    length: Any
+
+
+def next_token(kind: str = "logprob", position: Union[int, torch.Tensor] = -1,
+               token: Union[None, int, torch.Tensor] = None) -> NextToken:
+    """A language-model target: each example's next token at a position, as logit, log-probability or probability.
+
+    The model's output (batch, tokens, vocab) at position ``p`` scores the token after ``p``.
+
+    Parameters
+    ----------
+    kind : {"logit", "logprob", "prob"}
+        The explained scalar: the raw logit, ``log_softmax`` over the vocabulary, or its ``exp``.
+    position : int or LongTensor (batch,)
+        Counted over each example's real tokens (``attention_mask`` 1, or all tokens without a
+        mask): -1 is each example's last real token, whatever the padding side; 0 its first.
+    token : None, int or LongTensor (batch,)
+        The token scored; None: each example's top prediction at the input.
+
+    Pass the returned object as ``target=`` to :func:`layer_conductance`; the strings "logit",
+    "logprob" and "prob" are short for ``next_token(kind)``.
+    """
+    if kind not in TOKEN_SCORES:
+        raise ConductanceError(f"next_token kind must be one of {TOKEN_SCORES}, got {kind!r}")
+    return NextToken(kind, position, token)
+
+
+def continuation(length: Union[int, torch.Tensor]) -> Continuation:
+    """A language-model target: the summed log-probability of a continuation, teacher-forced.
+
+    ``input_ids`` hold prompt + continuation; the last ``length`` real tokens of each example are
+    the continuation ``c_1..c_L`` and the explained scalar is ``sum_j log p(c_j | tokens before
+    c_j)``, read from one forward (teacher forcing). Every token's embedding, continuation
+    included, moves along the path.
+
+    Parameters
+    ----------
+    length : int or LongTensor (batch,), >= 1 and below each example's number of real tokens
+    """
+    return Continuation(length)
+
+
+def _per_example(value: Any, batch: int, name: str, device: torch.device) -> torch.Tensor:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return torch.full((batch,), int(value), dtype=torch.long, device=device)
+    if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool:
+        t = value.to(device=device, dtype=torch.long).flatten()
+        if t.numel() == 1:
+            return t.expand(batch).clone()
+        if t.shape == (batch,):
+            return t
+    raise ConductanceError(f"{name} must be an int or a LongTensor of shape ({batch},), got "
+                           f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+
+
+def _real_positions(input_ids: torch.Tensor, mask: Any) -> list[torch.Tensor]:
+    if isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape:
+        return [row.nonzero().flatten().to(input_ids.device) for row in mask.bool()]
+    return [torch.arange(input_ids.shape[1], device=input_ids.device)] * input_ids.shape[0]
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """Scores in at least float32 (bf16 / fp16 models), float64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, extra: tuple,
+                 forward_kwargs: Optional[dict]) -> tuple[Any, str]:
+    """Turn a language-model target into what the engine takes (index tuples or a callable(output, examples))."""
+    if isinstance(target, str):
+        if target not in TOKEN_SCORES:
+            raise ConductanceError(f"unknown target {target!r}: the named targets are {TOKEN_SCORES} (the next "
+                                   "token after each example's last real token), cd.hf.next_token(...) and "
+                                   "cd.hf.continuation(...)")
+        target = NextToken(target, -1, None)
+    if not isinstance(target, (NextToken, Continuation)):
+        return target, ""
+    from ..engine import logits_of
+
+    B = input_ids.shape[0]
+    device = input_ids.device
+    real = _real_positions(input_ids, (forward_kwargs or {}).get("attention_mask"))
+    if isinstance(target, Continuation):
+        lengths = _per_example(target.length, B, "continuation length", device)
+        L = int(lengths.max())
+        pred = torch.zeros(B, L, dtype=torch.long, device=device)
+        toks = torch.zeros(B, L, dtype=torch.long, device=device)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=device)
+        for b in range(B):
+            n = int(lengths[b])
+            if not 1 <= n < len(real[b]):
+                raise ConductanceError(f"continuation length {n} of example {b} must be >= 1 and below its "
+                                       f"{len(real[b])} real tokens (a prompt token must precede it)")
+            where = real[b][-n:]
+            pred[b, :n], toks[b, :n], valid[b, :n] = real[b][-n - 1:-1], input_ids[b, where], True
+
+        def summed_logprob(output: Any, examples: torch.Tensor) -> torch.Tensor:
+            logits = logits_of(output)
+            e = examples.to(logits.device)
+            rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
+            lp = torch.log_softmax(_float(logits[rows, pred.to(logits.device)[e]]), -1)
+            picked = lp.gather(2, toks.to(logits.device)[e].unsqueeze(2)).squeeze(2)
+            return (picked * valid.to(logits.device)[e]).sum(1)
+
+        shown = lengths.tolist()
+        return summed_logprob, (f"summed log-probability of the last {shown if B > 1 else shown[0]} tokens "
+                                "(teacher-forced continuation)")
+    position = _per_example(target.position, B, "position", device)
+    pos = torch.empty(B, dtype=torch.long, device=device)
+    for b in range(B):
+        p, n = int(position[b]), len(real[b])
+        if not -n <= p < n:
+            raise ConductanceError(f"position {p} of example {b} is out of range: it has {n} real tokens "
+                                   "(positions count over the tokens with attention_mask 1)")
+        pos[b] = real[b][p]
+    if target.token is None:
+        with torch.no_grad():
+            logits = logits_of(model(input_ids, *extra, **(forward_kwargs or {})))
+        if logits.dim() != 3:
+            raise ConductanceError(f"a next-token target needs a language model output (batch, tokens, vocab); "
+                                   f"the model returns {tuple(logits.shape)}")
+        token = logits[torch.arange(B, device=logits.device), pos.to(logits.device)].argmax(-1).to(device)
+        which = "top predicted token"
+    else:
+        token = _per_example(target.token, B, "token", device)
+        which = "token " + (str(token.tolist()) if B > 1 else str(int(token[0])))
+    label = {"logit": "logit", "logprob": "log-probability", "prob": "probability"}[target.kind]
+    shown = pos.tolist()
+    description = f"{label} of the {which} after position {shown if B > 1 else shown[0]}"
+    if target.kind == "logit":
+        return torch.stack([pos, token], 1), description
+
+    def score(output: Any, examples: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(output)
+        e = examples.to(logits.device)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        lp = torch.log_softmax(_float(logits[rows, pos.to(logits.device)[e]]), -1)
+        value = lp.gather(1, token.to(logits.device)[e].unsqueeze(1)).squeeze(1)
+        return value.exp() if target.kind == "prob" else value
+
+    return score, description
