@@ -1025,7 +1025,7 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         b = e1 - e0
         block_ex = torch.arange(e0, e1, device=device)
         last: Optional[PointBatch] = None          # the previous position (b points)
-        previous: dict[str, Optional[PointBatch]] = {kind: None for kind in kinds}
+        previous: dict[str, Optional[PointBatch]] = dict.fromkeys(kinds)
         first: Optional[PointBatch] = None
         for k0 in range(0, n, per_chunk):
             k1 = min(n, k0 + per_chunk)
