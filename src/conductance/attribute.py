@@ -37,7 +37,7 @@ def run_path(problem: PathProblem, measures: Sequence[str], request: Request, ou
     is_cut = engine.check_cuts(problem)
     B = problem.batch_size
     # the adaptive rule's points are not known ahead: its bar counts up to the budget
-    total = B * (request.max_steps if method == "adaptive" else fixed_grid(method, request.fixed_steps).n_points)
+    total = B * (request.max_steps if method == "adaptive" else request.fixed_steps + 1)   # a fixed grid's points
     names = ", ".join(r.name for r in problem.refs)
     with Progress(request.progress, total, f"{'+'.join(measures)} of {names}", "points") as bar:
         problem.progress = bar
