@@ -93,7 +93,8 @@ def test_streaming_equals_one_big_batch_and_the_literal_statistics():
     assert streamed.mean_output_diff() == pytest.approx(float(ref.output_diff.double().mean()), rel=1e-4)
     top = streamed.top(2, "2", group=1)
     best = np.argsort(-streamed.mean("2", 1))[:2]
-    assert [t.unit for t in top] == list(best) and top[0].count == streamed.count(1)
+    assert [t.unit for t in top] == list(best) and top[0].n_examples == streamed.count(1)
+    assert top[0].count == top[0].n_examples  # the field's old name still reads it
 
 
 def test_dataloader_and_plain_iterable_give_identical_results():

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -149,11 +150,13 @@ class AblationCurve(ResultProtocol):
 
     @property
     def random_auc_logit(self) -> Optional[float]:
-        return None if self.random_logit is None else float(_trapezoid(self.ks, self.random_mean_logit))
+        mean = self.random_mean_logit
+        return None if mean is None else float(_trapezoid(self.ks, mean))
 
     @property
     def random_auc_agreement(self) -> Optional[float]:
-        return None if self.random_agreement is None else float(_trapezoid(self.ks, self.random_mean_agreement))
+        mean = self.random_mean_agreement
+        return None if mean is None else float(_trapezoid(self.ks, mean))
 
     @property
     def random_auc_logit_per_seed(self) -> Optional[np.ndarray]:
@@ -254,12 +257,13 @@ def _curve(kind: str, model, inputs, layer, ranking, *, ks, mode, values, units,
         logit = scores.gather(-1, tgt.view(1, B, 1, 1).expand(R, B, K, 1)).squeeze(-1)
         unabl = base_scores.gather(1, tgt.view(B, 1)).squeeze(1)
         target_arr = tgt.cpu().numpy()
-    logit = logit.double().cpu().numpy()
-    agree = agree.cpu().numpy()
+    logit_arr = logit.double().cpu().numpy()
+    agree_arr = agree.cpu().numpy()
     return AblationCurve(kind=kind, layer=s.ref.name, mode=mode, units=units, n_units=s.n_units,
-                         ks=np.asarray(ks_list), logit=logit[0], agreement=agree[0],
+                         ks=np.asarray(ks_list), logit=logit_arr[0], agreement=agree_arr[0],
                          unablated_logit=unabl.detach().double().cpu().numpy(), target=target_arr,
-                         random_logit=logit[1:] if seeds else None, random_agreement=agree[1:] if seeds else None,
+                         random_logit=logit_arr[1:] if seeds else None,
+                         random_agreement=agree_arr[1:] if seeds else None,
                          seeds=seeds).bind(model)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -100,9 +101,20 @@ class _Session:
     go through and give the same scores as the plain run (else plain is used).
     """
 
+    # declared here: __init__'s inferred types reach the methods (and flips / curves / summary) too late
+    batch_size: int
+    expand_note: str
+    output: Any
+    labels: torch.Tensor
+    layer_shape: tuple[int, ...]
+    unit_shape: tuple[int, ...]
+    n_units: int
+    n_forwards: int
+    rows_evaluated: int
+
     def __init__(self, model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, *, mode: str, values: Any,
                  units: str, baselines: Any, additional_forward_args: Any, forward_kwargs: Optional[dict],
-                 batch_size: Optional[int], expand_at_layer: Optional[bool]):
+                 batch_size: Optional[int], expand_at_layer: Optional[bool]) -> None:
         _check_unit_type(units, "units")
         _check_mode(mode, values)
         self.ref = _one_layer(model, layer)
@@ -159,9 +171,9 @@ class _Session:
             k = k.item()
         if not isinstance(k, numbers.Integral) or isinstance(k, bool):
             raise ConductanceError(f"{what} must be an integer, got {k!r}")
-        if k < 0:
+        if int(k) < 0:
             raise ConductanceError(f"{what}={k} is negative; give a number of units between 0 and {limit}")
-        if k > limit:
+        if int(k) > limit:
             if limit < self.n_units:
                 raise ConductanceError(f"{what}={k} is larger than the ranking's {limit} units; rank more units "
                                        f"or lower {what} to at most {limit}")
@@ -271,7 +283,7 @@ class _Session:
             rows_k = torch.arange(k0, k0 + w, device=self.device).repeat(active.numel())
 
             def mask_fn(chunk: slice) -> torch.Tensor:
-                return pos[rows_ex[chunk]] < rows_k[chunk, None]
+                return pos[rows_ex[chunk]] < rows_k[chunk, None]  # noqa: B023 (called in this iteration)
 
             labels = self.run(rows_ex, mask_fn).argmax(1)
             changed = (labels != self.labels[rows_ex]).view(active.numel(), w)
@@ -286,7 +298,7 @@ class _Session:
     def at_k(self, pos_list: Sequence[torch.Tensor], ks: Sequence[int], keep: bool) -> torch.Tensor:
         """Scores for every (ranking, example, k): (R, B, n_k, classes). Rows run ordered by example."""
         R, B, K = len(pos_list), self.batch, len(ks)
-        pos_all = torch.stack(pos_list)  # (R, B, n)
+        pos_all = torch.stack(list(pos_list))  # (R, B, n)
         grid = torch.arange(B * R * K, device=self.device)
         rows_ex = grid // (R * K)
         rows_r = (grid // K) % R

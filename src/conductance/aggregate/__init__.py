@@ -22,6 +22,7 @@ from .api import _Progress, aggregate  # noqa: F401  (_Progress: used by the tes
 from .checkpoint import checkpoint_info
 from .data import split_batch
 from .distributed import DEFAULT_TIMEOUT_MINUTES, init_distributed
+
 # the private names stay importable from here for the tests and the benchmark that use them
 from .files import _read_results, _write_results, read_results, write_results  # noqa: F401
 from .result import ALL, BY, CHECKSUM, FORMAT, IMPORTANCE_KWARGS, AggregateResult, TopUnit

@@ -10,7 +10,8 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -307,11 +308,11 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
                                "to resume; or give another checkpoint path (the file was left unchanged)")
                 if active and not presharded and problem is None:
                     prints = _gather((fingerprint["first_batch"], fingerprint["model"]))
-                    if len(set(p[0] for p in prints)) > 1:
+                    if len({p[0] for p in prints}) > 1:
                         problem = ("the first batch differs between ranks: every rank must iterate the same data "
                                    "in the same order (seed any shuffling identically, e.g. a torch.Generator "
                                    "with a fixed seed)")
-                    elif len(set(p[1] for p in prints)) > 1:
+                    elif len({p[1] for p in prints}) > 1:
                         problem = "the model's weights differ between ranks: load the same weights on every rank"
                 _raise_collectively(problem, active)
                 if exhausted or position >= stop:
@@ -384,7 +385,7 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
             next_position, exhausted = int(stop), False
         if computed or next_position != position or exhausted != bool(saved.get("exhausted", False)):
             write_checkpoint(next_position, exhausted)
-    for key, (message, count) in caught_warnings.items():
+    for message, count in caught_warnings.values():
         warn(message if count == 1 else f"{message} [and similar warnings in {count - 1} more batches]")
 
     # ---- combine ranks ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numbers
 import os
 import tempfile
 import types
-from typing import Any, Optional
+from typing import Any, Optional, SupportsFloat, cast
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ def _describe(value: Any) -> Any:
         _hash_tensor(h, value)
         return f"tensor{tuple(value.shape)}:{h.hexdigest()}"
     if isinstance(value, numbers.Number):
-        return float(value)
+        return float(cast(SupportsFloat, value))  # numpy scalars, Fraction; a complex raises TypeError, as always
     from ..engine import Shared
     if isinstance(value, Shared):
         return {"shared": _describe(value.value)}
@@ -148,7 +148,7 @@ def _hash_callable(h: Any, fn: Any, depth: int) -> None:
         h.update(f"module:{type(fn).__qualname__}:{_model_hash(fn)}".encode())
     else:
         h.update(f"object:{type(fn).__module__}.{type(fn).__qualname__}".encode())
-        call = getattr(type(fn), "__call__", None)
+        call = getattr(type(fn), "__call__", None)  # noqa: B004 (the method itself is hashed, not a callable test)
         if isinstance(call, types.FunctionType):
             _hash_code(h, call.__code__)
         state = getattr(fn, "__dict__", None)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def init_distributed(backend: Optional[str] = None, timeout: float = DEFAULT_TIM
 
 
 def _check_timeout(timeout: Any) -> None:
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < float(timeout) < math.inf:
         raise ConductanceError(f"timeout must be a positive number of minutes (default {DEFAULT_TIMEOUT_MINUTES:g}), "
                                f"got {timeout!r}")
 
@@ -118,7 +119,9 @@ def _all_reduce(results: list[AggregateResult]) -> None:
     _collective(dist.all_reduce, size, op=dist.ReduceOp.MAX)
     for r in results:
         r._pad(int(size.item()))
-    floats, ints, maxes = [], [], []
+    floats: list[np.ndarray] = []
+    ints: list[np.ndarray] = []
+    maxes: list[np.ndarray] = []
     local = [(r.counts.copy(), {layer: r.stats[layer]["sum"].copy() for layer in r.layers}) for r in results]
     for r in results:
         for k, v in r._arrays().items():
@@ -154,8 +157,8 @@ def _reduce_arrays(floats: list, ints: list, maxes: list, device: torch.device) 
         flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(
             np.float64 if dtype == torch.float64 else np.int64)).to(device)
         _collective(dist.all_reduce, flat, op=op)
-        flat = flat.cpu().numpy()
+        reduced = flat.cpu().numpy()
         offset = 0
         for a in arrays:
-            a[...] = flat[offset: offset + a.size].reshape(a.shape)
+            a[...] = reduced[offset: offset + a.size].reshape(a.shape)
             offset += a.size

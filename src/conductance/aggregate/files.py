@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def _read_results(path: str) -> tuple[dict[str, AggregateResult], dict]:
     results = {}
     try:
         for i, m in enumerate(meta["results"]):
-            get = lambda k: arrays[f"{i}.{k}"]  # noqa: E731
+            get = lambda k: arrays[f"{i}.{k}"]  # noqa: E731, B023 (called in this iteration)
             stats = {layer: {s: get(f"{j}.{s}") for s in _UNIT_STATS} for j, layer in enumerate(m["layers"])}
             errors = {layer: {s: get(f"{j}.{s}") for s in _GROUP_STATS} for j, layer in enumerate(m["layers"])}
             r = AggregateResult(counts=get("counts"), output_diff_sum=get("output_diff_sum"),

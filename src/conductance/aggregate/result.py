@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import numbers
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -44,7 +45,11 @@ ALL = "all"
 
 
 class TopUnit(NamedTuple):
-    """One row of :meth:`AggregateResult.top`."""
+    """One row of :meth:`AggregateResult.top`.
+
+    ``n_examples`` was called ``count`` before; ``row.count`` still reads it (a field of that name
+    hid the tuple's ``count`` method, which the alias still does).
+    """
 
     layer: str
     unit: int              #: flat index into the layer's unit shape (``np.unravel_index`` for a tuple)
@@ -52,7 +57,12 @@ class TopUnit(NamedTuple):
     std: float
     positive: float        #: share of examples with a value above ``near_zero``
     negative: float        #: share below ``-near_zero``
-    count: int
+    n_examples: int        #: examples in the group
+
+    @property
+    def count(self) -> int:  # type: ignore[override]  # the old field name, kept readable; hides tuple.count
+        """The old name of :attr:`n_examples`."""
+        return self.n_examples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +146,7 @@ class AggregateResult(ResultProtocol):
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def empty(cls, n_groups: int, unit_shapes: dict[str, tuple], **meta: Any) -> "AggregateResult":
+    def empty(cls, n_groups: int, unit_shapes: dict[str, tuple], **meta: Any) -> AggregateResult:
         stats = {layer: {s: np.zeros((n_groups, int(np.prod(shape, dtype=np.int64))),
                                      dtype=np.int64 if s in _INT_STATS else np.float64) for s in _UNIT_STATS}
                  for layer, shape in unit_shapes.items()}
@@ -201,7 +211,7 @@ class AggregateResult(ResultProtocol):
             return slice(None)
         if not isinstance(group, numbers.Integral) or isinstance(group, bool):
             raise ConductanceError(f"group must be a class index, 'all' or None (all examples), got {group!r}")
-        if not 0 <= group < self.n_groups or self.counts[group] == 0:
+        if not 0 <= int(group) < self.n_groups or self.counts[int(group)] == 0:
             raise ConductanceError(f"no examples in group {group!r}; groups with examples: {self.groups}")
         return int(group)
 
@@ -281,7 +291,7 @@ class AggregateResult(ResultProtocol):
             raise ConductanceError(f"layer must be a layer name or module, got {layer!r}: top(k, layer, group=...) "
                                    "takes the layer second; pass a class as group= (the older top(k, group, "
                                    "layer) order is gone)")
-        out = []
+        out: list[TopUnit] = []
         for name in ([self._layer(layer)] if layer is not None else self.layers):
             mean = self.mean(name, group).ravel()
             std = self.std(name, group).ravel()
@@ -385,7 +395,7 @@ class AggregateResult(ResultProtocol):
         return f"AggregateResult({self.summary()})"
 
     # ---- combining ----------------------------------------------------------------------------
-    def _compatible(self, other: "AggregateResult") -> None:
+    def _compatible(self, other: AggregateResult) -> None:
         if not isinstance(other, AggregateResult):
             raise TypeError(f"can only merge an AggregateResult, got {type(other).__name__}")
         mine, theirs = self._meta(), other._meta()
@@ -395,7 +405,7 @@ class AggregateResult(ResultProtocol):
         if diff:
             raise ConductanceError("cannot merge results computed differently: " + "; ".join(diff))
 
-    def merge(self, other: "AggregateResult") -> "AggregateResult":
+    def merge(self, other: AggregateResult) -> AggregateResult:
         """The statistics of both results' examples together (a new result; counts exact)."""
         self._compatible(other)
         out = AggregateResult.empty(max(self.n_groups, other.n_groups), self.unit_shapes,
@@ -420,7 +430,7 @@ class AggregateResult(ResultProtocol):
                         out.errors[layer][k][:n] += v
         return out
 
-    def equals(self, other: "AggregateResult", rtol: float = 0.0, atol: float = 0.0) -> bool:
+    def equals(self, other: AggregateResult, rtol: float = 0.0, atol: float = 0.0) -> bool:
         """Same settings, identical counts, and float statistics equal within ``rtol`` / ``atol``."""
         try:
             self._compatible(other)
@@ -446,7 +456,7 @@ class AggregateResult(ResultProtocol):
         _write_results(path, [self], {})
 
     @classmethod
-    def load(cls, path: str, measure: Optional[str] = None) -> "AggregateResult":
+    def load(cls, path: str, measure: Optional[str] = None) -> AggregateResult:
         """Read a file written by :meth:`save`, by the CLI, or a checkpoint of :func:`aggregate`."""
         from .files import _read_results
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import ConductanceError
 from ..layers import LayerRef, _suggest
-from ..sites import intervene
+from ..sites import Edit, Site, intervene
 from .families import _bert_blocks, _in_features, _module_names, family, num_heads_of
 
 # ----------------------------------------------------------------------------------------------
@@ -19,10 +20,7 @@ from .families import _bert_blocks, _in_features, _module_names, family, num_hea
 # ----------------------------------------------------------------------------------------------
 
 def _pairs(units: Any, what: str) -> dict[int, list[int]]:
-    if isinstance(units, Mapping):
-        pairs = [(b, u) for b, us in units.items() for u in us]
-    else:
-        pairs = list(units)
+    pairs = [(b, u) for b, us in units.items() for u in us] if isinstance(units, Mapping) else list(units)
     by_block: dict[int, list[int]] = {}
     for pair in pairs:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2
@@ -40,7 +38,7 @@ def _ablate_slices(model: nn.Module, projections: dict[int, str], by_block: dict
 
     The input's last dimension holds ``n`` equal slices (heads; or n = its size for neurons)."""
     modules = _module_names(model)
-    edits = {}
+    edits: dict[Site, Edit] = {}
     for b, idx in by_block.items():
         if b not in projections:
             raise ConductanceError(f"block {b} out of range: the model has blocks {sorted(projections)}")
@@ -193,7 +191,8 @@ def head_inputs(model: nn.Module, input_ids: torch.Tensor, *, module: Optional[s
         return observe
 
     # each projection's first positional input
-    edits = {LayerRef(name, modules[name], None, True): observer(i) for i, name in projections.items()}
+    edits: dict[Site, Edit] = {LayerRef(name, modules[name], None, True): observer(i)
+                               for i, name in projections.items()}
     with (intervene(model, edits) if edits else contextlib.nullcontext()), torch.no_grad():
         model(input_ids, **(forward_kwargs or {}))
     return found

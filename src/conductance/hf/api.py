@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import nn
 
 from ..errors import ConductanceError, ConductanceWarning, warn
+from ..result import LayerResult
 from .families import LayersArg, embedding_module, num_heads_of
 from .path import (
     _MODEL,
@@ -25,7 +27,7 @@ from .result import TransformerResult
 from .targets import _bind_target
 
 
-def _renamed(exc: Exception, plan: "_Plan") -> str:
+def _renamed(exc: Exception, plan: _Plan) -> str:
     """An engine message with the wrapper's internal layer names replaced by the user's."""
     message = str(exc)
     pairs = sorted(zip(plan.engine_names, plan.user_names), key=lambda p: -len(p[0]))
@@ -73,9 +75,9 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         or the model's ``config.pad_token_id``; an error when neither exists); "auto" (default):
         the pad token when one is known, else the eos token (``config.eos_token_id``: decoders
         such as GPT-2 and Llama have no pad token and pad with eos), else "zeros"; "zeros": the
-        zero vector (singular for Llama-style models: see docs/transformers.md); an int: that token at every position (e.g. the
-        tokenizer's mask or unk id); token ids are embedded by the model's embedding module (e.g.
-        keep [CLS]/[SEP] and pad the rest); a float tensor broadcastable to (batch, tokens,
+        zero vector (singular for Llama-style models: see docs/transformers.md); an int: that token at
+        every position (e.g. the tokenizer's mask or unk id); token ids are embedded by the model's
+        embedding module (e.g. keep [CLS]/[SEP] and pad the rest); a float tensor broadcastable to (batch, tokens,
         hidden) is used as is. ``result.baseline`` says which was used.
     forward_kwargs : dict, optional
         Passed to the model unchanged at every path point (tensors whose first dimension is the
@@ -133,12 +135,13 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
     with _probes_attached(wrapper, plan), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            results = _layer_importance(wrapper, embeds, plan.engine_names, measure=names, baselines=base,
-                                        target=target, additional_forward_args=(input_ids,) + tuple(extra),
-                                        forward_kwargs=forward_kwargs, n_steps=n_steps, method=method,
-                                        tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
-                                        units="neuron", internal_batch_size=internal_batch_size,
-                                        memory_budget=memory_budget, channels_last=channels_last)
+            found = _layer_importance(wrapper, embeds, plan.engine_names, measure=names, baselines=base,
+                                      target=target, additional_forward_args=(input_ids,) + tuple(extra),
+                                      forward_kwargs=forward_kwargs, n_steps=n_steps, method=method,
+                                      tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
+                                      units="neuron", internal_batch_size=internal_batch_size,
+                                      memory_budget=memory_budget, channels_last=channels_last)
+            results = cast(dict[str, LayerResult], found)  # a list of measures gives a dict of results
         except ConductanceError as exc:
             # say the layers as the user wrote them, not as the wrapper names them
             raise ConductanceError(_renamed(exc, plan)) from exc
@@ -188,4 +191,5 @@ def layer_conductance(model: nn.Module, input_ids: torch.Tensor, layers: LayersA
     """
     if "measure" in kwargs:
         raise TypeError("layer_conductance computes conductance; use cd.hf.layer_importance(measure=...)")
-    return layer_importance(model, input_ids, layers, measure="conductance", **kwargs)
+    # one measure (a string) gives one result
+    return cast(TransformerResult, layer_importance(model, input_ids, layers, measure="conductance", **kwargs))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numbers
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Union, cast
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ def _module_names(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules())
 
 
-def embedding_module(model: nn.Module, embedding: Union[str, nn.Module, None] = None) -> tuple[str, nn.Embedding]:
+def embedding_module(model: nn.Module, embedding: Union[str, nn.Module, None] = None) -> tuple[str, nn.Module]:
     """The word-embedding module of ``model`` and its dotted name.
 
     Parameters
@@ -81,7 +82,7 @@ def num_heads_of(model: nn.Module) -> Optional[int]:
         config = getattr(module, "config", None)
         for attr in ("num_attention_heads", "n_head", "num_heads"):
             value = getattr(config, attr, None) if config is not None else None
-            if isinstance(value, numbers.Integral) and value > 0:
+            if isinstance(value, numbers.Integral) and int(value) > 0:
                 return int(value)
     return None
 
@@ -96,7 +97,7 @@ def _bert_blocks(model: nn.Module) -> list[str]:
             "bert_layers() recognises BERT-style encoders (BERT, RoBERTa, MiniLM, ELECTRA: blocks at "
             f"'...encoder.layer.<i>'); this model has {len(lists) or 'no'} such block list. Name the layers "
             "yourself, e.g. {'transformer.h.0.attn.c_proj:input': 'head'}")
-    return [f"{lists[0]}.{i}" for i in range(len(modules[lists[0]]))]
+    return [f"{lists[0]}.{i}" for i in range(len(cast(nn.ModuleList, modules[lists[0]])))]
 
 
 def bert_layers(model: nn.Module, *kinds: str) -> dict[str, str]:
@@ -288,12 +289,13 @@ def family(model: nn.Module) -> Family:
     if len(sizes) != 1 or None in sizes or len(neurons) != 1 or None in neurons:
         raise _unknown_family(model, f"the projections {attn!r} / {mlp!r} have input sizes {sorted(map(str, sizes))}"
                               f" / {sorted(map(str, neurons))} across blocks, or no readable input size")
-    size = sizes.pop()
+    size, n_neurons = sizes.pop(), neurons.pop()
+    assert size is not None and n_neurons is not None  # None in either set raised above
     if size % heads:
         raise _unknown_family(model, f"{heads} heads do not divide the attention projection's input size {size}")
     emb_name, _ = embedding_module(model)
     return Family(_model_type(model), [f"{name}.{i}" for i in range(len(blocks))], attn_names, mlp_names, heads,
-                  size // heads, neurons.pop(), emb_name)
+                  size // heads, n_neurons, emb_name)
 
 
 def layers(model: nn.Module, kind: Union[str, Sequence[str]] = ("block", "attention", "mlp")) -> dict[str, str]:
@@ -323,7 +325,7 @@ def layers(model: nn.Module, kind: Union[str, Sequence[str]] = ("block", "attent
     out: dict[str, str] = {}
     for k in kinds:
         if k == "block":
-            out.update({b: "layer" for b in fam.blocks})
+            out.update(dict.fromkeys(fam.blocks, "layer"))
         elif k == "attention":
             out.update({a + INPUT_SUFFIX: "head" for a in fam.attention})
         elif k == "mlp":

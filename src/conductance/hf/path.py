@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import ConductanceError
 from ..layers import _ELEMENT, INPUT_SUFFIX, LayerRef, _suggest
-from ..sites import intervene
+from ..sites import Edit, Site, intervene
 from .families import _module_names
 from .result import UNITS
 
@@ -33,6 +34,8 @@ class _EmbeddingPath(nn.Module):
     front of any other hook on the embedding module (``prepend=True``), so hooks that observe the
     embedding module see the replaced value.
     """
+
+    _embedding: nn.Module  # set with object.__setattr__ (not a submodule: the model holds it)
 
     def __init__(self, model: nn.Module, embedding: nn.Module, embedding_name: str):
         super().__init__()
@@ -75,7 +78,7 @@ def _plan_layers(model: nn.Module, layers: Any, units: Union[str, Mapping[str, s
     if isinstance(layers, Mapping):
         spec = dict(layers)
         if units is not None and not isinstance(units, Mapping):
-            spec = {k: units for k in spec}
+            spec = dict.fromkeys(spec, units)
     else:
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
@@ -100,7 +103,7 @@ def _plan_layers(model: nn.Module, layers: Any, units: Union[str, Mapping[str, s
                 raise ConductanceError(f"units has no entry for layer(s) {missing}; give a unit for every layer")
             spec = {n: units[n] for n in names}
         else:
-            spec = {n: (units or "neuron") for n in names}
+            spec = dict.fromkeys(names, units or "neuron")
     if len(spec) != len(set(spec)):
         raise ConductanceError("a layer is listed twice")
     modules = _module_names(model)
@@ -131,7 +134,7 @@ def _plan_layers(model: nn.Module, layers: Any, units: Union[str, Mapping[str, s
 @contextlib.contextmanager
 def _probes_attached(wrapper: _EmbeddingPath, plan: _Plan) -> Iterator[None]:
     """Route the first positional input of each probed module through an identity probe module."""
-    edits = {}
+    edits: dict[Site, Edit] = {}
     try:
         for key, module in plan.probes:
             probe = nn.Identity()

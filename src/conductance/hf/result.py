@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -298,9 +299,10 @@ class TransformerResult(ResultProtocol):
                  + (f" n_steps={self.raw.n_steps}" if self.raw.n_steps else "")
                  + f", points per example {self.raw.n_points.tolist()}"]
         unit_errors = self.unit_error if self.coarse else {}
-        for n, cut, mean, worst in self.completeness():
+        for n, cut, _mean, worst in self.completeness():
             lines.append(f"  {n} [{self.units[n]}] shape {tuple(self[n].shape)}"
-                         + (f", max per-unit error {100 * float(unit_errors[n].max()):.2f}%" if n in unit_errors else "")
+                         + (f", max per-unit error {100 * float(unit_errors[n].max()):.2f}%"
+                            if n in unit_errors else "")
                          + (f", cut, relative completeness error max {100 * worst:.2f}%" if cut else ", not a cut"))
         return "\n".join(lines)
 
