@@ -31,8 +31,30 @@ def run_path(problem: PathProblem, measures: Sequence[str], request: Request, ou
              refine_on_input: bool = False) -> tuple[engine.Integral, dict[str, bool], torch.Tensor]:
     """Run the path once for all measures; returns the integral, the cut map and F(x) - F(x').
 
-    ``refine_on_input``: the adaptive rule also refines until the input's integrated gradients
-    meet the tolerance (neuron conductance integrates on the input side)."""
+    Parameters
+    ----------
+    problem : PathProblem
+        The model, inputs and baselines (batch, *input_shape) and the layers to observe.
+    measures : sequence of str
+        Names in :data:`conductance.measures.PATH_MEASURES`, integrated from the same points.
+    request : Request
+        The checked settings (rule, steps, tolerance, units, memory budget, progress).
+    output_at_inputs : Any
+        The model's output at the inputs, from the caller's target check (not read by the path
+        itself at present).
+    refine_on_input : bool
+        The adaptive rule also refines until the input's integrated gradients meet the tolerance
+        (neuron conductance integrates on the input side).
+
+    Returns
+    -------
+    integral : engine.Integral
+        ``values[measure][layer]``, each (batch, *unit_shape), and the per-unit error estimates.
+    is_cut : dict str -> bool
+        Whether each layer is a cut (every path from input to output crosses it).
+    output_diff : Tensor, shape (batch,)
+        F(x) - F(x') of each example.
+    """
     method = request.method
     is_cut = engine.check_cuts(problem)
     B = problem.batch_size

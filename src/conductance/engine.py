@@ -957,6 +957,23 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
     of a pair, which is common in ReLU networks).
     A grid without end points also returns its first and last positions (``Integral.ends``) for
     the missing end pieces; the caller adds them to the levels and calls ``settle()`` again.
+
+    Parameters
+    ----------
+    problem : PathProblem
+        Model, inputs and baselines (batch, *input_shape), layers, chunk size.
+    grid : Grid
+        The positions (n_points,) in [0, 1] and how intervals combine (trapezoid or left sum).
+    measures : dict str -> IntervalMeasure
+        Each measure's contribution of one interval, by name.
+    units : str
+        The unit kind the layer values are reduced to (``"neuron"``, ``"channel"``, ...).
+
+    Returns
+    -------
+    Integral
+        ``values[measure][layer]`` (batch, *unit_shape), their comparison sums, ``F_start`` and
+        ``F_end`` (batch,), and ``n_points`` (batch,).
     """
     B = problem.batch_size
     n = grid.n_points
@@ -1140,6 +1157,11 @@ def unit_error(values: torch.Tensor, coarse: torch.Tensor, output_diff: Optional
     output_diff : Tensor (batch,), optional
         ``F(x) - F(x')``; when given (conductance-like measures, in units of F) the norm is floored
         at ``UNIT_ERROR_FLOOR * |F(x) - F(x')|``.
+
+    Returns
+    -------
+    Tensor, shape (batch,), float64
+        0 where ``values`` and ``coarse`` agree exactly.
     """
     v = values.detach().flatten(1).to(torch.float64)
     diff = (v - coarse.detach().flatten(1).to(device=v.device, dtype=torch.float64)).norm(dim=1)

@@ -94,8 +94,17 @@ class AblationCurve(ResultProtocol):
         the target score (it falls fastest as top units go), for an insertion curve the largest
         (it recovers fastest as top units come back).
 
-        A curve has one layer: ``layer`` may only name it (or be None). Returns
-        :class:`ExampleArea` rows, most moved first.
+        Parameters
+        ----------
+        k : int
+            How many examples.
+        layer : str, nn.Module or None
+            A curve has one layer: ``layer`` may only name it (or be None).
+
+        Returns
+        -------
+        list of :class:`ExampleArea`
+            At most ``k`` rows (example, area, unablated score), most moved first.
         """
         self._check_layer(layer)
         area = self.auc_logit_per_example
@@ -105,7 +114,13 @@ class AblationCurve(ResultProtocol):
     def to_dataframe(self) -> Any:
         """A tidy pandas table, one row per (ranking, seed, example, k): ``ranking`` ("ranking", or
         "random" for the random rankings), ``seed`` (None for the ranking), ``example``, ``k``,
-        ``logit`` (target score) and ``agreement`` (1.0 where the top-1 label is unchanged). Needs pandas."""
+        ``logit`` (target score) and ``agreement`` (1.0 where the top-1 label is unchanged). Needs pandas.
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``(1 + seeds) * batch * n_k`` rows.
+        """
         pd = pandas()
         batch, n_k = self.logit.shape
 
@@ -163,7 +178,15 @@ class AblationCurve(ResultProtocol):
         return None if self.random_logit is None else _trapezoid(self.ks, self.random_logit.mean(1))
 
     def to_dict(self) -> dict:
-        """Plain lists and numbers (JSON-ready): the settings, mean curves, per-example curves and areas."""
+        """Plain lists and numbers (JSON-ready): the settings, mean curves, per-example curves and areas.
+
+        Returns
+        -------
+        dict
+            The settings; ``mean_logit`` / ``mean_agreement`` (n_k,); ``logit`` / ``agreement``
+            (batch, n_k); the random rankings' means (n_k,) and per-seed areas (seeds,), or None
+            without seeds; the areas as floats.
+        """
         def arr(a: Optional[np.ndarray]) -> Any:
             return None if a is None else np.asarray(a).tolist()
 
@@ -183,11 +206,28 @@ class AblationCurve(ResultProtocol):
              title: Optional[str] = None, **kwargs: Any) -> Any:
         """The mean curve against k, with the random rankings' mean and min-max band over seeds.
 
-        ``what``: "logit" (the target score) or "agreement" (share keeping the unablated top-1
-        label). To compare rankings on one axes, call it for each curve with the same ``ax``,
-        a ``label`` per ranking and ``random=False`` after the first. ``kwargs`` go to the
-        ranking's ``ax.plot`` (e.g. ``color="red"``), not to the random rankings'. Returns the
-        Figure (no pyplot figure left open).
+        To compare rankings on one axes, call it for each curve with the same ``ax``, a
+        ``label`` per ranking and ``random=False`` after the first.
+
+        Parameters
+        ----------
+        what : {"logit", "agreement"}
+            The target score, or the share keeping the unablated top-1 label.
+        label : str
+            The legend entry of this ranking.
+        random : bool
+            Also draw the random rankings (when the curve has seeds).
+        ax : matplotlib Axes, optional
+            Draw into it; default a new figure.
+        title : str, optional
+            Default: kind, layer, mode and number of examples.
+        **kwargs
+            Go to the ranking's ``ax.plot`` (e.g. ``color="red"``), not to the random rankings'.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            No pyplot figure is left open.
         """
         from ..plots import curves
 
@@ -209,7 +249,13 @@ class AblationCurve(ResultProtocol):
                       ax=ax, title=title, styles=styles)
 
     def summary(self) -> str:
-        """A short text: the areas of the ranking and of the random rankings."""
+        """A short text: the areas of the ranking and of the random rankings.
+
+        Returns
+        -------
+        str
+            Three lines: the settings, the target-score areas, the top-1 agreement areas.
+        """
         ks = self.ks.tolist()
         grid = str(ks) if len(ks) <= 12 else str(ks[:6])[:-1] + f", ..., {ks[-1]}]"
         lines = [f"{self.kind} curve, layer {self.layer!r}, mode {self.mode!r}, {self.n_units} {self.units}s, "
@@ -275,13 +321,33 @@ def deletion_curve(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ran
                    expand_at_layer: Optional[bool] = None, progress: Optional[bool] = None) -> AblationCurve:
     """The target score and top-1 agreement as each example's top-k units are ablated.
 
-    ``ks``: the grid of k (0 <= k <= ranked units; default up to 33 evenly spaced values from
-    0 to all units). ``target``: None tracks each example's unablated top class; an int, a
-    LongTensor (batch,) or a callable ``scores (rows, classes) -> (rows,)`` also work.
-    ``random_seeds``: how many random rankings (or a list of seeds) to evaluate alongside.
     A good ranking makes the deletion curve fall fast: its area is below the random area.
     Every (ranking, example, k) is one row of a batched forward pass (``progress`` counts them).
-    Other arguments as in :func:`flip_count`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Returns scores (batch, classes).
+    inputs : Tensor, shape (batch, *input_shape)
+    layer : str or nn.Module
+        The layer whose units are ablated.
+    ranking : Tensor, LayerResult or list of ints
+        As in :func:`flip_count`: scores (batch, n_units) or unit indices, most important first.
+    ks : iterable of int, optional
+        The grid of k (0 <= k <= ranked units); default up to 33 evenly spaced values from 0 to
+        all units.
+    target : None, int, LongTensor (batch,) or callable
+        None tracks each example's unablated top class; a callable maps scores
+        (rows, classes) to (rows,).
+    random_seeds : int or sequence of int
+        How many random rankings (or a list of seeds) to evaluate alongside.
+    mode, values, units, baselines, additional_forward_args, forward_kwargs, batch_size, expand_at_layer, progress
+        As in :func:`flip_count`.
+
+    Returns
+    -------
+    AblationCurve
+        ``logit`` and ``agreement`` (batch, n_k), the random rankings' (seeds, batch, n_k), the areas.
     """
     return _curve("deletion", model, inputs, layer, ranking, ks=ks, mode=mode, values=values, units=units,
                   target=target, random_seeds=random_seeds, baselines=baselines,
@@ -298,6 +364,18 @@ def insertion_curve(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, ra
     """Like :func:`deletion_curve`, but every unit is ablated except each example's top k.
 
     A good ranking makes the insertion curve rise fast: its area is above the random area.
+
+    Parameters
+    ----------
+    model, inputs, layer, ranking, ks, target, random_seeds
+        As in :func:`deletion_curve`; ``k`` counts the units kept.
+    mode, values, units, baselines, additional_forward_args, forward_kwargs, batch_size, expand_at_layer, progress
+        As in :func:`flip_count`.
+
+    Returns
+    -------
+    AblationCurve
+        ``kind == "insertion"``; ``logit`` and ``agreement`` (batch, n_k).
     """
     return _curve("insertion", model, inputs, layer, ranking, ks=ks, mode=mode, values=values, units=units,
                   target=target, random_seeds=random_seeds, baselines=baselines,

@@ -77,6 +77,20 @@ def flipped_by_top_k(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, r
 
     This is the paper's "removing the top 10 filters flipped 5 of 100" test. It is not the same
     as ``flip_count <= k``: a label that changed at a smaller prefix can change back by k.
+
+    Parameters
+    ----------
+    model, inputs, layer, ranking, mode, values, units
+        As in :func:`flip_count`.
+    baselines, additional_forward_args, forward_kwargs, batch_size, expand_at_layer
+        As in :func:`flip_count`.
+    k : int
+        How many top-ranked units to ablate together (0 <= k <= ranked units).
+
+    Returns
+    -------
+    BoolTensor, shape (batch,)
+        True where the top-1 label differs from the unablated one.
     """
     s = _session(model, inputs, layer, mode, values, units, baselines, additional_forward_args, forward_kwargs,
                  batch_size, expand_at_layer)

@@ -194,6 +194,11 @@ def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero"
         units, (channels,) / (batch, channels) broadcast over positions.
     unit_type : {"neuron", "channel"}
 
+    Yields
+    ------
+    None
+        The model is ablated inside the ``with`` block only.
+
     Raises
     ------
     ConductanceError
@@ -256,8 +261,23 @@ def layer_values(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, *,
                  additional_forward_args: Any = None, forward_kwargs: Optional[dict] = None) -> torch.Tensor:
     """The output of ``layer`` for ``inputs``, from one forward pass without autograd.
 
-    Returns a detached Tensor (batch, *layer_shape). With baseline inputs (e.g. zeros) this is
-    the baseline activation that ``mode="baseline"`` substitutes.
+    With baseline inputs (e.g. zeros) this is the baseline activation that ``mode="baseline"``
+    substitutes.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor, shape (batch, *input_shape)
+    layer : str, nn.Module or ("name", element)
+    additional_forward_args : Any, optional
+        Extra positional arguments of the model, after ``inputs``.
+    forward_kwargs : dict, optional
+        Keyword arguments of the model.
+
+    Returns
+    -------
+    Tensor, shape (batch, *layer_shape)
+        Detached.
     """
     ref = _one_layer(model, layer)
     inputs = _check_batch_inputs(inputs)
@@ -277,6 +297,13 @@ def layer_mean(model: nn.Module, batches: Any, layer: LayerSpec, *, units: str =
     units : {"neuron", "channel"}
         "neuron": the mean of each element, shape (*layer_shape). "channel": the mean of each
         channel over examples and positions, shape (channels,).
+    additional_forward_args, forward_kwargs : optional
+        As in :func:`layer_values`, passed with every batch.
+
+    Returns
+    -------
+    Tensor, shape (*layer_shape) or (channels,)
+        In the layer's dtype (summed in float64).
     """
     _check_unit_type(units, "units")
     ref = _one_layer(model, layer)

@@ -50,7 +50,12 @@ class AblationSummary(ResultProtocol):
         return [self.layer] if self.layer else []
 
     def summary(self) -> str:
-        """The paper's table (:meth:`format_table`)."""
+        """The paper's table (:meth:`format_table`).
+
+        Returns
+        -------
+        str
+        """
         return self.format_table()
 
     def top(self, k: int = 5, layer: Union[str, nn.Module, None] = None) -> list[tuple[str, dict]]:
@@ -58,7 +63,17 @@ class AblationSummary(ResultProtocol):
         label the removal of their top ``self.k`` units changes, ties broken by the smaller median
         flip count (measures that never flipped last).
 
-        A summary has (at most) one layer: ``layer`` may only name it (or be None).
+        Parameters
+        ----------
+        k : int
+            How many measures.
+        layer : str, nn.Module or None
+            A summary has (at most) one layer: ``layer`` may only name it (or be None).
+
+        Returns
+        -------
+        list of (str, dict)
+            At most ``k`` pairs (measure name, its row of :attr:`rows`), best first.
         """
         if layer is not None and self._name_of(layer) != self.layer:
             raise ConductanceError(f"this summary is of layer {self.layer!r} only, not {layer!r}")
@@ -73,7 +88,13 @@ class AblationSummary(ResultProtocol):
     def to_dataframe(self) -> Any:
         """A tidy pandas table, one row per (measure, example): ``measure``, ``example``,
         ``flip_count`` (units removed until the label changed; inf: never within the units tried)
-        and ``top_k_flipped`` (whether removing its top ``k`` units changed it). Needs pandas."""
+        and ``top_k_flipped`` (whether removing its top ``k`` units changed it). Needs pandas.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per (measure, example).
+        """
         pd = pandas()
         frames = [pd.DataFrame({"measure": name, "example": np.arange(counts.numel()),
                                 "flip_count": counts.double().numpy(),
@@ -82,6 +103,13 @@ class AblationSummary(ResultProtocol):
         return pd.concat(frames, ignore_index=True)
 
     def format_table(self) -> str:
+        """The paper's table: one line per measure (flipped, mean and median flips, more than k,
+        never, max, top-k removal flips), with a title and footnotes.
+
+        Returns
+        -------
+        str
+        """
         head = ["measure", "flipped", "mean flips", "median", f"> {self.k}", "never", "max",
                 f"top-{self.k} removal flips"]
         body = []
@@ -107,8 +135,22 @@ class AblationSummary(ResultProtocol):
 
     def plot(self, ax: Any = None, title: Optional[str] = None, **kwargs: Any) -> Any:
         """Share of examples whose label has changed after removing up to n units, one step curve per
-        measure, with a line at ``k``. ``kwargs`` go to every ``ax.plot`` (e.g. ``color="red"``).
-        Returns the matplotlib Figure (no pyplot figure left open)."""
+        measure, with a line at ``k``.
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Draw into it; default a new figure.
+        title : str, optional
+            Default: "label changes under ablation" with the layer and mode.
+        **kwargs
+            Go to every ``ax.plot`` (e.g. ``color="red"``).
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            No pyplot figure is left open.
+        """
         from ..plots import flip_share
 
         if title is None:
@@ -137,7 +179,16 @@ def ablation_summary(flip_counts: Mapping[str, torch.Tensor],
     top10_flipped : dict name -> BoolTensor (examples,), optional
         From :func:`flipped_by_top_k` with the same ``k``. For a name missing here the column
         is estimated as ``count <= k`` and marked with ``*``.
-    k : the threshold of the "more than k" and "top-k removal" columns (the paper: 10).
+    k : int
+        The threshold of the "more than k" and "top-k removal" columns (the paper: 10).
+    layer, mode : str, optional
+        Shown in the table's title.
+
+    Returns
+    -------
+    AblationSummary
+        ``rows[name]`` per measure; ``flip_counts[name]`` (examples,) float32 and
+        ``top_k[name]`` (examples,) bool.
     """
     if not flip_counts:
         raise ConductanceError("flip_counts is empty; pass {measure name: flip_count(...)}")
@@ -179,11 +230,29 @@ def compare_rankings(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, r
                      progress: Optional[bool] = None) -> AblationSummary:
     """Flip counts and top-k removal for several rankings of one layer, plus random rankings.
 
-    ``rankings``: {name: ranking} (each as in :func:`flip_count`). A row "random" pools the
-    examples of ``random_seeds`` random rankings (a fresh order per example and seed). ``k`` is
-    lowered to the number of units for a layer with fewer than ``k`` units (the table says
-    which k was used). ``progress`` counts the ablated rows of all rankings (see
-    :func:`flip_count`). Returns an :class:`AblationSummary`; print ``.format_table()``.
+    Parameters
+    ----------
+    model, inputs, layer
+        As in :func:`flip_count`: scores (batch, classes), inputs (batch, *input_shape).
+    rankings : dict name -> ranking
+        Each as in :func:`flip_count`.
+    k : int
+        The top-k removal column; lowered to the number of units for a layer with fewer than
+        ``k`` units (the table says which k was used).
+    random_seeds : int or sequence of int
+        A row "random" pools the examples of this many random rankings (or of these seeds; a
+        fresh order per example and seed).
+    progress : bool, optional
+        Counts the ablated rows of all rankings (see :func:`flip_count`).
+    mode, values, units, max_units, baselines, additional_forward_args, forward_kwargs
+        As in :func:`flip_count`.
+    batch_size, expand_at_layer
+        As in :func:`flip_count`.
+
+    Returns
+    -------
+    AblationSummary
+        One row per ranking (and "random"); print ``.format_table()``.
     """
     if not isinstance(rankings, Mapping) or not rankings:
         raise ConductanceError("rankings must be a non-empty dict {name: ranking}")

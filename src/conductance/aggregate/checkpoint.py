@@ -23,8 +23,19 @@ _NOT_FINGERPRINTED = ("internal_batch_size",)
 
 
 def checkpoint_info(path: str) -> dict:
-    """What a checkpoint of :func:`aggregate` holds: ``position`` (batches of the data consumed),
-    ``exhausted`` (the data ran out), ``examples``, ``fingerprint``, ``rank`` and ``world_size``."""
+    """What a checkpoint of :func:`aggregate` holds.
+
+    Parameters
+    ----------
+    path : str
+        A checkpoint file written by :func:`aggregate` (``checkpoint=path``).
+
+    Returns
+    -------
+    dict
+        ``position`` (batches of the data consumed), ``exhausted`` (the data ran out),
+        ``examples``, ``fingerprint``, ``rank`` and ``world_size``.
+    """
     results, meta = _read_results(path)
     if "checkpoint" not in meta:
         raise ConductanceError(f"{path} is a saved result, not a checkpoint")

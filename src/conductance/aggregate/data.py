@@ -18,7 +18,20 @@ from .checkpoint import _length
 
 def split_batch(batch: Any, index: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(inputs, labels or None)`` from one batch: ``(inputs, labels, ...)``, ``inputs`` or a dict
-    with ``"inputs"`` (and optionally ``"labels"``)."""
+    with ``"inputs"`` (and optionally ``"labels"``).
+
+    Parameters
+    ----------
+    batch : tuple, list, dict or Tensor
+        One item of the data.
+    index : int
+        The batch's position in the data, for the messages.
+
+    Returns
+    -------
+    inputs : Tensor, shape (batch, ...)
+    labels : LongTensor, shape (batch,), or None
+    """
     if isinstance(batch, dict):
         if "inputs" not in batch:
             raise ConductanceError(f"batch {index} is a dict without an 'inputs' key (keys {list(batch)}); "

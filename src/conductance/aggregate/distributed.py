@@ -24,10 +24,21 @@ DEFAULT_TIMEOUT_MINUTES = 30.0
 
 def init_distributed(backend: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT_MINUTES) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT) if not done yet: nccl when CUDA is available, else gloo. Returns (rank, world).
+    MASTER_PORT) if not done yet.
 
-    ``timeout`` (minutes) bounds every collective: a rank whose peer stopped or hangs fails after
-    it instead of waiting for ever. It does not change a process group that is already initialised."""
+    Parameters
+    ----------
+    backend : str, optional
+        Default nccl when CUDA is available, else gloo.
+    timeout : float
+        Minutes; bounds every collective: a rank whose peer stopped or hangs fails after it
+        instead of waiting for ever. It does not change a process group that is already
+        initialised.
+
+    Returns
+    -------
+    rank, world_size : int
+    """
     import datetime
 
     import torch.distributed as dist

@@ -61,11 +61,32 @@ def _read_results(path: str) -> tuple[dict[str, AggregateResult], dict]:
 
 def write_results(path: str, results: Sequence[AggregateResult], extra: Optional[dict] = None) -> None:
     """Write several results (one per measure) to one file, atomically, as :meth:`AggregateResult.save`
-    does for one; ``extra`` adds top-level JSON metadata (a checkpoint's position, for instance)."""
+    does for one.
+
+    Parameters
+    ----------
+    path : str
+        The file (safetensors arrays and JSON metadata with a checksum).
+    results : sequence of AggregateResult
+        One per measure.
+    extra : dict, optional
+        Top-level JSON metadata (a checkpoint's position, for instance).
+    """
     _write_results(path, results, dict(extra or {}))
 
 
 def read_results(path: str) -> tuple[dict[str, AggregateResult], dict]:
-    """Read a file written by :func:`write_results`, :meth:`AggregateResult.save` or a checkpoint:
-    the results by measure name and the file's JSON metadata, checksum verified."""
+    """Read a file written by :func:`write_results`, :meth:`AggregateResult.save` or a checkpoint.
+
+    Parameters
+    ----------
+    path : str
+
+    Returns
+    -------
+    results : dict str -> AggregateResult
+        By measure name.
+    meta : dict
+        The file's JSON metadata (checksum verified).
+    """
     return _read_results(path)

@@ -140,13 +140,36 @@ class AggregateResult(ResultProtocol):
     __hash__ = None  # type: ignore[assignment]
 
     def to_dict(self) -> dict:
-        """Plain content (JSON-serialisable): the metadata and every statistic as nested lists."""
+        """Plain content (JSON-serialisable): the metadata and every statistic as nested lists.
+
+        Returns
+        -------
+        dict
+            The settings, ``counts`` (n_groups,), ``stats[layer][stat]`` (n_groups, n_units),
+            ``errors[layer][stat]`` (n_groups,), ``output_diff_sum`` and ``points_sum`` (n_groups,).
+        """
         return plain({**self._meta(), "counts": self.counts, "output_diff_sum": self.output_diff_sum,
                       "points_sum": self.points_sum, "stats": self.stats, "errors": self.errors})
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def empty(cls, n_groups: int, unit_shapes: dict[str, tuple], **meta: Any) -> AggregateResult:
+        """A result with no examples yet: every statistic zero.
+
+        Parameters
+        ----------
+        n_groups : int
+            Rows of every statistic (classes, or 1 for a pooled result).
+        unit_shapes : dict str -> tuple
+            The shape of one example's units, per layer.
+        **meta
+            The other keyword arguments of the constructor (measure, layers, units, ...).
+
+        Returns
+        -------
+        AggregateResult
+            ``counts`` (n_groups,) and ``stats[layer][stat]`` (n_groups, n_units) all zero.
+        """
         stats = {layer: {s: np.zeros((n_groups, int(np.prod(shape, dtype=np.int64))),
                                      dtype=np.int64 if s in _INT_STATS else np.float64) for s in _UNIT_STATS}
                  for layer, shape in unit_shapes.items()}
@@ -199,6 +222,18 @@ class AggregateResult(ResultProtocol):
         return int(self.counts.sum())
 
     def group_name(self, group: Any) -> str:
+        """How the text output names a group.
+
+        Parameters
+        ----------
+        group : int, "all" or None
+            A class index; "all" or None: every example pooled.
+
+        Returns
+        -------
+        str
+            "all examples", or "class g" with the class name when the result has ``class_names``.
+        """
         if group is None or group == ALL:
             return "all examples"
         name = f"class {group}"
@@ -230,18 +265,55 @@ class AggregateResult(ResultProtocol):
         return array[rows].sum(0) if isinstance(rows, slice) else array[rows]
 
     def count(self, group: Any = None) -> int:
-        """Examples in ``group`` (None: all)."""
+        """Examples in ``group`` (None: all).
+
+        Parameters
+        ----------
+        group : int, "all" or None
+            A class index; "all" or None: every example pooled.
+
+        Returns
+        -------
+        int
+        """
         return int(self._total(self.counts, group))
 
     # ---- statistics ---------------------------------------------------------------------------
     def mean(self, layer: Union[str, nn.Module, None] = None, group: Any = None) -> np.ndarray:
-        """Mean value of every unit, shape ``unit_shapes[layer]``."""
+        """Mean value of every unit over the group's examples.
+
+        Parameters
+        ----------
+        layer : str or nn.Module, optional
+            May be left out when the result has one layer.
+        group : int, "all" or None
+            A class index; "all" or None: every example pooled.
+
+        Returns
+        -------
+        ndarray, shape ``unit_shapes[layer]``, float64
+        """
         layer = self._layer(layer)
         n = self.count(group)
         return (self._total(self.stats[layer]["sum"], group) / max(n, 1)).reshape(self.unit_shapes[layer])
 
     def std(self, layer: Union[str, nn.Module, None] = None, group: Any = None, ddof: int = 0) -> np.ndarray:
-        """Standard deviation of every unit over the group's examples (``ddof=1`` for the sample std)."""
+        """Standard deviation of every unit over the group's examples.
+
+        Parameters
+        ----------
+        layer : str or nn.Module, optional
+            May be left out when the result has one layer.
+        group : int, "all" or None
+            A class index; "all" or None: every example pooled.
+        ddof : int
+            0: the population std; 1: the sample std.
+
+        Returns
+        -------
+        ndarray, shape ``unit_shapes[layer]``, float64
+            NaN where the group has ``ddof`` examples or fewer.
+        """
         layer = self._layer(layer)
         n = self.count(group)
         if n - ddof <= 0:
@@ -263,7 +335,20 @@ class AggregateResult(ResultProtocol):
 
     def sign_shares(self, layer: Union[str, nn.Module, None] = None, group: Any = None) -> dict[str, np.ndarray]:
         """Share of examples where each unit is ``positive`` (> near_zero), ``negative`` (< -near_zero)
-        or ``near_zero``; the three add up to 1."""
+        or ``near_zero``; the three add up to 1.
+
+        Parameters
+        ----------
+        layer : str or nn.Module, optional
+            May be left out when the result has one layer.
+        group : int, "all" or None
+            A class index; "all" or None: every example pooled.
+
+        Returns
+        -------
+        dict str -> ndarray
+            ``"positive"``, ``"negative"``, ``"near_zero"``, each of shape ``unit_shapes[layer]``.
+        """
         layer = self._layer(layer)
         n = max(self.count(group), 1)
         return {k: (self._total(self.stats[layer][k], group) / n).reshape(self.unit_shapes[layer])
@@ -306,7 +391,18 @@ class AggregateResult(ResultProtocol):
         """Per layer: ``count``, ``mean`` and ``max`` relative completeness error, examples ``above``
         ``threshold``, and ``is_cut`` (the error only means something on a cut); the same for the
         per-unit error estimate (``unit_error_mean``, ``unit_error_max``, ``unit_error_above``), which
-        holds for every layer."""
+        holds for every layer.
+
+        Parameters
+        ----------
+        group : int, "all" or None
+            A class index; "all" or None: every example pooled.
+
+        Returns
+        -------
+        dict str -> dict
+            One dict of numbers (and ``is_cut``) per layer.
+        """
         out = {}
         n = self.count(group)
         for layer in self.layers:
@@ -326,9 +422,30 @@ class AggregateResult(ResultProtocol):
     def plot(self, layer: Union[str, nn.Module, None] = None, group: Any = None, k: int = 10, ax: Any = None,
              absolute: bool = True, title: Optional[str] = None, **kwargs: Any) -> Any:
         """Bar chart of the ``k`` units of ``layer`` with the largest |mean| (or mean, ``absolute=False``)
-        over ``group`` (a class index; None: all examples), with the standard deviation as error bars.
-        ``kwargs`` go to ``ax.bar`` (e.g. ``color="red"``). Returns the matplotlib Figure (no pyplot
-        figure left open)."""
+        over ``group``, with the standard deviation as error bars.
+
+        Parameters
+        ----------
+        layer : str or nn.Module, optional
+            May be left out when the result has one layer.
+        group : int, "all" or None
+            A class index; "all" or None: every example pooled.
+        k : int
+            Bars.
+        ax : matplotlib Axes, optional
+            Draw into it; default a new figure.
+        absolute : bool
+            Rank by |mean| (True) or by mean.
+        title : str, optional
+            Default: measure, layer, group and number of examples.
+        **kwargs
+            Go to ``ax.bar`` (e.g. ``color="red"``).
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            No pyplot figure is left open.
+        """
         from ..plots import top_units
 
         layer = self._layer(layer)
@@ -340,7 +457,18 @@ class AggregateResult(ResultProtocol):
                          **kwargs)
 
     def mean_output_diff(self, group: Any = None) -> float:
-        """Mean of F(x) - F(x'), the total that a cut layer's conductances add up to."""
+        """Mean of F(x) - F(x'), the total that a cut layer's conductances add up to.
+
+        Parameters
+        ----------
+        group : int, "all" or None
+            A class index; "all" or None: every example pooled.
+
+        Returns
+        -------
+        float
+            0.0 for a result without examples (a class without examples raises).
+        """
         return float(self._total(self.output_diff_sum, group)) / max(self.count(group), 1)
 
     # ---- tables and text ----------------------------------------------------------------------
@@ -348,6 +476,11 @@ class AggregateResult(ResultProtocol):
         """A tidy pandas table: one row per (group, layer, unit) with count, mean, std and sign shares.
 
         ``group`` is the class index, or ``"all"`` for a pooled result. Needs pandas.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns group, layer, unit, count, mean, std, positive, negative, near_zero.
         """
         pd = pandas()
         frames = []
@@ -364,7 +497,17 @@ class AggregateResult(ResultProtocol):
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
     def summary(self, k: int = 0) -> str:
-        """Settings, examples per group, each layer's completeness error; with ``k``, top units."""
+        """Settings, examples per group, each layer's completeness error; with ``k``, top units.
+
+        Parameters
+        ----------
+        k : int
+            Top units per layer and group to list (0: none).
+
+        Returns
+        -------
+        str
+        """
         s = self.settings
         rule = str(s.get("method")) + (f" n_steps={s['n_steps']}" if s.get("n_steps") else "") + \
             (f" tolerance={s['tolerance']}" if s.get("tolerance") else "")
@@ -406,7 +549,18 @@ class AggregateResult(ResultProtocol):
             raise ConductanceError("cannot merge results computed differently: " + "; ".join(diff))
 
     def merge(self, other: AggregateResult) -> AggregateResult:
-        """The statistics of both results' examples together (a new result; counts exact)."""
+        """The statistics of both results' examples together (a new result; counts exact).
+
+        Parameters
+        ----------
+        other : AggregateResult
+            Computed with the same settings (else a ConductanceError names what differs).
+
+        Returns
+        -------
+        AggregateResult
+            With ``max(self.n_groups, other.n_groups)`` groups.
+        """
         self._compatible(other)
         out = AggregateResult.empty(max(self.n_groups, other.n_groups), self.unit_shapes,
                                     **{k: v for k, v in self._meta().items() if k not in ("unit_shapes",)})
@@ -431,7 +585,18 @@ class AggregateResult(ResultProtocol):
         return out
 
     def equals(self, other: AggregateResult, rtol: float = 0.0, atol: float = 0.0) -> bool:
-        """Same settings, identical counts, and float statistics equal within ``rtol`` / ``atol``."""
+        """Same settings, identical counts, and float statistics equal within ``rtol`` / ``atol``.
+
+        Parameters
+        ----------
+        other : AggregateResult
+        rtol, atol : float
+            Tolerances of the float statistics (``np.allclose``; NaN equals NaN).
+
+        Returns
+        -------
+        bool
+        """
         try:
             self._compatible(other)
         except ConductanceError:
@@ -450,14 +615,31 @@ class AggregateResult(ResultProtocol):
     # ---- files --------------------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Write the result atomically: ``.safetensors`` (needs the safetensors package) or else npz,
-        with the metadata (model class, layers, measure, settings, counts) as JSON inside."""
+        with the metadata (model class, layers, measure, settings, counts) as JSON inside.
+
+        Parameters
+        ----------
+        path : str
+            The file; read it back with :meth:`load` or ``conductance.load``.
+        """
         from .files import _write_results  # files.py builds AggregateResult objects: import it when used
 
         _write_results(path, [self], {})
 
     @classmethod
     def load(cls, path: str, measure: Optional[str] = None) -> AggregateResult:
-        """Read a file written by :meth:`save`, by the CLI, or a checkpoint of :func:`aggregate`."""
+        """Read a file written by :meth:`save`, by the CLI, or a checkpoint of :func:`aggregate`.
+
+        Parameters
+        ----------
+        path : str
+        measure : str, optional
+            Which result, when the file holds several measures.
+
+        Returns
+        -------
+        AggregateResult
+        """
         from .files import _read_results
 
         results, _ = _read_results(path)
