@@ -118,6 +118,11 @@ def ablate_heads(model: nn.Module, heads: Union[Iterable[tuple[int, int]], Mappi
     values : dict block -> Tensor broadcastable to the projection's input (batch, tokens, hidden), optional
         Replacement values (e.g. from :func:`head_inputs` at a baseline input) instead of zeros.
 
+    Yields
+    ------
+    None
+        The heads are ablated inside the ``with`` block only.
+
     Hooks are removed on exit, also on error; they act only on forwards run in this thread (or a copy
     of its context), see :mod:`conductance.sites`.
     """
@@ -151,6 +156,11 @@ def ablate_neurons(model: nn.Module, neurons: Union[Iterable[tuple[int, int]], M
         down projection, see :func:`family`)
     values : dict block -> Tensor broadcastable to (batch, tokens, neurons), optional
 
+    Yields
+    ------
+    None
+        The neurons are ablated inside the ``with`` block only.
+
     Hooks are removed on exit, also on error; they act only on forwards run in this thread (or a copy
     of its context), see :mod:`conductance.sites`.
     """
@@ -179,7 +189,20 @@ def head_inputs(model: nn.Module, input_ids: torch.Tensor, *, module: Optional[s
 
     For :func:`ablate_heads` ``values=``: e.g. the heads' values at a baseline input (all [PAD]
     ids with the same attention mask). One forward without autograd; hooks removed on exit.
-    ``module``: as in :func:`ablate_heads` (default: the model's own projection).
+
+    Parameters
+    ----------
+    model : nn.Module
+    input_ids : LongTensor, shape (batch, tokens)
+    module : str, optional
+        As in :func:`ablate_heads` (default: the model's own projection).
+    forward_kwargs : dict, optional
+        Keyword arguments of the model (e.g. ``attention_mask``).
+
+    Returns
+    -------
+    dict int -> Tensor
+        Block index -> the projection's input (batch, tokens, hidden), detached.
     """
     projections = _head_projections(model, module, "heads")
     modules = _module_names(model)

@@ -181,8 +181,24 @@ def layer_conductance(model: nn.Module, input_ids: torch.Tensor, layers: LayersA
                       ) -> TransformerResult:
     """Conductance of heads, neurons, tokens or layers of a model taking token ids.
 
-    Shorthand for :func:`layer_importance` with ``measure="conductance"``; see there for the
-    parameters. Example::
+    Shorthand for :func:`layer_importance` with ``measure="conductance"``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Takes token ids (batch, tokens) as its first argument.
+    input_ids : LongTensor, shape (batch, tokens)
+    layers : str, list of str or dict str -> unit
+        As in :func:`layer_importance`.
+    **kwargs
+        Every other keyword of :func:`layer_importance` but ``measure``.
+
+    Returns
+    -------
+    TransformerResult
+        ``result[layer]`` by the layer's unit: e.g. (batch, heads) for ``"head"``.
+
+    Example::
 
         result = cd.hf.layer_conductance(model, enc["input_ids"], cd.hf.bert_layers(model),
                                          forward_kwargs={"attention_mask": enc["attention_mask"]},

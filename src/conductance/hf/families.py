@@ -41,6 +41,13 @@ def embedding_module(model: nn.Module, embedding: Union[str, nn.Module, None] = 
         A dotted name (``"embeddings.word_embeddings"``), the module itself, or None to use
         ``model.get_input_embeddings()`` (Hugging Face models) or the only module whose name ends
         with ``word_embeddings``.
+
+    Returns
+    -------
+    name : str
+        Its dotted name in ``model``.
+    module : nn.Module
+        Maps token ids (batch, tokens) to embeddings (batch, tokens, hidden).
     """
     modules = _module_names(model)
     by_id = {id(m): n for n, m in modules.items()}
@@ -77,7 +84,17 @@ def embedding_module(model: nn.Module, embedding: Union[str, nn.Module, None] = 
 
 
 def num_heads_of(model: nn.Module) -> Optional[int]:
-    """``config.num_attention_heads`` (or ``n_head`` / ``num_heads``) of the model or a submodule, else None."""
+    """``config.num_attention_heads`` (or ``n_head`` / ``num_heads``) of the model or a submodule, else None.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    int or None
+        The first positive count found, modules in ``model.modules()`` order.
+    """
     for module in model.modules():
         config = getattr(module, "config", None)
         for attr in ("num_attention_heads", "n_head", "num_heads"):
@@ -151,7 +168,18 @@ def bert_layers(model: nn.Module, *kinds: str) -> dict[str, str]:
 
 
 def layer_index(name: str) -> Optional[int]:
-    """The block index in a layer name (the first all-digit component), e.g. 3 for ``encoder.layer.3.output``."""
+    """The block index in a layer name (the first all-digit component), e.g. 3 for ``encoder.layer.3.output``.
+
+    Parameters
+    ----------
+    name : str
+        A dotted layer name (with an optional ``:input`` or element suffix).
+
+    Returns
+    -------
+    int or None
+        None when no component is all digits.
+    """
     match = _LAYER_INDEX.search(name)
     return int(match.group(1)) if match else None
 
@@ -250,6 +278,15 @@ def family(model: nn.Module) -> Family:
     an attention output projection at one of :data:`ATTENTION_PROJECTIONS` and an MLP down
     projection at one of :data:`MLP_PROJECTIONS`. This covers GPT-2, Llama, Mistral, Qwen2, BERT,
     RoBERTa, DistilBERT, MiniLM and models built like them, bare or wrapped in a user's module.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    Family
+        Block, attention and MLP names, ``num_heads``, ``head_dim``, ``num_neurons``, the embedding.
 
     Raises
     ------

@@ -36,6 +36,23 @@ def reduce_layer(values: torch.Tensor, unit: str, num_heads: Optional[int], name
     """Reduce element-level values (batch, tokens, hidden) to a unit view (see the module docstring).
 
     Reductions run on the tensor's own device.
+
+    Parameters
+    ----------
+    values : Tensor, shape (batch, tokens, hidden)
+        (or any shape for units "layer" and "element").
+    unit : str
+        One of :data:`UNITS`.
+    num_heads : int or None
+        Needed by "head" and "head_token"; it must divide ``hidden``.
+    name : str
+        The layer, for the messages.
+
+    Returns
+    -------
+    Tensor
+        "layer" (batch, 1); "element" ``values`` itself; "neuron" (batch, hidden); "token"
+        (batch, tokens); "head" (batch, heads); "head_token" (batch, tokens, heads).
     """
     if unit not in UNITS:
         raise ConductanceError(f"unknown unit {unit!r}; choose from {UNITS}")
@@ -119,7 +136,18 @@ class TransformerResult(ResultProtocol):
     def unit_error_of(self, layer: str, unit: str) -> torch.Tensor:
         """The estimated per-unit error (batch,) of ``layer`` read in any unit view: the relative L2
         distance of the example's vector of unit values to the same rule on a grid with half the points
-        (see :func:`conductance.engine.unit_error`)."""
+        (see :func:`conductance.engine.unit_error`).
+
+        Parameters
+        ----------
+        layer : str
+        unit : str
+            One of :data:`UNITS`, e.g. "head" for a layer requested by neuron.
+
+        Returns
+        -------
+        Tensor, shape (batch,), float64
+        """
         from ..engine import unit_error
         coarse = reduce_layer(self.coarse[self._check(layer)], unit, self.num_heads, layer)
         scale = self.output_diff if self.measure in ("conductance", "layer_integrated_gradients") else None
@@ -143,11 +171,35 @@ class TransformerResult(ResultProtocol):
         return name
 
     def reduce(self, layer: str, unit: str) -> torch.Tensor:
-        """The layer's values in any unit view, e.g. ``reduce(name, "head_token")`` (batch, tokens, heads)."""
+        """The layer's values in any unit view, e.g. ``reduce(name, "head_token")`` (batch, tokens, heads).
+
+        Parameters
+        ----------
+        layer : str
+        unit : str
+            One of :data:`UNITS`.
+
+        Returns
+        -------
+        Tensor
+            As :func:`reduce_layer` gives it, e.g. (batch, heads) for "head".
+        """
         return reduce_layer(self.elements[self._check(layer)], unit, self.num_heads, layer)
 
     def per_token(self, layer: str, index: int) -> torch.Tensor:
-        """Values of one neuron (unit "neuron") or head (unit "head") of ``layer`` at each token: (batch, tokens)."""
+        """Values of one neuron (unit "neuron") or head (unit "head") of ``layer`` at each token.
+
+        Parameters
+        ----------
+        layer : str
+            A layer requested with unit "neuron" or "head".
+        index : int
+            The neuron or head.
+
+        Returns
+        -------
+        Tensor, shape (batch, tokens)
+        """
         unit = self.units[self._check(layer)]
         if unit == "neuron":
             return self.elements[layer][:, :, index]
@@ -157,7 +209,19 @@ class TransformerResult(ResultProtocol):
                                "(use reduce(layer, 'token') for positions)")
 
     def unit_names(self, layer: str, example: int = 0) -> list[str]:
-        """Readable names of the units of ``layer`` (flattened in row-major order)."""
+        """Readable names of the units of ``layer`` (flattened in row-major order).
+
+        Parameters
+        ----------
+        layer : str
+        example : int
+            Whose tokens name the token units (when the result has ``tokens``).
+
+        Returns
+        -------
+        list of str
+            One per unit of ``result[layer]`` (batch, *unit_shape), e.g. "L3.H5", "L3.N1024".
+        """
         unit = self.units[self._check(layer)]
         block = layer_index(layer)
         prefix = f"L{block}" if block is not None else layer
@@ -179,7 +243,18 @@ class TransformerResult(ResultProtocol):
         return [f"{prefix} {token(t)} dim {d}" for t in range(shape[0]) for d in range(shape[1])]
 
     def mean(self, layer: str, examples: Any = None) -> torch.Tensor:
-        """Mean over examples (all, or the chosen indices / boolean mask) of ``result[layer]``: (*unit_shape)."""
+        """Mean over examples of ``result[layer]``.
+
+        Parameters
+        ----------
+        layer : str
+        examples : sequence of int, LongTensor or BoolTensor (batch,), optional
+            Indices or a boolean mask of the examples; default all.
+
+        Returns
+        -------
+        Tensor, shape (*unit_shape)
+        """
         values = self[layer]
         if examples is not None:
             values = values[torch.as_tensor(examples, device=values.device)
@@ -192,7 +267,19 @@ class TransformerResult(ResultProtocol):
               layers: Optional[Sequence[str]] = None) -> list[UnitScore]:
         """Every unit of every layer as a tidy list of :class:`UnitScore` rows.
 
-        ``example``: one example's values; otherwise the mean over ``examples`` (default all).
+        Parameters
+        ----------
+        example : int, optional
+            One example's values; otherwise the mean over ``examples``.
+        examples : indices or boolean mask, optional
+            As in :meth:`mean` (default all).
+        layers : sequence of str, optional
+            Default every layer.
+
+        Returns
+        -------
+        list of :class:`UnitScore`
+            Layer by layer, units in row-major order.
         """
         rows: list[UnitScore] = []
         for layer in layers or self.layers:
@@ -242,7 +329,17 @@ class TransformerResult(ResultProtocol):
         """A tidy pandas table, one row per (layer, example, unit) in each layer's requested unit:
         ``layer``, ``block``, ``kind`` (the unit kind), ``example``, ``unit`` (flat index), ``name``
         (e.g. "L3.H5"), ``value`` and the example's per-unit error estimate ``unit_error`` (NaN
-        without the coarse values). ``example``: only that example. Needs pandas."""
+        without the coarse values). Needs pandas.
+
+        Parameters
+        ----------
+        example : int, optional
+            Only that example; default all.
+
+        Returns
+        -------
+        pandas.DataFrame
+        """
         pd = pandas()
         errors = self.unit_error if self.coarse else {}
         frames = []
@@ -258,7 +355,14 @@ class TransformerResult(ResultProtocol):
         return pd.concat(frames, ignore_index=True)
 
     def to_dict(self) -> dict:
-        """Plain content (JSON-serialisable): settings, each layer's values in its unit, errors, tokens."""
+        """Plain content (JSON-serialisable): settings, each layer's values in its unit, errors, tokens.
+
+        Returns
+        -------
+        dict
+            ``values[layer]`` as nested lists of shape (batch, *unit_shape); ``unit_error``,
+            ``delta``, ``relative_error`` per layer and ``output_diff``, each (batch,).
+        """
         errors = self.unit_error if self.coarse else {}
         return plain({"measure": self.measure, "layers": self.layers, "units": self.units,
                       "values": {n: self[n] for n in self.layers}, "unit_error": errors, "delta": self.delta,
@@ -271,9 +375,24 @@ class TransformerResult(ResultProtocol):
              ax: Any = None, **kwargs: Any) -> Any:
         """Bar chart of the ``k`` units of ``layer`` with the largest |value|, labelled with unit names.
 
-        ``layer`` (name or module) may be omitted when the result has one layer; ``example``: one
-        example's values, else the mean over all. ``kwargs`` go to :func:`conductance.plots.top_units`
-        and on to ``ax.bar`` (e.g. ``color="red"``). Returns the Figure (no pyplot figure left open).
+        Parameters
+        ----------
+        layer : str or nn.Module, optional
+            May be omitted when the result has one layer.
+        example : int, optional
+            One example's values, else the mean over all.
+        k : int
+            Bars.
+        ax : matplotlib Axes, optional
+            Draw into it; default a new figure.
+        **kwargs
+            Go to :func:`conductance.plots.top_units` and on to ``ax.bar`` (e.g. ``color="red"``);
+            ``title=`` replaces the default title.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            No pyplot figure is left open.
         """
         from ..plots import top_units
 
@@ -290,11 +409,24 @@ class TransformerResult(ResultProtocol):
                          ylabel=self.measure, xlabel=self.units[name], **kwargs)
 
     def completeness(self) -> list[tuple[str, bool, float, float]]:
-        """Per layer: (name, is_cut, mean and max relative completeness error over examples)."""
+        """Per layer: (name, is_cut, mean and max relative completeness error over examples).
+
+        Returns
+        -------
+        list of (str, bool, float, float)
+            In the result's layer order.
+        """
         return [(n, bool(self.is_cut[n]), float(self.relative_error[n].mean()), float(self.relative_error[n].max()))
                 for n in self.layers]
 
     def summary(self) -> str:
+        """A short text: the rule and points, then per layer its unit, shape and errors.
+
+        Returns
+        -------
+        str
+            One line for the settings, one per layer.
+        """
         lines = [f"{self.measure} of {len(self.layers)} layers, {self.raw.method}"
                  + (f" n_steps={self.raw.n_steps}" if self.raw.n_steps else "")
                  + f", points per example {self.raw.n_points.tolist()}"]

@@ -51,8 +51,12 @@ def next_token(kind: str = "logprob", position: Union[int, torch.Tensor] = -1,
     token : None, int or LongTensor (batch,)
         The token scored; None: each example's top prediction at the input.
 
-    Pass the returned object as ``target=`` to :func:`layer_conductance`; the strings "logit",
-    "logprob" and "prob" are short for ``next_token(kind)``.
+    Returns
+    -------
+    NextToken
+        Pass it as ``target=`` to :func:`layer_conductance`; the strings "logit", "logprob" and
+        "prob" are short for ``next_token(kind)``. Bound to a batch, it gives one score per
+        example (batch,).
     """
     if kind not in TOKEN_SCORES:
         raise ConductanceError(f"next_token kind must be one of {TOKEN_SCORES}, got {kind!r}")
@@ -70,6 +74,12 @@ def continuation(length: Union[int, torch.Tensor]) -> Continuation:
     Parameters
     ----------
     length : int or LongTensor (batch,), >= 1 and below each example's number of real tokens
+
+    Returns
+    -------
+    Continuation
+        Pass it as ``target=`` to :func:`layer_conductance`; bound to a batch, it gives one summed
+        log-probability per example (batch,).
     """
     return Continuation(length)
 
