@@ -24,13 +24,13 @@ def conductance(gbar: torch.Tensor, dy: torch.Tensor, width: torch.Tensor, out: 
     Parameters
     ----------
     gbar, dy : Tensor, shape (m, *layer_shape)
-    width : Tensor
+    width : Tensor, broadcastable to ``gbar``
         Unused (conductance does not depend on it).
     out : Tensor, shape (m, *layer_shape)
 
     Returns
     -------
-    Tensor
+    Tensor, shape (m, *layer_shape)
         ``out``, holding ``gbar * dy``.
     """
     return torch.mul(gbar, dy, out=out)
@@ -43,14 +43,14 @@ def internal_influence(gbar: torch.Tensor, dy: torch.Tensor, width: torch.Tensor
     Parameters
     ----------
     gbar : Tensor, shape (m, *layer_shape)
-    dy : Tensor
+    dy : Tensor, shape (m, *layer_shape)
         Unused.
     width : Tensor, broadcastable to ``gbar``
     out : Tensor, shape (m, *layer_shape)
 
     Returns
     -------
-    Tensor
+    Tensor, shape (m, *layer_shape)
         ``out``, holding ``gbar * width``.
     """
     return torch.mul(gbar, width, out=out)

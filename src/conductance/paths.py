@@ -253,7 +253,8 @@ def quarter_positions(n_points: int) -> np.ndarray:
 
     Returns
     -------
-    ndarray of int
+    ndarray of int, shape (n_quarter,)
+        Increasing indices into the full grid, first and last point included.
     """
     coarse = coarse_positions(n_points)
     return coarse[coarse_positions(len(coarse))]

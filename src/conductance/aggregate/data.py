@@ -23,7 +23,7 @@ def split_batch(batch: Any, index: int = 0) -> tuple[torch.Tensor, Optional[torc
     Parameters
     ----------
     batch : tuple, list, dict or Tensor
-        One item of the data.
+        One item of the data; its inputs a Tensor (batch, ...), its labels (batch,).
     index : int
         The batch's position in the data, for the messages.
 

@@ -137,7 +137,7 @@ class AggregateResult(ResultProtocol):
                 and all(mine[k].dtype == theirs[k].dtype and np.array_equal(mine[k], theirs[k], equal_nan=True)
                         for k in mine))
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None
 
     def to_dict(self) -> dict:
         """Plain content (JSON-serialisable): the metadata and every statistic as nested lists.
