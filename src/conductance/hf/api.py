@@ -135,13 +135,13 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
     with _probes_attached(wrapper, plan), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            found = _layer_importance(wrapper, embeds, plan.engine_names, measure=names, baselines=base,
-                                      target=target, additional_forward_args=(input_ids,) + tuple(extra),
-                                      forward_kwargs=forward_kwargs, n_steps=n_steps, method=method,
-                                      tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
-                                      units="neuron", internal_batch_size=internal_batch_size,
-                                      memory_budget=memory_budget, channels_last=channels_last)
-            results = cast(dict[str, LayerResult], found)  # a list of measures gives a dict of results
+            results = _layer_importance(wrapper, embeds, plan.engine_names, measure=names, baselines=base,
+                                        target=target, additional_forward_args=(input_ids,) + tuple(extra),
+                                        forward_kwargs=forward_kwargs, n_steps=n_steps, method=method,
+                                        tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
+                                        units="neuron", internal_batch_size=internal_batch_size,
+                                        memory_budget=memory_budget, channels_last=channels_last)
+            results = cast(dict[str, LayerResult], results)  # a list of measures gives a dict of results
         except ConductanceError as exc:
             # say the layers as the user wrote them, not as the wrapper names them
             raise ConductanceError(_renamed(exc, plan)) from exc
