@@ -36,7 +36,7 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     for r in rows:
         if len(r) != len(header):
             raise ValueError(f"row {r!r} has {len(r)} cells, the header {len(header)}")
-    return [row(header), row(["---"] * len(header))] + [row(r) for r in rows]
+    return [row(header), "|" + "---|" * len(header)] + [row(r) for r in rows]
 
 
 def pct(x: Optional[float], digits: int = 2) -> str:
@@ -260,7 +260,7 @@ def text_completeness(d: dict) -> list[str]:
 
     def g(key: str) -> str:
         v = c.get(key)
-        return "–" if v is None else f"{v:.1e}"
+        return "–" if v is None else f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e+")
 
     pts = c.get("mean_points")
     pts_s = "–" if pts is None else f"{pts:.0f}"
