@@ -17,7 +17,8 @@ import argparse
 import json
 import math
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 MEASURES = ["conductance", "internal_influence", "activation", "grad_x_activation", "gradient",
             "layer_integrated_gradients", "random"]
@@ -114,7 +115,7 @@ def effnet_means(d: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- image, Fashion-MNIST
 
-def _of(n: int, total: int, default: int = 100) -> str:
+def _of(n: int, total: int) -> str:
     return f"{n}/{total}"
 
 
@@ -211,7 +212,8 @@ def text_model(d: dict) -> list[str]:
         ["test accuracy", f"{pct(m['test_accuracy'], 1)} ({m['n_test']:,} reviews)"],
         ["majority-class rate", pct(m["majority_rate"], 1)],
         ["training / test reviews", f"{m['n_train']:,} / {m['n_test']:,}"],
-        ["vocabulary (of which with a GloVe vector)", f"{m['vocab_size'] - 1:,} ({m['glove_words']:,})"],  # less padding
+        # the vocabulary size counts the padding entry; the document (and the report) do not
+        ["vocabulary (of which with a GloVe vector)", f"{m['vocab_size'] - 1:,} ({m['glove_words']:,})"],
         ["seconds per epoch (1 thread)", ", ".join(f"{s:.1f}" for s in secs) if secs else "– (cached)"]])
 
 
@@ -264,7 +266,8 @@ def text_completeness(d: dict) -> list[str]:
 
     pts = c.get("mean_points")
     pts_s = "–" if pts is None else f"{pts:.0f}"
-    return table(["computation", "examples", "max per-unit error", "max relative error", "mean", "points per example"], [
+    header = ["computation", "examples", "max per-unit error", "max relative error", "mean", "points per example"]
+    return table(header, [
         ["filter layer, predicted logit", f"{n_test:,}", g("predicted_max_unit_error"),
          g("predicted_max_relative_error"), g("predicted_mean_relative_error"), pts_s],
         ["filter layer, fresh − rotten", f"{n_test:,}", "–", g("sentiment_max_relative_error"), "–", pts_s],
@@ -287,10 +290,13 @@ def transformer_errors(d: dict) -> list[str]:
     rows = []
     for layer, u in c["unit_error"].items():
         r = c.get("relative_error", {}).get(layer)
+        pooled = c.get("pooled_relative_error", {}).get(layer)
         rows.append([_short(layer), pct(u["median"], 1), pct(u["max"], 1),
                      "–" if r is None else pct(r["median"], 2), "–" if r is None else pct(r["max"], 1),
-                     "above 5%" if u["max"] > 0.05 else "ok"])
-    out = table(["layer", "per-unit median", "per-unit max", "completeness median", "completeness max", "flag"], rows)
+                     "–" if pooled is None else pct(pooled, 2), "above 5%" if u["max"] > 0.05 else "ok"])
+    # pooled: sum over snippets of |completeness residual| / sum of |F(x) - F(x')|
+    out = table(["layer", "per-unit median", "per-unit max", "completeness median", "completeness max",
+                 "completeness pooled", "flag"], rows)
     out += ["", f"{len(c.get('warnings', []))} warning(s) (results.json, transformer-completeness/warnings)."]
     return out
 
