@@ -242,3 +242,13 @@ def test_quick_run_records_every_number(tmp_path, monkeypatch):
         for row in entry["rows"]:
             assert 0 <= row["accuracy"] <= 1
     assert math.isfinite(sel["relative_error_mean"])
+
+    # docs/REPRODUCTION.md's tables are printed from this file: every image table renders, one row per photo
+    from test_reproduction_tables import _check_shape, _tables, rt
+    tables = rt.render(data)
+    assert {"photos", "pixels", "effnet-ablation", "effnet-means", "fashion-zero", "fashion-baseline",
+            "fashion-errors", "selection"} <= set(tables)
+    for lines in tables.values():
+        for t in _tables(lines):
+            _check_shape(t)
+    assert [r[0] for r in _tables(tables["photos"])[0][2:]] == list(data["image-effnet-photos"]["photos"])
