@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import ConductanceError, not_dependent, warn
+from .forward_args import Shared, ambiguous_args, shared, take_rows, unwrap_shared  # noqa: F401 (re-exported)
 from .layers import LayerRef
 from .paths import Grid, coarse_positions, quarter_positions
 from .sites import Recorder, never_reached
@@ -111,114 +112,6 @@ class PointBatch:
     gs: dict[str, torch.Tensor]
 
 
-class Shared:
-    """A forward argument given to every path point unchanged, whatever its shape.
-
-    Without it, a tensor in ``additional_forward_args`` or ``forward_kwargs`` whose first
-    dimension equals the batch size is per example (see :func:`_index_args`)."""
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __repr__(self) -> str:
-        shape = tuple(self.value.shape) if isinstance(self.value, torch.Tensor) else type(self.value).__name__
-        return f"shared({shape})"
-
-
-def shared(value: Any) -> Shared:
-    """Mark a forward argument as shared by all examples: passed unchanged to every path point.
-
-    Use it for a tensor whose first dimension happens to equal the batch size but does not index
-    the examples (a weight matrix, a lookup table).
-
-    Parameters
-    ----------
-    value : Any
-        A tensor (any shape) or other forward argument.
-
-    Returns
-    -------
-    Shared
-        A wrapper the engine unwraps; pass it in ``additional_forward_args`` or ``forward_kwargs``.
-    """
-    return Shared(value)
-
-
-def unwrap_shared(args: Any) -> Any:
-    """``args`` with every :class:`Shared` replaced by its value (nothing indexed).
-
-    Parameters
-    ----------
-    args : Any
-        A forward argument, possibly a tuple, list or dict of them.
-
-    Returns
-    -------
-    Any
-        The same structure without :class:`Shared` wrappers.
-    """
-    if isinstance(args, Shared):
-        return args.value
-    if isinstance(args, tuple):
-        return tuple(unwrap_shared(a) for a in args)
-    if isinstance(args, list):
-        return [unwrap_shared(a) for a in args]
-    if isinstance(args, dict):
-        return {k: unwrap_shared(v) for k, v in args.items()}
-    return args
-
-
-def ambiguous_args(args: Any, batch: int, where: str) -> list[str]:
-    """Per-example forward arguments that may be shared ones whose first dimension equals the batch
-    size by coincidence: parameters (or tensors that require grad), and square floating-point
-    matrices (batch, batch). Integer tensors (token ids, masks) are taken as per example.
-
-    Parameters
-    ----------
-    args : Any
-        Forward arguments (a tensor, or a tuple, list or dict of them).
-    batch : int
-        Number of examples.
-    where : str
-        Name of ``args`` for the messages (``"forward_kwargs"``).
-
-    Returns
-    -------
-    list of str
-        One description (name and shape) per doubtful tensor; empty when none is.
-    """
-    if isinstance(args, torch.Tensor):
-        if args.dim() > 0 and args.shape[0] == batch and (
-                isinstance(args, nn.Parameter) or args.requires_grad
-                or (batch > 1 and args.is_floating_point() and tuple(args.shape) == (batch, batch))):
-            return [f"{where} of shape {tuple(args.shape)}"]
-        return []
-    if isinstance(args, (tuple, list)):
-        return [w for i, a in enumerate(args) for w in ambiguous_args(a, batch, f"{where}[{i}]")]
-    if isinstance(args, dict):
-        return [w for k, v in args.items() for w in ambiguous_args(v, batch, f"{where}[{k!r}]")]
-    return []
-
-
-def _index_args(args: Any, ex: torch.Tensor, batch: int) -> Any:
-    """Expand per-example tensors (first dimension == batch) to the points; leave the rest.
-
-    The rule: a tensor (also inside a tuple, list or dict) whose first dimension equals the batch
-    size is per example, and point k of example i gets its row i; anything else, and anything
-    wrapped in :func:`shared`, is passed unchanged to every point."""
-    if isinstance(args, Shared):
-        return args.value
-    if isinstance(args, torch.Tensor):
-        return args[ex] if args.dim() > 0 and args.shape[0] == batch else args
-    if isinstance(args, tuple):
-        return tuple(_index_args(a, ex, batch) for a in args)
-    if isinstance(args, list):
-        return [_index_args(a, ex, batch) for a in args]
-    if isinstance(args, dict):
-        return {k: _index_args(v, ex, batch) for k, v in args.items()}
-    return args
-
-
 def model_output(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> Any:
     """Run the user's model on points ``x`` (m, *input_shape) belonging to examples ``ex``.
 
@@ -235,8 +128,8 @@ def model_output(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> Any
     Any
         Whatever the model returns for the batch of ``m`` points.
     """
-    extra = _index_args(problem.additional_forward_args, ex, problem.batch_size)
-    kwargs = _index_args(problem.forward_kwargs, ex, problem.batch_size)
+    extra = take_rows(problem.additional_forward_args, ex, problem.batch_size)
+    kwargs = take_rows(problem.forward_kwargs, ex, problem.batch_size)
     problem.n_forwards += 1
     if problem.input_spec is not None:
         return problem.model(*problem.input_spec.unpack(x), *extra, **kwargs)

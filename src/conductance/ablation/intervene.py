@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConductanceError
+from ..forward_args import ForwardArgs
 from ..layers import LayerRef, LayerSpec, resolve_layers
 from ..sites import intervene, record
 
@@ -227,15 +228,10 @@ def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero"
 # recording a layer
 
 
-def _as_args(additional_forward_args: Any) -> tuple:
-    if additional_forward_args is None:
-        return ()
-    return additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
-
-
 def _record(model: nn.Module, ref: LayerRef, inputs: torch.Tensor, args: tuple, kwargs: dict
             ) -> tuple[Any, torch.Tensor]:
-    """One no-grad forward; returns (model output, the layer's output tensor)."""
+    """One no-grad forward with the model's own arguments (from :meth:`ForwardArgs.at`); returns (model
+    output, the layer's output tensor)."""
     with torch.no_grad(), record(model, ref, need="an ablation") as rec:
         out = model(inputs, *args, **kwargs)
     rec.require()
@@ -260,7 +256,9 @@ def layer_values(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, *,
     """
     ref = _one_layer(model, layer)
     inputs = _check_batch_inputs(inputs)
-    _, value = _record(model, ref, inputs, _as_args(additional_forward_args), dict(forward_kwargs or {}))
+    args, kwargs = ForwardArgs.make(additional_forward_args, forward_kwargs, inputs.shape[0],
+                                    warn_ambiguous=False).at()
+    _, value = _record(model, ref, inputs, args, kwargs)
     return value
 
 
@@ -279,7 +277,8 @@ def layer_mean(model: nn.Module, batches: Any, layer: LayerSpec, *, units: str =
     """
     _check_unit_type(units, "units")
     ref = _one_layer(model, layer)
-    args, kwargs = _as_args(additional_forward_args), dict(forward_kwargs or {})
+    # the same arguments for every batch (nothing indexed: batches need not match one batch size)
+    args, kwargs = ForwardArgs.make(additional_forward_args, forward_kwargs, 0, warn_ambiguous=False).at()
     if isinstance(batches, torch.Tensor):
         batches = [batches]
     total: Optional[torch.Tensor] = None
