@@ -288,29 +288,9 @@ def wants_channels_last(model: nn.Module, inputs: torch.Tensor) -> bool:
 #: channels-last changes float32 results only by rounding).
 CHANNELS_LAST = True
 
-_LAYOUT_ERRORS = ("view size is not compatible", "stride", "contiguous")
-
-
-def is_layout_error(exc: RuntimeError) -> bool:
-    """Whether a model failed because it cannot take channels-last activations (it ``.view()``s them).
-
-    Parameters
-    ----------
-    exc : RuntimeError
-
-    Returns
-    -------
-    bool
-    """
-    return any(k in str(exc) for k in _LAYOUT_ERRORS)
-
-
 class ModifiedInPlace(RuntimeError):
     """The model changed a recorded layer's output in place during a forward pass."""
 
-
-#: what autograd says when a model changes a leaf or a saved tensor in place
-_IN_PLACE_ERRORS = ("in-place operation", "inplace operation")
 
 
 def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
@@ -340,16 +320,25 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
                 problem.progress.update(m)
             return batch
         except RuntimeError as exc:
-            # Two fast paths fall back for good when a model cannot take them: a model that .view()s
-            # its activations gets points in its own layout; a model that changes a recorded layer's
-            # output in place gets a copy of each recorded value.
-            if problem.channels_last and is_layout_error(exc):
-                problem.channels_last = False
-            elif not problem.copy_layer_outputs and (isinstance(exc, ModifiedInPlace)
-                                                     or any(k in str(exc) for k in _IN_PLACE_ERRORS)):
+            if is_out_of_memory(exc):
+                if m > 1:
+                    break   # retried below, outside the handler, so the failed attempt's tensors are freed
+                raise
+            # Two fast paths fall back for good when a model cannot take them. A changed version counter
+            # of a recorded value (ModifiedInPlace) says for certain that the model changed it in place:
+            # copies from now on. Any other failure is a probe, without reading the message: the same
+            # points are evaluated again without channels-last points (a model that .view()s its
+            # activations cannot take them), then with copies of the recorded values (autograd refuses
+            # an in-place change of the lowest one, a leaf); when a retry runs, that fast path was the
+            # cause. With neither left, the error is the model's own and is raised. check_cuts and
+            # build_problem settle both before the path starts, so this runs only for models whose
+            # behaviour depends on the batch.
+            if isinstance(exc, ModifiedInPlace) and not problem.copy_layer_outputs:
                 problem.copy_layer_outputs = True
-            elif is_out_of_memory(exc) and m > 1:
-                break   # retried below, outside the handler, so the failed attempt's tensors are freed
+            elif problem.channels_last:
+                problem.channels_last = False
+            elif not problem.copy_layer_outputs:
+                problem.copy_layer_outputs = True
             else:
                 raise
     problem.chunk_size = (m + 1) // 2
@@ -430,8 +419,14 @@ def layer_points(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor, r
     problem.n_evaluations += int(ex.shape[0])
 
 
-#: what PyTorch's allocators say when memory runs out (CUDA raises torch.OutOfMemoryError)
-_OOM_ERRORS = ("out of memory", "can't allocate memory", "Failed to allocate")
+#: What PyTorch's allocators say when memory runs out without raising torch.OutOfMemoryError, the one
+#: place the engine reads an exception's text: the CPU allocator raises a plain RuntimeError
+#: ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ... bytes"), so does the MPS
+#: one ("MPS backend out of memory (MPS allocated: ...)"), and torch's memory-limited allocators say
+#: "Failed to allocate N bytes. Memory limit: ...". CUDA (and XPU) raise torch.OutOfMemoryError
+#: (torch.cuda.OutOfMemoryError is the same class), which is checked by type. Each form is tested in
+#: tests/test_oom.py.
+_OOM_MESSAGES = ("can't allocate memory", "out of memory", "Failed to allocate")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -444,8 +439,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     Returns
     -------
     bool
+        True for ``torch.OutOfMemoryError`` (by type) and for a plain RuntimeError carrying one of the
+        allocators' messages in :data:`_OOM_MESSAGES`.
     """
-    return isinstance(exc, torch.OutOfMemoryError) or any(k in str(exc) for k in _OOM_ERRORS)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return type(exc) is RuntimeError and any(k in str(exc) for k in _OOM_MESSAGES)
 
 
 def _joined(parts: list[PointBatch]) -> PointBatch:

@@ -422,8 +422,10 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                 try:
                     output = model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
                 except RuntimeError as exc:
-                    # the model cannot take channels-last activations (it .view()s them): keep the inputs' layout
-                    if not engine.is_layout_error(exc):
+                    # a probe, not a reading of the message: the same forward runs below in the inputs' own
+                    # layout; when it runs, the model cannot take channels-last activations (it .view()s
+                    # them) and the path keeps that layout; when it fails too, its error is raised
+                    if engine.is_out_of_memory(exc):
                         raise
                     problem.channels_last = False
             if not problem.channels_last:
