@@ -292,7 +292,6 @@ class ModifiedInPlace(RuntimeError):
     """The model changed a recorded layer's output in place during a forward pass."""
 
 
-
 def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
     """Forward and backward at ``m`` path points; every recorded tensor is detached.
 
