@@ -96,25 +96,73 @@ def test_an_in_place_change_of_a_leaf_during_the_path_falls_back_to_copies():
 
 
 class FailsOnLargeBatches(ViewsLargeBatches):
-    def __init__(self, rows: int, error: type):
-        super().__init__(rows)
-        self.error = error
+    """Raises ``error`` on forwards of more than ``rows`` rows (``times`` of them, then runs); takes
+    channels-last activations (it never .view()s)."""
+
+    def __init__(self, rows: int, error: type, times: float = float("inf")):
+        super().__init__(rows=10 ** 9)
+        self.fail_rows, self.error, self.times, self.failed = rows, error, times, 0
 
     def forward(self, x):
-        if x.shape[0] > self.rows:
+        if x.shape[0] > self.fail_rows and self.failed < self.times:
             self.calls += 1
+            self.failed += 1
             raise self.error("the model's own failure")
         return super().forward(x)
 
 
-@pytest.mark.parametrize("error, attempts", [(RuntimeError, 3), (ValueError, 1)])
-def test_the_models_own_error_is_raised_after_the_probes(error, attempts):
-    """A RuntimeError that no fallback cures is raised as the model raised it, after one retry without
-    channels-last points and one with copies; other exceptions are raised at once."""
-    model = FailsOnLargeBatches(rows=2, error=error).eval()
+@pytest.mark.parametrize("error, times, attempts", [(RuntimeError, float("inf"), 2), (RuntimeError, 1, 3),
+                                                    (ValueError, float("inf"), 1)])
+def test_the_models_own_error_is_raised(error, times, attempts):
+    """A RuntimeError in channels-last layout that the inputs' layout does not cure is raised as the model
+    raised it there (2 attempts); one that the inputs' layout cures but that does not happen again in
+    channels-last layout is not the layout's either: the first error is raised (3 attempts) and the
+    layout kept; other exceptions are raised at once."""
+    model = FailsOnLargeBatches(rows=2, error=error, times=times).eval()
     problem, _ = build_problem(model, torch.randn(2, 2, 6, 6), "conv", channels_last=True, **COMMON)
     before = model.calls
     with pytest.raises(error, match="the model's own failure"):
         engine.evaluate(problem, torch.tensor([0, 0, 1, 1]), torch.full((4,), 0.5, dtype=torch.float64))
     assert model.calls - before == attempts
+    if times == 1:
+        assert problem.channels_last and model.failed == 1
     assert no_hooks_left(model)
+
+
+def test_a_model_that_views_fails_twice_in_channels_last_at_the_inputs_and_keeps_its_layout():
+    """The forward at the inputs: channels-last fails, the inputs' layout runs, channels-last fails again;
+    a one-off failure there is raised instead."""
+    model = ViewsLargeBatches(rows=0).eval()          # .view() on every forward
+    x = torch.randn(2, 2, 6, 6)
+    problem, out = build_problem(model, x, "conv", channels_last=True, **COMMON)
+    assert not problem.channels_last and model.calls == 3
+    torch.testing.assert_close(out, model(x))
+    once = FailsOnLargeBatches(rows=0, error=RuntimeError, times=1).eval()
+    with pytest.raises(RuntimeError, match="the model's own failure"):
+        build_problem(once, x, "conv", channels_last=True, **COMMON)
+    assert once.failed == 1 and no_hooks_left(once)
+
+
+def test_the_leaf_refusal_is_read_from_autograds_own_messages():
+    """The one in-place failure no version counter shows: autograd's refusal, raised here by autograd itself
+    for a leaf and for a view of one; other in-place failures and other errors are not it."""
+    from conductance.engine import ModifiedInPlace, is_leaf_in_place_refusal
+    caught = []
+    for change in (lambda t: t.relu_(), lambda t: t[:2].mul_(2)):
+        leaf = torch.randn(3, requires_grad=True)
+        with pytest.raises(RuntimeError) as info:
+            change(leaf)
+        caught.append(info.value)
+    assert "a leaf Variable" in str(caught[0]) and "a view of a leaf Variable" in str(caught[1])
+    assert all(is_leaf_in_place_refusal(e) for e in caught)
+    a = torch.randn(3, requires_grad=True)
+    b = a * 2
+    c = b * b                                   # saves b for the backward
+    b.add_(1)
+    with pytest.raises(RuntimeError) as saved:
+        c.sum().backward()
+    assert "modified by an inplace operation" in str(saved.value)
+    assert not is_leaf_in_place_refusal(saved.value)   # a version counter shows this one (ModifiedInPlace)
+    assert not is_leaf_in_place_refusal(ModifiedInPlace("leaf Variable that requires grad is being used in an "
+                                                        "in-place operation"))
+    assert not is_leaf_in_place_refusal(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -323,21 +323,18 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
                 if m > 1:
                     break   # retried below, outside the handler, so the failed attempt's tensors are freed
                 raise
-            # Two fast paths fall back for good when a model cannot take them. A changed version counter
-            # of a recorded value (ModifiedInPlace) says for certain that the model changed it in place:
-            # copies from now on. Any other failure is a probe, without reading the message: the same
-            # points are evaluated again without channels-last points (a model that .view()s its
-            # activations cannot take them), then with copies of the recorded values (autograd refuses
-            # an in-place change of the lowest one, a leaf); when a retry runs, that fast path was the
-            # cause. With neither left, the error is the model's own and is raised. check_cuts and
-            # build_problem settle both before the path starts, so this runs only for models whose
+            # Two fast paths fall back for good when a model cannot take them. An in-place change of a
+            # recorded value handed on without a copy: seen by its version counter (ModifiedInPlace), or,
+            # for the lowest one (a leaf), refused by autograd before anything changes; copies from now
+            # on. Channels-last points: a probe (the model .view()s its activations, or anything else
+            # that the inputs' own layout cures and that happens again in channels-last layout).
+            # check_cuts and build_problem settle both before the path starts; this is for models whose
             # behaviour depends on the batch.
-            if isinstance(exc, ModifiedInPlace) and not problem.copy_layer_outputs:
+            if not problem.copy_layer_outputs and (isinstance(exc, ModifiedInPlace)
+                                                   or is_leaf_in_place_refusal(exc)):
                 problem.copy_layer_outputs = True
             elif problem.channels_last:
-                problem.channels_last = False
-            elif not problem.copy_layer_outputs:
-                problem.copy_layer_outputs = True
+                return _without_channels_last(problem, ex, alphas, exc)
             else:
                 raise
     problem.chunk_size = (m + 1) // 2
@@ -346,6 +343,26 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     warn(f"out of memory evaluating {m} path points at once; halved the chunk to {problem.chunk_size} points "
          f"and retried (pass internal_batch_size={problem.chunk_size} or less to start there)")
     return evaluate(problem, ex, alphas)
+
+
+def _without_channels_last(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor,
+                           failure: RuntimeError) -> PointBatch:
+    """The chunk evaluated in the inputs' own layout after ``failure`` in channels-last layout.
+
+    Channels-last points are dropped for the rest of the call only when the failure is the layout's:
+    the points run in the inputs' layout (a failure there is the model's own and is raised) and fail
+    again in channels-last layout. When the second channels-last attempt runs, the first failure was
+    not the layout's and ``failure`` is raised, as the model raised it.
+    """
+    problem.channels_last = False
+    batch = evaluate(problem, ex, alphas)
+    problem.channels_last = True
+    try:
+        _evaluate(problem, ex, alphas)
+    except RuntimeError:
+        problem.channels_last = False
+        return batch
+    raise failure
 
 
 @dataclass
@@ -418,14 +435,23 @@ def layer_points(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor, r
     problem.n_evaluations += int(ex.shape[0])
 
 
-#: What PyTorch's allocators say when memory runs out without raising torch.OutOfMemoryError, the one
-#: place the engine reads an exception's text: the CPU allocator raises a plain RuntimeError
-#: ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ... bytes"), so does the MPS
-#: one ("MPS backend out of memory (MPS allocated: ...)"), and torch's memory-limited allocators say
-#: "Failed to allocate N bytes. Memory limit: ...". CUDA (and XPU) raise torch.OutOfMemoryError
-#: (torch.cuda.OutOfMemoryError is the same class), which is checked by type. Each form is tested in
-#: tests/test_oom.py.
+#: The only exception texts the library reads, because PyTorch raises a plain RuntimeError with nothing
+#: else to tell these failures apart:
+#:
+#: - memory running out on allocators that raise no torch.OutOfMemoryError (CUDA and XPU raise it,
+#:   torch.cuda.OutOfMemoryError is the same class, and it is checked by type): the CPU allocator
+#:   ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ... bytes"), the MPS one ("MPS
+#:   backend out of memory (MPS allocated: ...)") and torch's memory-limited allocators ("Failed to
+#:   allocate N bytes. Memory limit: ...");
+#: - autograd refusing an in-place change of a leaf that requires grad, or of a view of one ("a [view
+#:   of a] leaf Variable that requires grad is being used in an in-place operation."): it refuses before
+#:   the tensor changes, so the version counter that shows every other in-place change does not move.
+#:   The lowest recorded layer's value is such a leaf when it is handed on without a copy.
+#:
+#: Each form is tested in tests/test_oom.py and tests/test_engine_fallbacks.py, raised by PyTorch itself
+#: where this machine can (CPU allocator, autograd).
 _OOM_MESSAGES = ("can't allocate memory", "out of memory", "Failed to allocate")
+_LEAF_IN_PLACE_MESSAGE = "leaf Variable that requires grad is being used in an in-place operation"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -444,6 +470,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return type(exc) is RuntimeError and any(k in str(exc) for k in _OOM_MESSAGES)
+
+
+def is_leaf_in_place_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is autograd refusing an in-place change of a leaf that requires grad (or a view of one).
+
+    Parameters
+    ----------
+    exc : BaseException
+
+    Returns
+    -------
+    bool
+        True for the plain RuntimeError carrying :data:`_LEAF_IN_PLACE_MESSAGE`.
+    """
+    return type(exc) is RuntimeError and _LEAF_IN_PLACE_MESSAGE in str(exc)
 
 
 def _joined(parts: list[PointBatch]) -> PointBatch:

@@ -422,13 +422,10 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                 try:
                     output = model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
                 except RuntimeError as exc:
-                    # a probe, not a reading of the message: the same forward runs below in the inputs' own
-                    # layout; when it runs, the model cannot take channels-last activations (it .view()s
-                    # them) and the path keeps that layout; when it fails too, its error is raised
                     if engine.is_out_of_memory(exc):
                         raise
-                    problem.channels_last = False
-            if not problem.channels_last:
+                    output = _layout_probe(problem, inputs, ex, exc)
+            else:
                 output = model_output(problem, inputs, ex)
         except RuntimeError as exc:
             why = explain_failure(model, inputs)
@@ -438,6 +435,22 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {why}") from exc
     problem.target = resolve_target(target, output, inputs.shape[0], inputs.device)
     return problem, output
+
+
+def _layout_probe(problem: PathProblem, inputs: torch.Tensor, ex: torch.Tensor, failure: RuntimeError) -> Any:
+    """After the forward at the inputs failed with channels-last points: keep the inputs' layout when the
+    model runs in it and fails again in channels-last layout (it cannot take such activations: it
+    ``.view()``s them), and return the output in that layout; raise its error when it fails in its own
+    layout too (the caller adds the dtype or device hint), and ``failure`` when the second channels-last
+    attempt runs (a failure of its own, not the layout's). No exception text is read.
+    """
+    output = model_output(problem, inputs, ex)
+    try:
+        model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
+    except RuntimeError:
+        problem.channels_last = False
+        return output
+    raise failure
 
 
 def check_autograd_available() -> None:
