@@ -424,7 +424,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                 except RuntimeError as exc:
                     if engine.is_out_of_memory(exc):
                         raise
-                    output = _layout_probe(problem, inputs, ex, exc)
+                    output = _layout_probe(problem, lambda points: model_output(problem, points, ex), inputs, exc)
             else:
                 output = model_output(problem, inputs, ex)
         except RuntimeError as exc:
@@ -437,16 +437,33 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
     return problem, output
 
 
-def _layout_probe(problem: PathProblem, inputs: torch.Tensor, ex: torch.Tensor, failure: RuntimeError) -> Any:
-    """After the forward at the inputs failed with channels-last points: keep the inputs' layout when the
-    model runs in it and fails again in channels-last layout (it cannot take such activations: it
-    ``.view()``s them), and return the output in that layout; raise its error when it fails in its own
-    layout too (the caller adds the dtype or device hint), and ``failure`` when the second channels-last
-    attempt runs (a failure of its own, not the layout's). No exception text is read.
+def _layout_probe(problem: PathProblem, run: Callable[[torch.Tensor], Any], x: torch.Tensor,
+                  failure: RuntimeError) -> Any:
+    """After ``run`` (the forward at the inputs) failed with channels-last points: keep the inputs' layout
+    when the model runs in it and fails again in channels-last layout (it cannot take such activations:
+    it ``.view()``s them), and return ``run(x)``; raise its error when it fails in its own layout too
+    (the caller adds the dtype or device hint), and ``failure`` when the second channels-last attempt
+    runs (a failure of its own, not the layout's). No exception text is read.
+
+    Parameters
+    ----------
+    problem : PathProblem
+        Its ``channels_last`` is cleared when the layout is the cause.
+    run : callable
+        Points (rows, *input_shape) -> the model's output there.
+    x : Tensor, shape (rows, *input_shape)
+        The points in the inputs' own layout.
+    failure : RuntimeError
+        The channels-last attempt's error.
+
+    Returns
+    -------
+    Any
+        ``run(x)``.
     """
-    output = model_output(problem, inputs, ex)
+    output = run(x)
     try:
-        model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
+        run(x.contiguous(memory_format=torch.channels_last))
     except RuntimeError:
         problem.channels_last = False
         return output
