@@ -59,7 +59,7 @@ def naive_flip_count(model, x, order, max_units):
         for b in range(x.shape[0]):
             count = math.inf
             for k in range(1, max_units + 1):
-                with ablation.ablate(model, LAYER, order[b, :k].tolist(), unit_type="channel"):
+                with ablation.ablate(model, LAYER, order[b, :k].tolist(), units="channel"):
                     label = model(x[b:b + 1]).argmax(1).item()
                 forwards += 1
                 if label != labels[b].item():

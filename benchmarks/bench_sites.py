@@ -88,7 +88,7 @@ def threads(repeats: int) -> None:
         return cd.layer_conductance(model, coffee, "_blocks.10", n_steps=8, units="channel")["_blocks.10"]
 
     def ablated() -> torch.Tensor:
-        with torch.no_grad(), cd.ablate(model, "_blocks.7", list(range(40)), unit_type="channel"):
+        with torch.no_grad(), cd.ablate(model, "_blocks.7", list(range(40)), units="channel"):
             return model(rocket)
 
     tasks = {"layer _blocks.15": lc15, "layer _blocks.10": lc10, "ablate _blocks.7": ablated}

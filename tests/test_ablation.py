@@ -53,7 +53,7 @@ class FlipBack(nn.Module):
         return torch.stack([u[:, 0] + 0.5, u[:, 1]], dim=1)
 
 
-def naive_flip_count(model, x, layer, order, max_units, unit_type="neuron", mode="zero", values=None):
+def naive_flip_count(model, x, layer, order, max_units, units="neuron", mode="zero", values=None):
     """One forward per prefix per example, stopping at the first change."""
     with torch.no_grad():
         base = model(x).argmax(1)
@@ -63,7 +63,7 @@ def naive_flip_count(model, x, layer, order, max_units, unit_type="neuron", mode
         v = None if values is None else (values[b] if values.shape[0] == x.shape[0] else values)
         for k in range(1, max_units + 1):
             with torch.no_grad(), A.ablate(model, layer, order[b, :k].tolist(), mode=mode, values=v,
-                                           unit_type=unit_type):
+                                           units=units):
                 if model(x[b:b + 1]).argmax(1).item() != base[b].item():
                     count = k
                     break
@@ -110,7 +110,7 @@ def test_ablate_modes_channels_cnn():
                                                 mean_ch.view(1, 5, 1, 1).expand_as(e), e)),
     }
     for mode, (values, hand) in cases.items():
-        with torch.no_grad(), A.ablate(model, "0", [1, 3], mode=mode, values=values, unit_type="channel"):
+        with torch.no_grad(), A.ablate(model, "0", [1, 3], mode=mode, values=values, units="channel"):
             got = model(x)
         with torch.no_grad():
             expected = tail(hand(y.clone()))
@@ -125,6 +125,45 @@ def test_ablate_modes_channels_cnn():
         torch.testing.assert_close(got, tail(e), rtol=0, atol=0)
     assert no_hooks(model)
 
+
+def test_ablate_old_keywords_work_for_one_release_with_a_deprecation_warning():
+    """units= is the kind of unit (as in flip_count and layer_conductance), indices= the units; the old
+    unit_type= and units=<indices> still give the same ablation, each with a DeprecationWarning naming the
+    new keyword (pointing at the caller's line)."""
+    cnn = small_cnn()
+    x = torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        with A.ablate(cnn, "0", [1, 3], units="channel"):
+            want = cnn(x)
+        with pytest.warns(DeprecationWarning, match=r"unit_type=\.\.\.\) is renamed units=") as caught:
+            with A.ablate(cnn, "0", [1, 3], unit_type="channel"):
+                old_kind = cnn(x)
+        assert caught[0].filename == __file__
+        with pytest.warns(DeprecationWarning, match=r"units=<indices>\) is renamed indices=") as caught:
+            with A.ablate(cnn, "0", units=[1, 3], unit_type="channel"):
+                old_both = cnn(x)
+        assert all(w.filename == __file__ for w in caught)
+        with A.ablate(cnn, "0", indices=torch.tensor([1, 3]), units="channel"):
+            keyword = cnn(x)
+        with pytest.warns(DeprecationWarning, match="is renamed indices="):
+            with A.ablate(cnn, "0", units=[(1, 2, 2)]):       # the old keyword, kind defaulting to neurons
+                neuron = cnn(x)
+        with A.ablate(cnn, "0", [(1, 2, 2)]):
+            torch.testing.assert_close(neuron, cnn(x), rtol=0, atol=0)
+    assert not torch.allclose(want, cnn(x))
+    for got in (old_kind, old_both, keyword):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ConductanceError, match="needs the units to ablate: indices="):
+        with A.ablate(cnn, "0", units="channel"):
+            pass
+    with pytest.raises(ConductanceError, match="got indices and a non-string units="):
+        with A.ablate(cnn, "0", [1], units=[2]):
+            pass
+    with pytest.raises(ConductanceError, match="unit_type is the old name of units"), \
+            pytest.warns(DeprecationWarning):
+        with A.ablate(cnn, "0", [1], units="channel", unit_type="neuron"):
+            pass
+    assert no_hooks(cnn)
 
 def test_ablate_per_example_masks_and_indices():
     model = small_mlp()
@@ -185,15 +224,15 @@ def test_ablate_argument_errors():
     with pytest.raises(ConductanceError, match="only used by mode='baseline' or mode='mean'"):
         with A.ablate(model, "1", [0], values=torch.zeros(10)):
             pass
-    with pytest.raises(ConductanceError, match="unknown unit_type"):
-        with A.ablate(model, "1", [0], unit_type="filter"):
+    with pytest.raises(ConductanceError, match="unknown units 'filter'"):
+        with A.ablate(model, "1", [0], units="filter"):
             pass
     cnn = small_cnn()
     with pytest.raises(ConductanceError, match=r"unit \(0, 9, 1\) is out of range for the unit shape \(5, 5, 5\)"):
         with A.ablate(cnn, "0", [(0, 9, 1)]):
             cnn(torch.randn(1, 2, 5, 5))
     with pytest.raises(ConductanceError, match=r"mask of shape \(4,\) does not fit.*5 channels"):
-        with A.ablate(cnn, "0", torch.zeros(4, dtype=torch.bool), unit_type="channel"):
+        with A.ablate(cnn, "0", torch.zeros(4, dtype=torch.bool), units="channel"):
             cnn(torch.randn(1, 2, 5, 5))
     assert no_hooks(model) and no_hooks(cnn)
 
@@ -230,7 +269,7 @@ def test_flip_count_channels_matches_naive_loop():
     r = cd.layer_conductance(model, x, "2", units="channel", n_steps=16)
     order = torch.argsort(r["2"], dim=1, descending=True, stable=True)
     got = A.flip_count(model, x, "2", r, units="channel")
-    assert torch.equal(got, naive_flip_count(model, x, "2", order, 4, unit_type="channel"))
+    assert torch.equal(got, naive_flip_count(model, x, "2", order, 4, units="channel"))
     assert no_hooks(model)
 
 

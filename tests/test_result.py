@@ -198,6 +198,26 @@ def test_layer_result_file_keeps_dtypes_and_extra(layer, tmp_path):
     assert np.array_equal(df[df.layer == "1"].value.to_numpy(), half["1"].double().flatten().numpy())
 
 
+def test_extra_alphas_has_one_shape_everywhere():
+    """extra["alphas"]: the adaptive grid of the path the values were integrated on, one float64 tensor
+    (n_points[e],) per example from 0 to 1; layer integrated gradients (one path per layer) puts its grids
+    under extra["layer_alphas"][layer], the same per-example lists; fixed rules have none."""
+    model = random_mlp(seed=3)
+    x = torch.randn(3, 5) * 2
+    rs = cd.layer_importance(model, x, ["1", "3"], ["conductance", "layer_integrated_gradients"], tolerance=1e-3)
+    for r in rs.values():
+        grids = r.extra["alphas"] if r.measure == "conductance" else r.extra["layer_alphas"]["3"]
+        assert isinstance(grids, list) and len(grids) == 3
+        for a in grids:
+            assert a.dtype == torch.float64 and a.dim() == 1
+            assert a[0] == 0 and a[-1] == 1 and (a.diff() > 0).all()
+    conductance = rs["conductance"]
+    assert [a.numel() for a in conductance.extra["alphas"]] == conductance.n_points.tolist()
+    lig = rs["layer_integrated_gradients"]
+    assert "alphas" not in lig.extra and set(lig.extra["layer_alphas"]) == {"1", "3"}
+    assert "alphas" not in cd.layer_conductance(model, x, "1", n_steps=32).extra
+
+
 def test_aggregate_file_is_readable_by_both_loaders(aggregate, tmp_path):
     path = str(tmp_path / "a.safetensors")
     aggregate.save(path)

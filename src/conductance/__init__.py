@@ -20,8 +20,8 @@ from .ablation import (
 )
 from .aggregate import AggregateResult, aggregate
 from .attribute import layer_conductance, layer_importance
-from .engine import shared
 from .errors import ConductanceError, ConductanceWarning
+from .forward_args import shared
 from .io import load
 from .neuron import neuron_conductance
 from .result import LayerResult

@@ -369,7 +369,9 @@ def _layer_integrated_gradients(problem: PathProblem, is_cut: dict[str, bool], r
     result = _package(LIG, values, coarse, integral=integral, is_cut=is_cut, output_diff=F_end - F_start,
                       problem=problem, request=request)
     if extra_alphas:
-        result.extra["alphas"] = extra_alphas
+        # one path per layer, so one adaptive grid per layer: "alphas" keeps its one meaning (the grid of
+        # the single path, a per-example list) and these go under their own key
+        result.extra["layer_alphas"] = extra_alphas
     return result
 
 

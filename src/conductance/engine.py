@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import ConductanceError, not_dependent, warn
+from .forward_args import Shared, ambiguous_args, shared, take_rows, unwrap_shared  # noqa: F401 (re-exported)
 from .layers import LayerRef
 from .paths import Grid, coarse_positions, quarter_positions
 from .sites import Recorder, never_reached
@@ -111,114 +112,6 @@ class PointBatch:
     gs: dict[str, torch.Tensor]
 
 
-class Shared:
-    """A forward argument given to every path point unchanged, whatever its shape.
-
-    Without it, a tensor in ``additional_forward_args`` or ``forward_kwargs`` whose first
-    dimension equals the batch size is per example (see :func:`_index_args`)."""
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __repr__(self) -> str:
-        shape = tuple(self.value.shape) if isinstance(self.value, torch.Tensor) else type(self.value).__name__
-        return f"shared({shape})"
-
-
-def shared(value: Any) -> Shared:
-    """Mark a forward argument as shared by all examples: passed unchanged to every path point.
-
-    Use it for a tensor whose first dimension happens to equal the batch size but does not index
-    the examples (a weight matrix, a lookup table).
-
-    Parameters
-    ----------
-    value : Any
-        A tensor (any shape) or other forward argument.
-
-    Returns
-    -------
-    Shared
-        A wrapper the engine unwraps; pass it in ``additional_forward_args`` or ``forward_kwargs``.
-    """
-    return Shared(value)
-
-
-def unwrap_shared(args: Any) -> Any:
-    """``args`` with every :class:`Shared` replaced by its value (nothing indexed).
-
-    Parameters
-    ----------
-    args : Any
-        A forward argument, possibly a tuple, list or dict of them.
-
-    Returns
-    -------
-    Any
-        The same structure without :class:`Shared` wrappers.
-    """
-    if isinstance(args, Shared):
-        return args.value
-    if isinstance(args, tuple):
-        return tuple(unwrap_shared(a) for a in args)
-    if isinstance(args, list):
-        return [unwrap_shared(a) for a in args]
-    if isinstance(args, dict):
-        return {k: unwrap_shared(v) for k, v in args.items()}
-    return args
-
-
-def ambiguous_args(args: Any, batch: int, where: str) -> list[str]:
-    """Per-example forward arguments that may be shared ones whose first dimension equals the batch
-    size by coincidence: parameters (or tensors that require grad), and square floating-point
-    matrices (batch, batch). Integer tensors (token ids, masks) are taken as per example.
-
-    Parameters
-    ----------
-    args : Any
-        Forward arguments (a tensor, or a tuple, list or dict of them).
-    batch : int
-        Number of examples.
-    where : str
-        Name of ``args`` for the messages (``"forward_kwargs"``).
-
-    Returns
-    -------
-    list of str
-        One description (name and shape) per doubtful tensor; empty when none is.
-    """
-    if isinstance(args, torch.Tensor):
-        if args.dim() > 0 and args.shape[0] == batch and (
-                isinstance(args, nn.Parameter) or args.requires_grad
-                or (batch > 1 and args.is_floating_point() and tuple(args.shape) == (batch, batch))):
-            return [f"{where} of shape {tuple(args.shape)}"]
-        return []
-    if isinstance(args, (tuple, list)):
-        return [w for i, a in enumerate(args) for w in ambiguous_args(a, batch, f"{where}[{i}]")]
-    if isinstance(args, dict):
-        return [w for k, v in args.items() for w in ambiguous_args(v, batch, f"{where}[{k!r}]")]
-    return []
-
-
-def _index_args(args: Any, ex: torch.Tensor, batch: int) -> Any:
-    """Expand per-example tensors (first dimension == batch) to the points; leave the rest.
-
-    The rule: a tensor (also inside a tuple, list or dict) whose first dimension equals the batch
-    size is per example, and point k of example i gets its row i; anything else, and anything
-    wrapped in :func:`shared`, is passed unchanged to every point."""
-    if isinstance(args, Shared):
-        return args.value
-    if isinstance(args, torch.Tensor):
-        return args[ex] if args.dim() > 0 and args.shape[0] == batch else args
-    if isinstance(args, tuple):
-        return tuple(_index_args(a, ex, batch) for a in args)
-    if isinstance(args, list):
-        return [_index_args(a, ex, batch) for a in args]
-    if isinstance(args, dict):
-        return {k: _index_args(v, ex, batch) for k, v in args.items()}
-    return args
-
-
 def model_output(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> Any:
     """Run the user's model on points ``x`` (m, *input_shape) belonging to examples ``ex``.
 
@@ -235,8 +128,8 @@ def model_output(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> Any
     Any
         Whatever the model returns for the batch of ``m`` points.
     """
-    extra = _index_args(problem.additional_forward_args, ex, problem.batch_size)
-    kwargs = _index_args(problem.forward_kwargs, ex, problem.batch_size)
+    extra = take_rows(problem.additional_forward_args, ex, problem.batch_size)
+    kwargs = take_rows(problem.forward_kwargs, ex, problem.batch_size)
     problem.n_forwards += 1
     if problem.input_spec is not None:
         return problem.model(*problem.input_spec.unpack(x), *extra, **kwargs)
@@ -395,29 +288,8 @@ def wants_channels_last(model: nn.Module, inputs: torch.Tensor) -> bool:
 #: channels-last changes float32 results only by rounding).
 CHANNELS_LAST = True
 
-_LAYOUT_ERRORS = ("view size is not compatible", "stride", "contiguous")
-
-
-def is_layout_error(exc: RuntimeError) -> bool:
-    """Whether a model failed because it cannot take channels-last activations (it ``.view()``s them).
-
-    Parameters
-    ----------
-    exc : RuntimeError
-
-    Returns
-    -------
-    bool
-    """
-    return any(k in str(exc) for k in _LAYOUT_ERRORS)
-
-
 class ModifiedInPlace(RuntimeError):
     """The model changed a recorded layer's output in place during a forward pass."""
-
-
-#: what autograd says when a model changes a leaf or a saved tensor in place
-_IN_PLACE_ERRORS = ("in-place operation", "inplace operation")
 
 
 def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
@@ -447,16 +319,22 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
                 problem.progress.update(m)
             return batch
         except RuntimeError as exc:
-            # Two fast paths fall back for good when a model cannot take them: a model that .view()s
-            # its activations gets points in its own layout; a model that changes a recorded layer's
-            # output in place gets a copy of each recorded value.
-            if problem.channels_last and is_layout_error(exc):
-                problem.channels_last = False
-            elif not problem.copy_layer_outputs and (isinstance(exc, ModifiedInPlace)
-                                                     or any(k in str(exc) for k in _IN_PLACE_ERRORS)):
+            if is_out_of_memory(exc):
+                if m > 1:
+                    break   # retried below, outside the handler, so the failed attempt's tensors are freed
+                raise
+            # Two fast paths fall back for good when a model cannot take them. An in-place change of a
+            # recorded value handed on without a copy: seen by its version counter (ModifiedInPlace), or,
+            # for the lowest one (a leaf), refused by autograd before anything changes; copies from now
+            # on. Channels-last points: a probe (the model .view()s its activations, or anything else
+            # that the inputs' own layout cures and that happens again in channels-last layout).
+            # check_cuts and build_problem settle both before the path starts; this is for models whose
+            # behaviour depends on the batch.
+            if not problem.copy_layer_outputs and (isinstance(exc, ModifiedInPlace)
+                                                   or is_leaf_in_place_refusal(exc)):
                 problem.copy_layer_outputs = True
-            elif is_out_of_memory(exc) and m > 1:
-                break   # retried below, outside the handler, so the failed attempt's tensors are freed
+            elif problem.channels_last:
+                return _without_channels_last(problem, ex, alphas, exc)
             else:
                 raise
     problem.chunk_size = (m + 1) // 2
@@ -465,6 +343,26 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     warn(f"out of memory evaluating {m} path points at once; halved the chunk to {problem.chunk_size} points "
          f"and retried (pass internal_batch_size={problem.chunk_size} or less to start there)")
     return evaluate(problem, ex, alphas)
+
+
+def _without_channels_last(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor,
+                           failure: RuntimeError) -> PointBatch:
+    """The chunk evaluated in the inputs' own layout after ``failure`` in channels-last layout.
+
+    Channels-last points are dropped for the rest of the call only when the failure is the layout's:
+    the points run in the inputs' layout (a failure there is the model's own and is raised) and fail
+    again in channels-last layout. When the second channels-last attempt runs, the first failure was
+    not the layout's and ``failure`` is raised, as the model raised it.
+    """
+    problem.channels_last = False
+    batch = evaluate(problem, ex, alphas)
+    problem.channels_last = True
+    try:
+        _evaluate(problem, ex, alphas)
+    except RuntimeError:
+        problem.channels_last = False
+        return batch
+    raise failure
 
 
 @dataclass
@@ -537,8 +435,23 @@ def layer_points(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor, r
     problem.n_evaluations += int(ex.shape[0])
 
 
-#: what PyTorch's allocators say when memory runs out (CUDA raises torch.OutOfMemoryError)
-_OOM_ERRORS = ("out of memory", "can't allocate memory", "Failed to allocate")
+#: The only exception texts the library reads, because PyTorch raises a plain RuntimeError with nothing
+#: else to tell these failures apart:
+#:
+#: - memory running out on allocators that raise no torch.OutOfMemoryError (CUDA and XPU raise it,
+#:   torch.cuda.OutOfMemoryError is the same class, and it is checked by type): the CPU allocator
+#:   ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ... bytes"), the MPS one ("MPS
+#:   backend out of memory (MPS allocated: ...)") and torch's memory-limited allocators ("Failed to
+#:   allocate N bytes. Memory limit: ...");
+#: - autograd refusing an in-place change of a leaf that requires grad, or of a view of one ("a [view
+#:   of a] leaf Variable that requires grad is being used in an in-place operation."): it refuses before
+#:   the tensor changes, so the version counter that shows every other in-place change does not move.
+#:   The lowest recorded layer's value is such a leaf when it is handed on without a copy.
+#:
+#: Each form is tested in tests/test_oom.py and tests/test_engine_fallbacks.py, raised by PyTorch itself
+#: where this machine can (CPU allocator, autograd).
+_OOM_MESSAGES = ("can't allocate memory", "out of memory", "Failed to allocate")
+_LEAF_IN_PLACE_MESSAGE = "leaf Variable that requires grad is being used in an in-place operation"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -551,8 +464,27 @@ def is_out_of_memory(exc: BaseException) -> bool:
     Returns
     -------
     bool
+        True for ``torch.OutOfMemoryError`` (by type) and for a plain RuntimeError carrying one of the
+        allocators' messages in :data:`_OOM_MESSAGES`.
     """
-    return isinstance(exc, torch.OutOfMemoryError) or any(k in str(exc) for k in _OOM_ERRORS)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return type(exc) is RuntimeError and any(k in str(exc) for k in _OOM_MESSAGES)
+
+
+def is_leaf_in_place_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is autograd refusing an in-place change of a leaf that requires grad (or a view of one).
+
+    Parameters
+    ----------
+    exc : BaseException
+
+    Returns
+    -------
+    bool
+        True for the plain RuntimeError carrying :data:`_LEAF_IN_PLACE_MESSAGE`.
+    """
+    return type(exc) is RuntimeError and _LEAF_IN_PLACE_MESSAGE in str(exc)
 
 
 def _joined(parts: list[PointBatch]) -> PointBatch:

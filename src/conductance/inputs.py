@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union, cast
 
@@ -14,7 +14,8 @@ from torch import nn
 
 from . import engine
 from .engine import PathProblem, logits_of, model_output
-from .errors import ConductanceError, warn
+from .errors import ConductanceError
+from .forward_args import ForwardArgs, check_forward_args  # noqa: F401 (check_forward_args: re-exported)
 from .layers import LayerSpec, resolve_layers
 from .paths import CAPTUM_RULES
 from .sites import warn_training
@@ -228,41 +229,6 @@ def explain_failure(model: nn.Module, inputs: torch.Tensor) -> Optional[str]:
     return None
 
 
-def check_forward_args(additional_forward_args: Any, forward_kwargs: Any) -> tuple[tuple, dict]:
-    """The positional and keyword arguments after the inputs, in the forms the engine uses.
-
-    Parameters
-    ----------
-    additional_forward_args : None, a tuple, or one value
-        Lists and dicts are refused (ambiguous).
-    forward_kwargs : None or dict str -> Any
-
-    Returns
-    -------
-    args : tuple
-    kwargs : dict
-    """
-    extra = additional_forward_args
-    if extra is None:
-        extra = ()
-    elif isinstance(extra, (list, dict)):
-        hint = ("pass keyword arguments as forward_kwargs=" if isinstance(extra, dict) else
-                f"to pass one list as a single argument wrap it: additional_forward_args=(your_list,); for "
-                f"{len(extra)} positional arguments pass a tuple")
-        raise ConductanceError(f"additional_forward_args must be a tuple of the positional arguments after the "
-                               f"inputs (or one non-list, non-dict value); got a {type(extra).__name__}: {hint}")
-    elif not isinstance(extra, tuple):
-        extra = (extra,)
-    if forward_kwargs is None:
-        forward_kwargs = {}
-    if not isinstance(forward_kwargs, Mapping) or not all(isinstance(k, str) for k in forward_kwargs):
-        raise ConductanceError(f"forward_kwargs must be a dict of keyword name -> value for the model; got "
-                               f"{type(forward_kwargs).__name__}" + (" with non-string keys" if
-                                                                     isinstance(forward_kwargs, Mapping) else "")
-                               + ". Positional arguments go in additional_forward_args (a tuple)")
-    return extra, dict(forward_kwargs)
-
-
 def default_chunk(inputs: torch.Tensor) -> int:
     """Path points per forward pass when the user gives no ``internal_batch_size``.
 
@@ -436,12 +402,7 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
         check_model_fits(model, inputs)
         base = check_baselines(baselines, inputs)
     extra, kwargs = request.additional_forward_args, request.forward_kwargs
-    unclear = engine.ambiguous_args(extra, inputs.shape[0], "additional_forward_args") + \
-        engine.ambiguous_args(kwargs, inputs.shape[0], "forward_kwargs")
-    if unclear:
-        warn(f"{', '.join(unclear)}: the first dimension equals the batch size ({inputs.shape[0]}), so each row goes "
-             "with one example (the per-example rule), but it looks like a shared tensor (a parameter, or a square "
-             "float matrix). If it is shared by all examples, pass conductance.shared(tensor)")
+    ForwardArgs(extra, kwargs, int(inputs.shape[0])).warn_ambiguous()
     refs = resolve_layers(model, layers, use_input=request.attribute_to_layer_input)
     internal_batch_size = request.internal_batch_size
     warn_training(model, "conductance")
@@ -461,11 +422,10 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                 try:
                     output = model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
                 except RuntimeError as exc:
-                    # the model cannot take channels-last activations (it .view()s them): keep the inputs' layout
-                    if not engine.is_layout_error(exc):
+                    if engine.is_out_of_memory(exc):
                         raise
-                    problem.channels_last = False
-            if not problem.channels_last:
+                    output = _layout_probe(problem, lambda points: model_output(problem, points, ex), inputs, exc)
+            else:
                 output = model_output(problem, inputs, ex)
         except RuntimeError as exc:
             why = explain_failure(model, inputs)
@@ -475,6 +435,39 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {why}") from exc
     problem.target = resolve_target(target, output, inputs.shape[0], inputs.device)
     return problem, output
+
+
+def _layout_probe(problem: PathProblem, run: Callable[[torch.Tensor], Any], x: torch.Tensor,
+                  failure: RuntimeError) -> Any:
+    """After ``run`` (the forward at the inputs) failed with channels-last points: keep the inputs' layout
+    when the model runs in it and fails again in channels-last layout (it cannot take such activations:
+    it ``.view()``s them), and return ``run(x)``; raise its error when it fails in its own layout too
+    (the caller adds the dtype or device hint), and ``failure`` when the second channels-last attempt
+    runs (a failure of its own, not the layout's). No exception text is read.
+
+    Parameters
+    ----------
+    problem : PathProblem
+        Its ``channels_last`` is cleared when the layout is the cause.
+    run : callable
+        Points (rows, *input_shape) -> the model's output there.
+    x : Tensor, shape (rows, *input_shape)
+        The points in the inputs' own layout.
+    failure : RuntimeError
+        The channels-last attempt's error.
+
+    Returns
+    -------
+    Any
+        ``run(x)``.
+    """
+    output = run(x)
+    try:
+        run(x.contiguous(memory_format=torch.channels_last))
+    except RuntimeError:
+        problem.channels_last = False
+        return output
+    raise failure
 
 
 def check_autograd_available() -> None:

@@ -15,7 +15,8 @@ from typing import Any, Optional
 from . import engine
 from .adaptive import REFINE_SHARE
 from .errors import ConductanceError
-from .inputs import check_budget, check_forward_args, check_steps
+from .forward_args import check_forward_args
+from .inputs import check_budget, check_steps
 from .paths import METHODS
 from .progress import check_progress
 

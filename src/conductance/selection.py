@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import ConductanceError
+from .forward_args import ForwardArgs
 from .layers import LayerSpec, resolve_layers
 from .progress import Progress, check_progress
 from .result import ResultProtocol, pandas
@@ -436,31 +437,11 @@ def _check_split(split: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.
 # --------------------------------------------------------------------------------------------------
 # running the model
 
-def _slice(value: Any, idx: torch.Tensor, n: int) -> Any:
-    """``value`` restricted to the examples ``idx``: tensors with a first dimension of ``n`` are indexed,
-    containers are walked, everything else passes through."""
-    if isinstance(value, torch.Tensor):
-        return value[idx.to(value.device)] if value.dim() >= 1 and value.shape[0] == n else value
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_slice(v, idx, n) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_slice(v, idx, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _slice(v, idx, n) for k, v in value.items()}
-    return value
-
-
 def _slice_baselines(baselines: Any, inputs: torch.Tensor, idx: torch.Tensor) -> Any:
     if isinstance(baselines, torch.Tensor) and baselines.dim() == inputs.dim() \
             and baselines.shape[0] == inputs.shape[0] and inputs.shape[0] > 1:
         return baselines[idx.to(baselines.device)]
     return baselines
-
-
-def _as_tuple(args: Any) -> tuple:
-    if args is None:
-        return ()
-    return tuple(args) if isinstance(args, (tuple, list)) else (args,)
 
 
 def layer_activations(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, *, units: str = "channel",
@@ -496,13 +477,14 @@ def layer_activations(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, 
         raise ConductanceError("layer_activations reads one layer at a time")
     ref = refs[0]
     n = inputs.shape[0]
+    fargs = ForwardArgs.make(additional_forward_args, forward_kwargs, n)
     chunks = []
     with torch.no_grad():
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size))
+            args, kw = fargs.at(idx)
             with record(model, ref, need="feature selection") as rec:
-                model(inputs[idx.to(inputs.device)], *_as_tuple(_slice(additional_forward_args, idx, n)),
-                      **(_slice(forward_kwargs, idx, n) or {}))
+                model(inputs[idx.to(inputs.device)], *args, **kw)
             rec.require()
             value = rec.values[ref.name].float()
             if units == "channel" and value.dim() > 2:
@@ -540,9 +522,11 @@ def _importance_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
     kw = dict(kwargs)
     if "baselines" in kw:
         kw["baselines"] = _slice_baselines(kw["baselines"], inputs, idx)
-    for key in ("additional_forward_args", "forward_kwargs"):
-        if key in kw:
-            kw[key] = _slice(kw[key], idx, n)
+    if "additional_forward_args" in kw or "forward_kwargs" in kw:
+        # this batch's rows of the per-example arguments; shared() ones stay wrapped for layer_importance
+        fargs = ForwardArgs.make(kw.pop("additional_forward_args", None), kw.pop("forward_kwargs", None), n,
+                                 warn_ambiguous=False)
+        kw.update(fargs.subset(idx).keywords())
     x = inputs[idx.to(inputs.device)]
     target = labels[idx].to(inputs.device)
     result = layer_importance(model, x, layer, measure=list(measures), target=target, units=units, **kw)

@@ -16,7 +16,7 @@ top-1 label changes (Dhamdhere et al., section on ablation). This module provide
   paper reports (mean flips, how many need more than 10, the maximum, and the share
   flipped by removing the top 10).
 
-Units are addressed by *flat* index: for ``unit_type="neuron"`` the row-major index into
+Units are addressed by *flat* index: for ``units="neuron"`` the row-major index into
 the layer's shape without the batch dimension (as ``LayerResult.top`` reports it); for
 ``"channel"`` the index along dimension 1, every position of the channel ablated together.
 

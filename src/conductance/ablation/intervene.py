@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConductanceError
+from ..forward_args import ForwardArgs
 from ..layers import LayerRef, LayerSpec, resolve_layers
 from ..sites import intervene, record
 
@@ -61,7 +63,7 @@ def _unit_info(ref: LayerRef, shape: Sequence[int], unit_type: str) -> tuple[tup
     if unit_type == "channel":
         if len(layer_shape) < 1:
             raise ConductanceError(f"layer {ref.name!r} has output shape {tuple(shape)}: no channel dimension; "
-                                   "use unit_type/units='neuron'")
+                                   "use units='neuron'")
         return (layer_shape[0],), layer_shape[0]
     return layer_shape, int(math.prod(layer_shape))
 
@@ -91,11 +93,11 @@ def _mask_from_units(units: Any, batch: int, layer_shape: tuple, unit_type: str,
                                "(one row per example)")
     if isinstance(units, torch.Tensor):
         if units.is_floating_point() or units.is_complex():
-            raise ConductanceError(f"units must be unit indices (ints, a LongTensor) or a boolean mask; got a "
+            raise ConductanceError(f"indices must be unit indices (ints, a LongTensor) or a boolean mask; got a "
                                    f"{units.dtype} tensor (to rank units by scores use flip_count)")
         idx = units.long()
         if idx.dim() > 2:
-            raise ConductanceError(f"a LongTensor of units must be (k,) shared or (batch, k) per example; got "
+            raise ConductanceError(f"a LongTensor of indices must be (k,) shared or (batch, k) per example; got "
                                    f"shape {tuple(idx.shape)}")
         if idx.dim() == 2 and idx.shape[0] != batch:
             raise ConductanceError(f"per-example unit indices of shape {tuple(idx.shape)} do not match the batch "
@@ -116,10 +118,10 @@ def _mask_from_units(units: Any, batch: int, layer_shape: tuple, unit_type: str,
             elif isinstance(u, (numbers.Integral, torch.Tensor, np.integer)) and not isinstance(u, bool):
                 flat.append(int(u))
             else:
-                raise ConductanceError(f"units must be ints, index tuples or a boolean mask; got {u!r}")
+                raise ConductanceError(f"indices must be ints, index tuples or a boolean mask; got {u!r}")
         rows = torch.tensor(flat, dtype=torch.long).reshape(1, -1)
     else:
-        raise ConductanceError(f"units must be a list of unit indices, a LongTensor or a boolean mask; got "
+        raise ConductanceError(f"indices must be a list of unit indices, a LongTensor or a boolean mask; got "
                                f"{type(units).__name__}")
     if rows.numel() and (rows.min() < 0 or rows.max() >= n):
         bad = rows[(rows < 0) | (rows >= n)].unique().tolist()[:10]
@@ -169,8 +171,8 @@ def _apply(t: torch.Tensor, mask: torch.Tensor, repl: Optional[torch.Tensor], un
 
 
 @contextlib.contextmanager
-def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero", values: Any = None,
-           unit_type: str = "neuron") -> Iterator[None]:
+def ablate(model: nn.Module, layer: LayerSpec, indices: Any = None, *, units: Any = "neuron", mode: str = "zero",
+           values: Any = None, unit_type: Optional[str] = None) -> Iterator[None]:
     """Ablate units of one layer's output while the block runs.
 
     Parameters
@@ -178,13 +180,15 @@ def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero"
     model : nn.Module
     layer : str, nn.Module or ("name", element)
         The layer whose output is modified (every time the module runs).
-    units : list, LongTensor or BoolTensor
+    indices : list, LongTensor or BoolTensor
         Which units to ablate. A list of flat unit indices (or, for neurons, index tuples into
         the layer's shape) or a 1-D LongTensor: shared by every example. A LongTensor
         (batch, k): per-example indices. A boolean mask of shape (*unit_shape) (shared) or
         (batch, *unit_shape) (per example); flattened (n_units,) / (batch, n_units) also work.
-        The unit shape is the layer's shape without the batch for ``unit_type="neuron"`` and
+        The unit shape is the layer's shape without the batch for ``units="neuron"`` and
         (channels,) for ``"channel"``.
+    units : {"neuron", "channel"}
+        The kind of unit, as in :func:`conductance.layer_conductance` and :func:`flip_count`.
     mode : {"zero", "baseline", "mean"}
         "zero" sets the units to 0. "baseline" and "mean" set them to ``values``: the layer's
         value at the baseline input (:func:`layer_values`) or a mean over data
@@ -192,7 +196,9 @@ def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero"
     values : Tensor, optional
         Shape (*layer_shape) (shared), (batch, *layer_shape) (per example) or, for channel
         units, (channels,) / (batch, channels) broadcast over positions.
-    unit_type : {"neuron", "channel"}
+    unit_type : {"neuron", "channel"}, optional
+        Deprecated name of ``units`` (a DeprecationWarning; removed in the next release). Until
+        then ``units=`` given a list or tensor is taken as ``indices=``, with a DeprecationWarning.
 
     Yields
     ------
@@ -202,17 +208,19 @@ def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero"
     Raises
     ------
     ConductanceError
-        Unknown mode or unit type; values missing or of the wrong shape; a unit index out of
-        range (checked when the layer first runs, since its shape is known only then). The
+        Unknown mode or unit kind; no indices; values missing or of the wrong shape; a unit index
+        out of range (checked when the layer first runs, since its shape is known only then). The
         hook is removed on exit, including on error. It acts only on forwards run in this thread (or
         in a copy of its context): another thread using the model meanwhile is not ablated.
 
     Example
     -------
-    >>> with ablate(model, "features.3", [5, 17], unit_type="channel"):
+    >>> with ablate(model, "features.3", [5, 17], units="channel"):
     ...     logits = model(x)
     """
-    _check_unit_type(unit_type, "unit_type")
+    indices, units, kind_arg = _renamed_arguments(indices, units, unit_type)
+    _check_unit_type(units, kind_arg)
+    kind = str(units)
     _check_mode(mode, values)
     if mode == "baseline" and values is None:
         raise ConductanceError("mode='baseline' needs values: pass values=layer_values(model, baselines, layer) "
@@ -221,27 +229,53 @@ def ablate(model: nn.Module, layer: LayerSpec, units: Any, *, mode: str = "zero"
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         batch, layer_shape = t.shape[0], tuple(t.shape[1:])
-        mask = _mask_from_units(units, batch, layer_shape, unit_type, ref)
-        repl = None if mode == "zero" else _broadcast_values(values, batch, layer_shape, unit_type, ref, mode)
-        return _apply(t, mask, repl, unit_type)
+        mask = _mask_from_units(indices, batch, layer_shape, kind, ref)
+        repl = None if mode == "zero" else _broadcast_values(values, batch, layer_shape, kind, ref, mode)
+        return _apply(t, mask, repl, kind)
 
     with intervene(model, {ref: fn}):
         yield
+
+
+def _renamed_arguments(indices: Any, units: Any, unit_type: Optional[str]) -> tuple[Any, Any, str]:
+    """``ablate``'s (indices, units, name of the kind's argument) from its current and its old keywords.
+
+    Before, ``units`` held the indices and ``unit_type`` the kind; both old forms keep working for one
+    release with a DeprecationWarning naming the new keyword (stacklevel: the user's ``with`` line,
+    above contextlib's ``__enter__``)."""
+    kind_arg = "units"
+    if unit_type is not None:
+        warnings.warn("ablate(unit_type=...) is renamed units=... (the kind of unit, 'neuron' or 'channel', as "
+                      "in layer_conductance and flip_count); unit_type= will be removed in the next release",
+                      DeprecationWarning, stacklevel=4)
+        kind_arg = "unit_type"
+    if not isinstance(units, str):
+        if indices is not None:
+            raise ConductanceError("ablate got indices and a non-string units=: units= is the kind of unit ('neuron' "
+                                   "or 'channel') and indices= the units to ablate")
+        warnings.warn("ablate(units=<indices>) is renamed indices=<indices>: units= now names the kind of unit "
+                      "('neuron' or 'channel', formerly unit_type=); the old form will be removed in the next release",
+                      DeprecationWarning, stacklevel=4)
+        return units, (unit_type if unit_type is not None else "neuron"), kind_arg
+    if unit_type is not None:
+        if units not in ("neuron", unit_type):
+            raise ConductanceError(f"ablate got units={units!r} and unit_type={unit_type!r}; unit_type is the old "
+                                   "name of units: pass units= only")
+        units = unit_type
+    if indices is None:
+        raise ConductanceError("ablate needs the units to ablate: indices= a list of unit indices, a LongTensor "
+                               "or a boolean mask, e.g. ablate(model, layer, [3, 7], units='channel')")
+    return indices, units, kind_arg
 
 
 # --------------------------------------------------------------------------------------------
 # recording a layer
 
 
-def _as_args(additional_forward_args: Any) -> tuple:
-    if additional_forward_args is None:
-        return ()
-    return additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
-
-
 def _record(model: nn.Module, ref: LayerRef, inputs: torch.Tensor, args: tuple, kwargs: dict
             ) -> tuple[Any, torch.Tensor]:
-    """One no-grad forward; returns (model output, the layer's output tensor)."""
+    """One no-grad forward with the model's own arguments (from :meth:`ForwardArgs.at`); returns (model
+    output, the layer's output tensor)."""
     with torch.no_grad(), record(model, ref, need="an ablation") as rec:
         out = model(inputs, *args, **kwargs)
     rec.require()
@@ -281,7 +315,9 @@ def layer_values(model: nn.Module, inputs: torch.Tensor, layer: LayerSpec, *,
     """
     ref = _one_layer(model, layer)
     inputs = _check_batch_inputs(inputs)
-    _, value = _record(model, ref, inputs, _as_args(additional_forward_args), dict(forward_kwargs or {}))
+    args, kwargs = ForwardArgs.make(additional_forward_args, forward_kwargs, inputs.shape[0],
+                                    warn_ambiguous=False).at()
+    _, value = _record(model, ref, inputs, args, kwargs)
     return value
 
 
@@ -307,7 +343,8 @@ def layer_mean(model: nn.Module, batches: Any, layer: LayerSpec, *, units: str =
     """
     _check_unit_type(units, "units")
     ref = _one_layer(model, layer)
-    args, kwargs = _as_args(additional_forward_args), dict(forward_kwargs or {})
+    # the same arguments for every batch (nothing indexed: batches need not match one batch size)
+    args, kwargs = ForwardArgs.make(additional_forward_args, forward_kwargs, 0, warn_ambiguous=False).at()
     if isinstance(batches, torch.Tensor):
         batches = [batches]
     total: Optional[torch.Tensor] = None

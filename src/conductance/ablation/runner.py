@@ -12,15 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import _index_args, logits_of
+from ..engine import logits_of
 from ..errors import ConductanceError
+from ..forward_args import ForwardArgs
 from ..inputs import check_baselines
 from ..layers import LayerRef, LayerSpec
 from ..progress import Progress
 from ..sites import intervene, warn_training
 from .intervene import (
     _apply,
-    _as_args,
     _broadcast_values,
     _check_batch_inputs,
     _check_mode,
@@ -123,8 +123,7 @@ class _Session:
         self.batch = int(self.inputs.shape[0])
         self.device = self.inputs.device
         self.bar: Optional[Progress] = None   # counts ablated rows while a public call runs
-        self.args = _as_args(additional_forward_args)
-        self.kwargs = dict(forward_kwargs or {})
+        self.fargs = ForwardArgs.make(additional_forward_args, forward_kwargs, self.batch)
         self.mode, self.units = mode, units
         if batch_size is None:
             per = max(1, self.inputs[0].numel())
@@ -138,7 +137,7 @@ class _Session:
         self.expand: Optional[bool] = expand_at_layer
         self.expand_note = "requested" if expand_at_layer is not None else "not probed yet"
         warn_training(model, "ablation results")
-        self.output, layer_out = _record(model, self.ref, self.inputs, self.args, self.kwargs)
+        self.output, layer_out = _record(model, self.ref, self.inputs, *self.fargs.at())
         scores = logits_of(self.output)
         if scores.dim() != 2 or scores.shape[0] != self.batch:
             raise ConductanceError(f"ablation compares top-1 labels, so the model must return scores of shape "
@@ -154,7 +153,7 @@ class _Session:
                 base = check_baselines(baselines, self.inputs)
             else:  # e.g. token ids: a pad-token baseline
                 base = torch.as_tensor(baselines, device=self.device).expand_as(self.inputs)
-            _, values = _record(model, self.ref, base, self.args, self.kwargs)
+            _, values = _record(model, self.ref, base, *self.fargs.at())
         if mode != "zero":
             self.values = _broadcast_values(values, self.batch, self.layer_shape, units, self.ref, mode).to(self.device)
         self.n_forwards = 0
@@ -232,8 +231,7 @@ class _Session:
         rows = rows_ex.shape[0]
         repl = self._repl(rows_ex)
         x = self.inputs[rows_ex]
-        args = _index_args(self.args, rows_ex, self.batch)
-        kwargs = _index_args(self.kwargs, rows_ex, self.batch)
+        args, kwargs = self.fargs.at(rows_ex)
         feed_ex, local = torch.unique_consecutive(rows_ex, return_inverse=True)
         shrink = expand and feed_ex.shape[0] < rows
 
@@ -249,8 +247,7 @@ class _Session:
             stack.enter_context(torch.no_grad())
             if shrink:
                 swap = {id(x): self.inputs[feed_ex]}
-                small = _tensor_leaves((_index_args(self.args, feed_ex, self.batch),
-                                        _index_args(self.kwargs, feed_ex, self.batch)))
+                small = _tensor_leaves(self.fargs.at(feed_ex))
                 for full, part in zip(_tensor_leaves((args, kwargs)), small):
                     if full.shape[:1] == (rows,) and part.shape[:1] == feed_ex.shape:
                         swap[id(full)] = part

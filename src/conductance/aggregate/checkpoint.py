@@ -65,7 +65,7 @@ def _describe(value: Any) -> Any:
         return f"tensor{tuple(value.shape)}:{h.hexdigest()}"
     if isinstance(value, numbers.Number):
         return float(cast(SupportsFloat, value))  # numpy scalars, Fraction; a complex raises TypeError, as always
-    from ..engine import Shared
+    from ..forward_args import Shared
     if isinstance(value, Shared):
         return {"shared": _describe(value.value)}
     if isinstance(value, (list, tuple)):

@@ -133,12 +133,13 @@ def _to(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tenso
 
 
 def _predicted(model: nn.Module, x: torch.Tensor, kwargs: dict, index: int) -> torch.Tensor:
-    from ..engine import logits_of, unwrap_shared
+    from ..engine import logits_of
+    from ..forward_args import ForwardArgs
 
-    extra = kwargs.get("additional_forward_args")
-    extra = () if extra is None else extra if isinstance(extra, tuple) else (extra,)
+    args, kw = ForwardArgs.make(kwargs.get("additional_forward_args"), kwargs.get("forward_kwargs"), x.shape[0],
+                                warn_ambiguous=False).at()
     with torch.no_grad():
-        scores = logits_of(model(x, *unwrap_shared(extra), **unwrap_shared(dict(kwargs.get("forward_kwargs") or {}))))
+        scores = logits_of(model(x, *args, **kw))
     if scores.dim() != 2:
         raise ConductanceError(f"batch {index}: grouping by predicted class needs outputs (batch, classes), got "
                                f"{tuple(scores.shape)}; give labels or use by=None")

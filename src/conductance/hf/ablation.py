@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConductanceError
+from ..forward_args import ForwardArgs
 from ..layers import LayerRef, _suggest
 from ..sites import Edit, Site, intervene
 from .families import _bert_blocks, _in_features, _module_names, family, num_heads_of
@@ -216,6 +217,7 @@ def head_inputs(model: nn.Module, input_ids: torch.Tensor, *, module: Optional[s
     # each projection's first positional input
     edits: dict[Site, Edit] = {LayerRef(name, modules[name], None, True): observer(i)
                                for i, name in projections.items()}
+    _, kwargs = ForwardArgs.make(None, forward_kwargs, input_ids.shape[0], warn_ambiguous=False).at()
     with (intervene(model, edits) if edits else contextlib.nullcontext()), torch.no_grad():
-        model(input_ids, **(forward_kwargs or {}))
+        model(input_ids, **kwargs)
     return found

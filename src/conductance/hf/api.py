@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConductanceError, ConductanceWarning, warn
+from ..forward_args import ForwardArgs
 from ..result import LayerResult
 from .families import LayersArg, embedding_module, num_heads_of
 from .path import (
@@ -124,9 +125,9 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
                                "embeddings (batch, tokens, hidden): pass embedding= the word-embedding module")
     embeds = embeds.detach()
     base, baseline_used = _baseline_embeddings(emb_module, input_ids, embeds, baseline, model, pad_token_id)
-    extra = additional_forward_args
-    extra = () if extra is None else extra if isinstance(extra, tuple) else (extra,)
-    target, target_used = _bind_target(target, model, input_ids, extra, forward_kwargs)
+    # checked here, before the target's own forward; the engine warns about doubtful per-example ones
+    fargs = ForwardArgs.make(additional_forward_args, forward_kwargs, input_ids.shape[0], warn_ambiguous=False)
+    target, target_used = _bind_target(target, model, input_ids, fargs)
     wrapper = _EmbeddingPath(model, emb_module, emb_name)
     # only the wrapper's own flag (the training-mode warning reads it): train() would set every
     # submodule of the user's model to the model's mode
@@ -136,8 +137,8 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         warnings.simplefilter("always")
         try:
             results = _layer_importance(wrapper, embeds, plan.engine_names, measure=names, baselines=base,
-                                        target=target, additional_forward_args=(input_ids,) + tuple(extra),
-                                        forward_kwargs=forward_kwargs, n_steps=n_steps, method=method,
+                                        target=target, additional_forward_args=(input_ids,) + fargs.args,
+                                        forward_kwargs=fargs.kwargs, n_steps=n_steps, method=method,
                                         tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
                                         units="neuron", internal_batch_size=internal_batch_size,
                                         memory_budget=memory_budget, channels_last=channels_last)
@@ -155,7 +156,7 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
             warn(message)
         else:
             warnings.warn_explicit(message, w.category, w.filename, w.lineno)
-    mask = (forward_kwargs or {}).get("attention_mask")
+    mask = fargs.at()[1].get("attention_mask")
     out = {}
     for m in names:
         r = results[m]

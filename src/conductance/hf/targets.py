@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from ..errors import ConductanceError
+from ..forward_args import ForwardArgs
 
 # ----------------------------------------------------------------------------------------------
 # language-model targets
@@ -108,9 +109,10 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, extra: tuple,
-                 forward_kwargs: Optional[dict]) -> tuple[Any, str]:
-    """Turn a language-model target into what the engine takes (index tuples or a callable(output, examples))."""
+def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, fargs: ForwardArgs) -> tuple[Any, str]:
+    """Turn a language-model target into what the engine takes (index tuples or a callable(output, examples)).
+
+    ``fargs``: the call's forward arguments after the token ids."""
     if isinstance(target, str):
         if target not in TOKEN_SCORES:
             raise ConductanceError(f"unknown target {target!r}: the named targets are {TOKEN_SCORES} (the next "
@@ -123,7 +125,8 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, extra: 
 
     B = input_ids.shape[0]
     device = input_ids.device
-    real = _real_positions(input_ids, (forward_kwargs or {}).get("attention_mask"))
+    args, kwargs = fargs.at()
+    real = _real_positions(input_ids, kwargs.get("attention_mask"))
     if isinstance(target, Continuation):
         lengths = _per_example(target.length, B, "continuation length", device)
         L = int(lengths.max())
@@ -159,7 +162,7 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, extra: 
         pos[b] = real[b][p]
     if target.token is None:
         with torch.no_grad():
-            logits = logits_of(model(input_ids, *extra, **(forward_kwargs or {})))
+            logits = logits_of(model(input_ids, *args, **kwargs))
         if logits.dim() != 3:
             raise ConductanceError(f"a next-token target needs a language model output (batch, tokens, vocab); "
                                    f"the model returns {tuple(logits.shape)}")
