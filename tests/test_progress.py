@@ -89,6 +89,24 @@ def test_flip_count_bar_counts_rows_without_a_total(capsys):
         cd.flip_count(model, x, "1", torch.randn(4, 12), progress=1)
 
 
+def test_aggregate_bar_counts_every_example_once_and_refuses_a_bad_value_before_the_model_runs(capsys):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = _classifier()
+    data = DataLoader(TensorDataset(torch.randn(13, 6), torch.randint(0, 4, (13,))), batch_size=5)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(ConductanceError, match="progress must be True, False or None"):
+            cd.aggregate(model, data, "1", n_steps=4, progress="yes")
+        assert calls == []
+    finally:
+        handle.remove()
+    result = cd.aggregate(model, data, "1", n_steps=4, progress=True)
+    bars = _bars(capsys.readouterr().err, "conductance")
+    assert bars == [(13, 13)] and result.n_examples == 13      # whole examples, no "13.0/13.0"
+
+
 # ----------------------------------------------------------------------------------------------
 # `conductance reproduce`: the long loops of the experiments, through the same Progress bars
 
@@ -98,7 +116,7 @@ def _bars(err: str, desc: str) -> list[tuple[int, Optional[int]]]:
     tqdm draws a new bar at 0 and redraws it in place (after a carriage return) as it grows."""
     bars: list[tuple[int, Optional[int]]] = []
     for line in re.split(r"[\r\n]", err):
-        m = re.match(re.escape(desc) + r":\s+(?:\d+%\|.*?\| )?(\d+)(?:/(\d+))? ", line.strip())
+        m = re.match(re.escape(desc) + r":\s+(?:\d+%\|.*?\| )?(\d+)(?:/(\d+))?[ a-z]", line.strip())
         if m:
             done, total = int(m.group(1)), None if m.group(2) is None else int(m.group(2))
             if done == 0 or not bars:
