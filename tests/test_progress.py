@@ -227,3 +227,18 @@ def test_reproduce_progress_option_shows_the_experiment_bars_and_no_flag_in_a_pi
     from conductance.cli import build_parser
     assert [build_parser().parse_args(["reproduce", "text", "--out", "o"] + flag).progress
             for flag in ([], ["--progress"], ["--no-progress"])] == [None, True, False]
+
+
+def test_language_model_training_bar_counts_every_batch(capsys):
+    pytest.importorskip("transformers")
+    from conductance.experiments import knowledge_neurons as kn
+
+    config = kn.LMConfig(n_layer=1, n_embd=16, n_head=2, n_inner=32, n_positions=16, vocab_size=200, n_train=60,
+                         epochs=2, batch=8, lr=3e-3)
+    texts = kn.training_texts(config)
+    windows = kn._windows([kn.Vocabulary.build(texts, config.vocab_size).encode(t) for t in texts],
+                          config.n_positions)
+    kn.train(config, texts, log=lambda line: None, progress=True)
+    per_epoch = -(-windows.shape[0] // config.batch)
+    err = capsys.readouterr().err
+    assert per_epoch > 1 and _bars(err, "training the language model") == [(2 * per_epoch,) * 2]
