@@ -142,33 +142,47 @@ def open_and_check(driver, html_path: str, screenshot: Path) -> dict:
     assert page["titles"] and all(page["titles"]), f"missing or empty section titles: {page['titles']}"
     assert page["toc"] == page["titles"], "the table of contents must list every section"
     assert all(rows > 0 for _, rows in page["tables"]), f"a table has no rows: {page['tables']}"
+    # a table wider than the page has its last columns cut off or scrolled out of sight
+    wide = driver.execute_script("""
+        const page = document.body.getBoundingClientRect().right;
+        return Array.from(document.querySelectorAll('table'))
+          .filter(t => t.getBoundingClientRect().right > page + 1 || t.scrollWidth > t.clientWidth + 1)
+          .map(t => [(t.querySelector('caption') || {}).textContent || '',
+                     Math.round(t.getBoundingClientRect().width), Math.round(page)]);""")
+    assert not wide, f"tables wider than the page (caption, width, page right edge): {wide}"
     severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     assert not severe, f"browser console errors: {severe}"
     # A full-page screenshot: Chromium's DevTools call can capture beyond the window.
     size = driver.execute_script("return [document.documentElement.scrollWidth, "
                                  "document.documentElement.scrollHeight]")
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
-        "format": "png", "captureBeyondViewport": True,
-        "clip": {"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1}})
-    screenshot.parent.mkdir(parents=True, exist_ok=True)
-    screenshot.write_bytes(base64.b64decode(shot["data"]))
-    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _capture(driver, {"x": 0, "y": 0, "width": size[0], "height": size[1]}, screenshot)
     return page
 
 
-def check_sections(driver, page: dict, shots: Path) -> None:
-    """Each section on its own: its pictures loaded, no "nan" in its text; a screenshot of each is kept."""
-    from selenium.webdriver.common.by import By
+def _capture(driver, clip: dict, path: Path) -> None:
+    """A PNG of the page region ``clip`` (x, y, width, height in CSS pixels), beyond the window if need be."""
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True, "clip": {**clip, "scale": 1}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+def check_sections(driver, page: dict, shots: Path) -> None:
+    """Each section on its own: its pictures loaded, no "nan" in its text; a screenshot of each, whole
+    (a long section is not cut at the window's height), is kept in ``shots``."""
     for sec in page["sections"]:
         broken = [alt for alt, w, h in sec["images"] if not (w > 0 and h > 0)]
         assert not broken, f"section {sec['title']!r}: images that did not load: {broken}"
         found = [m.group(0) for m in NAN_TEXT.finditer(sec["text"])]
         assert not found, f"section {sec['title']!r} shows {found[:3]}: " + \
             sec["text"][max(0, NAN_TEXT.search(sec["text"]).start() - 80):][:160]
-        element = driver.find_element(By.ID, sec["id"])
-        shots.mkdir(parents=True, exist_ok=True)
-        assert element.screenshot(str(shots / f"{sec['id']}.png"))
+        box = driver.execute_script("""
+            const r = document.getElementById(arguments[0]).getBoundingClientRect();
+            return {x: r.left + window.scrollX, y: r.top + window.scrollY, width: r.width, height: r.height};""",
+                                    sec["id"])
+        assert box["width"] > 0 and box["height"] > 0, f"section {sec['title']!r} is not displayed"
+        _capture(driver, box, shots / f"{sec['id']}.png")
 
 
 def check_results_json(json_path: str) -> dict:
@@ -221,6 +235,12 @@ def check_reproduction(driver, folder: Path, shots: Path) -> tuple[dict, dict]:
     assert html_path.is_file() and json_path.is_file(), f"{folder} has no report.html and results.json"
     data = check_results_json(str(json_path))
     settings = data["settings"]
+    quick = bool(settings["quick"])
+    names = [n.strip() for n in settings["experiments"].split(",")]
+    # the report is rewritten after each experiment: one without its run time has not finished
+    unfinished = [name for name in names if f"{name} seconds" not in settings]
+    assert not unfinished, (f"{folder}: experiment(s) {', '.join(unfinished)} did not finish (no run time in the "
+                            "settings): the run is still going or was interrupted")
     page = open_and_check(driver, str(html_path), shots / "report.png")
     check_sections(driver, page, shots)
     assert "ASSETS.md" not in page["text"], "the report points at a file that is not in the repository"
@@ -232,10 +252,6 @@ def check_reproduction(driver, folder: Path, shots: Path) -> tuple[dict, dict]:
     assert count_numbers({k: v for k, v in data.items() if k not in ("title", "settings")}) > 0
     figures = sorted(os.listdir(folder / "figures"))
     assert len(figures) == len(page["images"]), "figures/ and the page's pictures differ"
-    quick = bool(settings["quick"])
-    names = [n.strip() for n in settings["experiments"].split(",")]
-    for name in names:
-        assert f"{name} seconds" in settings, f"experiment {name} did not report its run time"
 
     if "image" in names:
         s = image.settings_for(quick)

@@ -175,6 +175,26 @@ def test_the_checks_catch_a_broken_page(browser, tmp_path):
         open_and_check(browser, html_path, tmp_path / "shot.png")
 
 
+def test_a_table_with_every_measure_fits_the_page(browser, tmp_path):
+    """The full run's flip-count summary (block, mode, six measures and random: nine columns) was wider
+    than the page, its last column cut off; measure names now break after an underscore."""
+    from conductance.experiments.image import MEASURES
+    from conductance.experiments.report import Report
+
+    names = list(MEASURES) + ["random"]
+    rows = [[f"_blocks.{b}", mode] + [f"{10 + 3.7 * j:.1f} (8/8)" for j in range(len(names))]
+            for mode in ("zero", "baseline") for b in (2, 4, 7, 10, 14, 15)]
+    report = Report("wide", {"seed": 0})
+    report.section("Flip counts", key="flips").table(rows, ["block", "mode"] + names,
+                                                     caption="mean filters removed until the label changes")
+    html_path, _ = report.write(str(tmp_path))
+    page = open_and_check(browser, html_path, tmp_path / "shot.png")
+    assert page["tables"][1:] == [["mean filters removed until the label changes", 12]]   # after the settings
+    # the header text is unchanged (the break opportunity is an empty <wbr> element)
+    headers = browser.execute_script("return Array.from(document.querySelectorAll('thead th')).map(h => h.textContent)")
+    assert headers == ["block", "mode"] + names
+
+
 # --------------------------------------------------------------------------------------------
 # the full `conductance reproduce all --quick` report
 
