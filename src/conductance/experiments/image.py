@@ -750,7 +750,9 @@ def _selection_section(report, sel: dict, s: ImageSettings) -> None:
             if r["measure"] == "random":
                 continue
             rows.append([r["measure"], r["k"], r["n_units"], r["accuracy"], r["random_accuracy"],
-                         r["accuracy"] - r["random_accuracy"], "not recovered"])
+                         # accuracies are shares of the same images: their difference is exact to 12 digits,
+                         # and unrounded an equal pair printed as -1.11e-16 (+ 0.0: no "-0")
+                         round(r["accuracy"] - r["random_accuracy"], 12) + 0.0, "not recovered"])
         sec.table(rows, ["measure", "k", "filters pooled", "accuracy", "random filters", "gain", "paper"],
                   caption=f"{layer} ({res.n_layer_units} filters; all filters: {res.all_units_accuracy:.3f}); "
                           f"{res.select_index.numel()} selection / {res.evaluate_index.numel()} evaluation images")
