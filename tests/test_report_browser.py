@@ -1,6 +1,9 @@
 """The HTML report as a reader sees it: opened in real headless Chromium (Debian's chromium and
 chromedriver, driven by selenium 4), every picture loads, the tables and section titles are there,
 and the browser console has no errors. A full-page screenshot is kept in tests/artifacts/.
+The checks live in tests/report_checks.py (usable on any report folder). The quick reproduction
+report is built and checked here; the full one when CONDUCTANCE_FULL_REPORT names its folder
+(scripts/check_full_report.sh runs the full reproduction, then that test).
 
 The browser is never downloaded: selenium is pointed at /usr/bin/chromedriver and /usr/bin/chromium
 and SE_OFFLINE=true stops selenium-manager from fetching anything. Without them the tests skip
