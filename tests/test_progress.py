@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import pytest
 import torch
@@ -86,3 +87,158 @@ def test_flip_count_bar_counts_rows_without_a_total(capsys):
     assert counts.shape == (4,)
     with pytest.raises(ConductanceError, match="progress must be True, False or None"):
         cd.flip_count(model, x, "1", torch.randn(4, 12), progress=1)
+
+
+def test_aggregate_bar_counts_every_example_once_and_refuses_a_bad_value_before_the_model_runs(capsys):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = _classifier()
+    data = DataLoader(TensorDataset(torch.randn(13, 6), torch.randint(0, 4, (13,))), batch_size=5)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(ConductanceError, match="progress must be True, False or None"):
+            cd.aggregate(model, data, "1", n_steps=4, progress="yes")
+        assert calls == []
+    finally:
+        handle.remove()
+    result = cd.aggregate(model, data, "1", n_steps=4, progress=True)
+    bars = _bars(capsys.readouterr().err, "conductance")
+    assert bars == [(13, 13)] and result.n_examples == 13      # whole examples, no "13.0/13.0"
+
+
+# ----------------------------------------------------------------------------------------------
+# `conductance reproduce`: the long loops of the experiments, through the same Progress bars
+
+
+def _bars(err: str, desc: str) -> list[tuple[int, Optional[int]]]:
+    """(done, total) of the last refresh of every bar called ``desc`` (total None for a bare count):
+    tqdm draws a new bar at 0 and redraws it in place (after a carriage return) as it grows."""
+    bars: list[tuple[int, Optional[int]]] = []
+    for line in re.split(r"[\r\n]", err):
+        m = re.match(re.escape(desc) + r":\s+(?:\d+%\|.*?\| )?(\d+)(?:/(\d+))?[ a-z]", line.strip())
+        if m:
+            done, total = int(m.group(1)), None if m.group(2) is None else int(m.group(2))
+            if done == 0 or not bars:
+                bars.append((done, total))
+            else:
+                bars[-1] = (done, total)
+    return bars
+
+
+@pytest.mark.skipif(not __import__("conductance.datasets", fromlist=["x"]).fashion_mnist_available(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_training_bar_counts_every_batch_of_every_epoch(capsys):
+    from conductance.experiments import fashion_inception as fi
+
+    config = fi.TrainConfig(n_train=200, epochs=2, batch_size=64, n_test=100, bn_images=200, seed=0)
+    _, history = fi.train(config, progress=True)
+    bars = _bars(capsys.readouterr().err, "training the Fashion-MNIST Inception")
+    assert len(history) == 2
+    assert bars == [(2 * 4, 2 * 4)]          # ceil(200 / 64) = 4 batches per epoch
+    fi.train(config, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_text_training_and_attribution_bars_count_batches_and_texts(capsys):
+    from conductance.datasets import load_rotten_tomatoes
+    from conductance.experiments import text as tx
+    from conductance.experiments import textcnn as tc
+
+    texts, labels = load_rotten_tomatoes("train")
+    config = tc.TrainConfig(epochs=2, train_limit=230, n_filters=8, seed=0)
+    model, info = tc.train(texts, labels, config, progress=True)
+    err = capsys.readouterr().err
+    per_epoch = -(-230 // config.batch_size)
+    assert _bars(err, "training the sentiment CNN") == [(2 * per_epoch, 2 * per_epoch)]
+    assert info["train_examples"] == 230
+    run = tx.filter_conductance(model, texts[:37], batch_size=16, n_steps=8, progress=True)
+    err = capsys.readouterr().err
+    assert _bars(err, "conductance of the filters") == [(37, 37)]
+    assert "points" not in err                     # the inner layer_conductance calls draw no bar of their own
+    assert run["values"].shape == (37, config.n_filters)
+    tx.filter_conductance(model, texts[:5], n_steps=8, target=tx.sentiment_score, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_photo_analysis_bars_count_points_photos_and_ablated_rows(capsys):
+    from conductance.experiments import image
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    x = torch.rand(3, 3, 12, 12)
+    a = image.analyse_photos(model, x, ["a", "b", "c"], ["1", "3"], "3", top_filters=2,
+                             measures=("conductance", "activation"), rule={"n_steps": 6, "method": "uniform"},
+                             pixel_rule={"n_steps": 4, "method": "uniform"}, baselines=0.0, max_units=3,
+                             progress=True)
+    err = capsys.readouterr().err
+    # activation is not a path measure: the bar counts conductance's points, 3 photos x 7
+    assert _bars(err, "conductance of 1, 3") == [(3 * 7, 3 * 7)]
+    assert _bars(err, "per-pixel maps of 3") == [(3, 3)]
+    # compare_rankings: one bar per block and mode, counting every ablated row the model ran
+    counted = _bars(err, "rankings compared of 1") + _bars(err, "rankings compared of 3")
+    assert len(counted) == 2 * 2 and all(total is None for _, total in counted)
+    # the same rows as the library's own count for that work (checked against real forwards above)
+    cd.compare_rankings(model, x, "3", {m: a.importance[m] for m in ("conductance", "activation")},
+                        units="channel", random_seeds=image._random_seeds(1, 0), max_units=3, progress=True)
+    assert _bars(capsys.readouterr().err, "rankings compared of 3")[0] == counted[2] and counted[2][0] > 0
+    assert a.pixel.shape[:2] == (3, 2)
+    image.analyse_photos(model, x, ["a", "b", "c"], ["1", "3"], "3", top_filters=2,
+                         measures=("conductance", "activation"), rule={"n_steps": 2, "method": "uniform"},
+                         pixel_rule={"n_steps": 2, "method": "uniform"}, baselines=0.0, max_units=2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_minilm_feature_bar_counts_the_snippets(capsys):
+    from conductance.experiments import transformer as tf
+
+    try:
+        encoder, tokenizer = tf.load_minilm()
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(f"MiniLM not available: {exc}")
+    texts = ["a quietly moving film", "not good at all", "dull", "the best thing this year, by far",
+             "it is not bad", "a mess"]
+    feats = tf.encode(encoder, tokenizer, texts, batch=4, progress=True)
+    assert _bars(capsys.readouterr().err, "MiniLM features") == [(6, 6)]
+    assert feats.shape == (6, 384) and bool(feats.abs().sum(1).gt(0).all())
+
+
+@pytest.mark.slow
+def test_reproduce_progress_option_shows_the_experiment_bars_and_no_flag_in_a_pipe_shows_none(tmp_path, monkeypatch,
+                                                                                              capsys):
+    from conductance.cli import main
+    from conductance.datasets import load_rotten_tomatoes
+    from conductance.experiments import text as tx
+    from conductance.experiments import textcnn as tc
+
+    monkeypatch.setenv("CONDUCTANCE_CACHE", str(tmp_path / "cache"))     # trains: the training bar shows too
+    assert main(["reproduce", "text", "--quick", "--progress", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    n_train = len(load_rotten_tomatoes("train")[0])
+    batches = tx.QUICK["epochs"] * -(-n_train // tc.TrainConfig().batch_size)
+    assert _bars(err, "training the sentiment CNN") == [(batches, batches)]
+    n = tx.QUICK["heat_examples"]
+    assert _bars(err, "conductance of the filters") == [(n, n)]          # the predicted logit
+    assert _bars(err, "conductance of the filters (score)") == [(n, n)]  # the sentiment score
+    # without the option and with stderr not a terminal (here: captured), no bar at all
+    assert main(["reproduce", "text", "--quick", "--out", str(tmp_path / "b")]) == 0
+    assert "%|" not in capsys.readouterr().err
+    from conductance.cli import build_parser
+    assert [build_parser().parse_args(["reproduce", "text", "--out", "o"] + flag).progress
+            for flag in ([], ["--progress"], ["--no-progress"])] == [None, True, False]
+
+
+def test_language_model_training_bar_counts_every_batch(capsys):
+    pytest.importorskip("transformers")
+    from conductance.experiments import knowledge_neurons as kn
+
+    config = kn.LMConfig(n_layer=1, n_embd=16, n_head=2, n_inner=32, n_positions=16, vocab_size=200, n_train=60,
+                         epochs=2, batch=8, lr=3e-3)
+    texts = kn.training_texts(config)
+    windows = kn._windows([kn.Vocabulary.build(texts, config.vocab_size).encode(t) for t in texts],
+                          config.n_positions)
+    kn.train(config, texts, log=lambda line: None, progress=True)
+    per_epoch = -(-windows.shape[0] // config.batch)
+    err = capsys.readouterr().err
+    assert per_epoch > 1 and _bars(err, "training the language model") == [(2 * per_epoch,) * 2]

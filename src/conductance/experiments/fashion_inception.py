@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConductanceError
+from ..progress import Progress
 from . import cache_dir  # noqa: F401  (shared cache folder; re-exported)
 
 __all__ = ["BasicConv", "InceptionModule", "FashionInception", "TrainConfig", "TrainedModel", "QUICK_CONFIG",
@@ -249,7 +250,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(1, x.shape[0])
 
 
-def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> tuple[FashionInception, list]:
+def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None,
+          progress: Optional[bool] = None) -> tuple[FashionInception, list]:
     """Train a fresh :class:`FashionInception` with ``config``; returns (model in eval mode, history).
 
     Seeded: the initial weights, the choice of training images and the batch order come from
@@ -259,6 +261,8 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> t
     ----------
     config : TrainConfig
     log : callable str -> None, optional
+    progress : bool, optional
+        A bar counting the training batches of all epochs on stderr (None: when stderr is a terminal).
 
     Returns
     -------
@@ -280,6 +284,7 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> t
                                                 pct_start=0.25)
     loss_fn = nn.CrossEntropyLoss()
     history = []
+    bar = Progress(progress, config.epochs * steps_per_epoch, "training the Fashion-MNIST Inception", "batches")
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(config.n_train, generator=g)
@@ -296,11 +301,13 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> t
             opt.step()
             sched.step()
             total += float(loss.detach()) * batch.numel()
+            bar.update(1)
         history.append({"epoch": epoch + 1, "loss": total / config.n_train,
                         "seconds": round(time.perf_counter() - start, 1)})
         if log:
             log(f"epoch {epoch + 1}/{config.epochs}: loss {total / config.n_train:.4f} "
                 f"({history[-1]['seconds']} s)")
+    bar.close()
     # Precise BatchNorm: the running averages lag behind the weights (badly so after a short run), so
     # re-estimate them as exact averages over training images with the final weights.
     from ..assets import recalibrate_batchnorm
@@ -312,7 +319,7 @@ def train(config: TrainConfig, log: Optional[Callable[[str], None]] = None) -> t
 
 
 def load_or_train(config: TrainConfig = FULL_CONFIG, log: Optional[Callable[[str], None]] = None,
-                  retrain: bool = False) -> TrainedModel:
+                  retrain: bool = False, progress: Optional[bool] = None) -> TrainedModel:
     """The network for ``config``: loaded from the cache, or trained (and cached) when missing.
 
     The test accuracy (on the first ``config.n_test`` Fashion-MNIST test images) is stored with
@@ -324,6 +331,8 @@ def load_or_train(config: TrainConfig = FULL_CONFIG, log: Optional[Callable[[str
     log : callable str -> None, optional
     retrain : bool
         Train even when the cache has the weights.
+    progress : bool, optional
+        A bar over the training batches when it trains (see :func:`train`).
 
     Returns
     -------
@@ -345,7 +354,7 @@ def load_or_train(config: TrainConfig = FULL_CONFIG, log: Optional[Callable[[str
             if log:
                 log(f"cached weights {path} unreadable ({exc}); retraining")
     start = time.perf_counter()
-    model, history = train(config, log)
+    model, history = train(config, log, progress=progress)
     seconds = time.perf_counter() - start
     acc = evaluate(model, *fashion_tensors("test", config.n_test))
     tmp = path + f".tmp{os.getpid()}"

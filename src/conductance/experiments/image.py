@@ -32,6 +32,7 @@ from torch import nn
 import conductance as cd
 
 from ..errors import ConductanceError, ConductanceWarning
+from ..progress import Progress
 from ..result import LayerResult
 from . import fashion_inception as fi
 
@@ -196,7 +197,7 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
                    *, top_filters: int = 3, measures: Sequence[str] = MEASURES, rule: Optional[dict] = None,
                    pixel_rule: Optional[dict] = None, baselines: Any = BLACK, random_seeds: int = 1,
                    max_units: Optional[int] = None, classes: Optional[Sequence[str]] = None,
-                   seed: int = 0) -> PhotoAnalysis:
+                   seed: int = 0, progress: Optional[bool] = None) -> PhotoAnalysis:
     """Filter conductance and the other measures at ``blocks``, per-pixel maps, flip counts.
 
     Parameters
@@ -208,6 +209,8 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
     max_units : longest prefix of filters tried in the flip counts (default: all)
     random_seeds, seed : number of random rankings per photo, and the seed they derive from
     baselines : the baseline image (default a black photo in the normalised space)
+    progress : bars on stderr (None: when stderr is a terminal): the path points of the measures, the
+        photos of the per-pixel maps, the ablated rows of each block's flip counts
 
     Returns
     -------
@@ -224,22 +227,26 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
             out = model(x)
         labels = out.argmax(1)
         start = time.perf_counter()
-        importance = _importance(model, x, list(blocks), list(measures), units="channel", baselines=baselines, **rule)
+        importance = _importance(model, x, list(blocks), list(measures), units="channel", baselines=baselines,
+                                 progress=progress, **rule)
         seconds["measures"] = time.perf_counter() - start
         cond = importance["conductance"]
         start = time.perf_counter()
         # one neuron_conductance call per photo: each photo has its own top filters
         filt, maps, errs = [], [], []
+        bar = Progress(progress, x.shape[0], f"per-pixel maps of {pixel_block}", "photos")
         for i in range(x.shape[0]):
             top = torch.argsort(cond[pixel_block][i], descending=True)[:top_filters]
             per_pixel = cast(torch.Tensor, cd.neuron_conductance(model, x[i:i + 1], pixel_block, [int(c) for c in top],
-                                                                 units="channel", baselines=baselines,
+                                                                 units="channel", baselines=baselines, progress=False,
                                                                  **pixel_rule))[:, 0]  # no unit errors asked for
             sums = per_pixel.flatten(1).sum(1)
             want = cond[pixel_block][i, top]
             filt.append(top)
             maps.append(per_pixel)
             errs.append((sums - want).abs() / want.abs().clamp_min(1e-12))
+            bar.update(1)
+        bar.close()
         seconds["pixel maps"] = time.perf_counter() - start
         start = time.perf_counter()
         ablation, ablation_baseline = {}, {}
@@ -247,11 +254,11 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
         for block in blocks:
             rankings = {m: importance[m] for m in measures}
             ablation[block] = cd.compare_rankings(model, x, block, rankings, units="channel",
-                                                  random_seeds=seeds, max_units=max_units)
+                                                  random_seeds=seeds, max_units=max_units, progress=progress)
             # the filter set to its value at the baseline photo: the change conductance attributes
             ablation_baseline[block] = cd.compare_rankings(model, x, block, rankings, units="channel", mode="baseline",
                                                            baselines=baselines, random_seeds=seeds,
-                                                           max_units=max_units)
+                                                           max_units=max_units, progress=progress)
         seconds["ablation"] = time.perf_counter() - start
     classes = list(classes) if classes is not None else [str(i) for i in range(out.shape[1])]
     return PhotoAnalysis(names=list(names), images=x, labels=labels, label_names=[classes[int(c)] for c in labels],
@@ -322,7 +329,7 @@ def _consistent_filter(a: PhotoAnalysis, k: int = 5) -> tuple[int, int]:
 
 
 def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: ImageSettings, rule: dict,
-                    model: nn.Module, baselines: Any) -> None:
+                    model: nn.Module, baselines: Any, progress: Optional[bool] = None) -> None:
     from .. import plots
 
     cond = a.importance["conductance"]
@@ -399,7 +406,7 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConductanceWarning)
             per_pixel = cd.neuron_conductance(model, a.images, a.pixel_block, [channel], units="channel",
-                                              baselines=baselines, **settings.pixel_rule)[0]
+                                              baselines=baselines, progress=progress, **settings.pixel_rule)[0]
         maps = {f"{n} ({float(cond[a.pixel_block][i, channel]):+.2f})": per_pixel[i] for i, n in enumerate(a.names)}
         # one panel per photo, each photo under its own map: draw them as a grid of single maps
         from matplotlib.figure import Figure
@@ -472,15 +479,17 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
 
 
 def _importance_many(model: nn.Module, x: torch.Tensor, layers: Sequence[str], measures: Sequence[str],
-                     rule: dict, batch: int = 50) -> dict:
+                     rule: dict, batch: int = 50, progress: Optional[bool] = None) -> dict:
     """{measure: {layer: (n, channels)}} plus completeness errors {layer: (n,)} and points (n,), in batches."""
     out: dict[str, dict[str, list[torch.Tensor]]] = {m: {ln: [] for ln in layers} for m in measures}
     errors: dict[str, list[torch.Tensor]] = {ln: [] for ln in layers}
     unit_errors: dict[str, list[torch.Tensor]] = {ln: [] for ln in layers}
     points = []
+    bar = Progress(progress, x.shape[0], f"{', '.join(measures)} of {', '.join(layers)}", "images")
     for start in range(0, x.shape[0], batch):
         r = _importance(model, x[start:start + batch], list(layers), list(measures), units="channel",
-                        baselines=0.0, **rule)
+                        baselines=0.0, progress=False, **rule)
+        bar.update(r["conductance"].n_points.shape[0])
         for m in measures:
             for ln in layers:
                 out[m][ln].append(r[m][ln])
@@ -488,6 +497,7 @@ def _importance_many(model: nn.Module, x: torch.Tensor, layers: Sequence[str], m
             errors[ln].append(r["conductance"].relative_error[ln])
             unit_errors[ln].append(r["conductance"].unit_error[ln])
         points.append(r["conductance"].n_points)
+    bar.close()
     return {"values": {m: {ln: torch.cat(v) for ln, v in d.items()} for m, d in out.items()},
             "relative_error": {ln: torch.cat(v) for ln, v in errors.items()},
             "unit_error": {ln: torch.cat(v) for ln, v in unit_errors.items()}, "n_points": torch.cat(points)}
@@ -495,7 +505,8 @@ def _importance_many(model: nn.Module, x: torch.Tensor, layers: Sequence[str], m
 
 def fashion_ablation(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *, measures: Sequence[str] = MEASURES,
                      rule: Optional[dict] = None, random_seeds: int = 2,
-                     modes: Sequence[str] = ("zero", "baseline"), seed: int = 0) -> dict:
+                     modes: Sequence[str] = ("zero", "baseline"), seed: int = 0,
+                     progress: Optional[bool] = None) -> dict:
     """The paper's ablation protocol on images x (n, 1, 28, 28), for each layer.
 
     Returns {"summaries": {mode: {layer: AblationSummary}}, "relative_error": {layer: (n,)}, "n_points":
@@ -514,6 +525,9 @@ def fashion_ablation(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *
     random_seeds : int
     modes : sequence of str
     seed : int
+    progress : bool, optional
+        Bars on stderr (None: when stderr is a terminal): the images ranked, then the ablated rows of
+        each (layer, mode).
 
     Returns
     -------
@@ -521,14 +535,15 @@ def fashion_ablation(model: nn.Module, x: torch.Tensor, layers: Sequence[str], *
     """
     rule = dict(rule or {"n_steps": 32, "method": "gausslegendre"})
     start = time.perf_counter()
-    imp = _importance_many(model, x, layers, measures, rule)
+    imp = _importance_many(model, x, layers, measures, rule, progress=progress)
     summaries: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
     for layer in layers:
         for mode in modes:
             summaries[mode][layer] = cd.compare_rankings(model, x, layer,
                                                          {m: imp["values"][m][layer] for m in measures},
                                                          units="channel", mode=mode, baselines=0.0,
-                                                         random_seeds=_random_seeds(random_seeds, seed))
+                                                         random_seeds=_random_seeds(random_seeds, seed),
+                                                         progress=progress)
     return {"summaries": summaries, "relative_error": imp["relative_error"], "unit_error": imp["unit_error"],
             "n_points": imp["n_points"],
             "seconds": time.perf_counter() - start}
@@ -550,7 +565,8 @@ def _split_per_class(labels: torch.Tensor, n_select: int, n_evaluate: int, seed:
 
 def fashion_selection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers: Sequence[str], *, n_select: int,
                       n_evaluate: int, ks: Sequence[int], measures: Sequence[str] = MEASURES,
-                      rule: Optional[dict] = None, random_seeds: int = 5, seed: int = 0) -> dict:
+                      rule: Optional[dict] = None, random_seeds: int = 5, seed: int = 0,
+                      progress: Optional[bool] = None) -> dict:
     """The feature-selection task: per class ``n_select`` images rank units, ``n_evaluate`` images test.
 
     Returns {"results": {layer: FeatureSelectionResult}, "relative_error": {layer: (n_select * classes,)},
@@ -571,6 +587,9 @@ def fashion_selection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers
     rule : dict, optional
     random_seeds : int
     seed : int
+    progress : bool, optional
+        Bars on stderr (None: when stderr is a terminal): the ranking images of each layer's feature
+        selection, then those of the completeness check.
 
     Returns
     -------
@@ -586,17 +605,22 @@ def fashion_selection(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers
     for layer in layers:
         results[layer] = cd.feature_selection(model, xs, ys, layer, measures=list(measures), ks=list(ks), split=split,
                                               units="channel", random_seeds=random_seeds,
-                                              importance_kwargs={"baselines": 0.0, **rule}, seed=seed, batch_size=100)
+                                              importance_kwargs={"baselines": 0.0, **rule}, seed=seed, batch_size=100,
+                                              progress=progress)
     # the completeness error of the conductance runs the ranking came from (same examples, targets, rule)
     errors: dict[str, list[torch.Tensor]] = {ln: [] for ln in layers}
     unit_errors: dict[str, list[torch.Tensor]] = {ln: [] for ln in layers}
     xsel, ysel = xs[split[0]], ys[split[0]]
+    bar = Progress(progress, xsel.shape[0], f"completeness of the selection rankings of {', '.join(layers)}",
+                   "images")
     for s in range(0, xsel.shape[0], 100):
         r = cd.layer_conductance(model, xsel[s:s + 100], list(layers), target=ysel[s:s + 100], units="channel",
-                                 baselines=0.0, **rule)
+                                 baselines=0.0, progress=False, **rule)
+        bar.update(r.n_points.shape[0])
         for ln in layers:
             errors[ln].append(r.relative_error[ln])
             unit_errors[ln].append(r.unit_error[ln])
+    bar.close()
     return {"results": results, "relative_error": {ln: torch.cat(v) for ln, v in errors.items()},
             "unit_error": {ln: torch.cat(v) for ln, v in unit_errors.items()},
             "seconds": time.perf_counter() - start}
@@ -726,7 +750,9 @@ def _selection_section(report, sel: dict, s: ImageSettings) -> None:
             if r["measure"] == "random":
                 continue
             rows.append([r["measure"], r["k"], r["n_units"], r["accuracy"], r["random_accuracy"],
-                         r["accuracy"] - r["random_accuracy"], "not recovered"])
+                         # accuracies are shares of the same images: their difference is exact to 12 digits,
+                         # and unrounded an equal pair printed as -1.11e-16 (+ 0.0: no "-0")
+                         round(r["accuracy"] - r["random_accuracy"], 12) + 0.0, "not recovered"])
         sec.table(rows, ["measure", "k", "filters pooled", "accuracy", "random filters", "gain", "paper"],
                   caption=f"{layer} ({res.n_layer_units} filters; all filters: {res.all_units_accuracy:.3f}); "
                           f"{res.select_index.numel()} selection / {res.evaluate_index.numel()} evaluation images")
@@ -764,7 +790,8 @@ def _log(message: str) -> None:
     print(f"[image {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int = 0) -> None:
+def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int = 0,
+        progress: Optional[bool] = None) -> None:
     """Add the image experiments to ``report`` (see the module docstring).
 
     Parameters
@@ -777,17 +804,19 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
     weights : path of a torchvision GoogLeNet state dict; when given, the per-photo analysis also
         runs on GoogLeNet with those weights
     seed : seeds the training, the choice of Fashion-MNIST images and the random rankings
+    progress : tqdm bars on stderr for the long loops (training batches, path points, photos, ablated
+        rows, images); None: when stderr is a terminal
     """
     old = torch.get_num_threads()
     if quick:
         torch.set_num_threads(1)
     try:
-        _run(report, quick=quick, weights=weights, seed=seed)
+        _run(report, quick=quick, weights=weights, seed=seed, progress=progress)
     finally:
         torch.set_num_threads(old)
 
 
-def _run(report, *, quick: bool, weights: Optional[str], seed: int) -> None:
+def _run(report, *, quick: bool, weights: Optional[str], seed: int, progress: Optional[bool]) -> None:
     from .. import assets
 
     s = settings_for(quick)
@@ -804,23 +833,23 @@ def _run(report, *, quick: bool, weights: Optional[str], seed: int) -> None:
     x = assets.photo_batch(s.photos)
     a = analyse_photos(model, x, s.photos, s.effnet_blocks, s.effnet_pixel_block, top_filters=s.top_filters,
                        measures=s.measures, rule=s.photo_rule, pixel_rule=s.pixel_rule, max_units=s.max_units,
-                       classes=classes, seed=seed)
+                       classes=classes, seed=seed, progress=progress)
     _photo_sections(report, a, net="EfficientNet-Lite0", key="image-effnet", settings=s, rule=s.photo_rule,
-                    model=model, baselines=BLACK)
+                    model=model, baselines=BLACK, progress=progress)
     del model
 
     if google is not None:
         _log(f"GoogLeNet ({weights}) on {len(s.photos)} photos, blocks {s.googlenet_blocks}")
         g = analyse_photos(google, x, s.photos, s.googlenet_blocks, s.googlenet_pixel_block,
                            top_filters=s.top_filters, measures=s.measures, rule=s.photo_rule, pixel_rule=s.pixel_rule,
-                           max_units=s.max_units, classes=classes, seed=seed)
+                           max_units=s.max_units, classes=classes, seed=seed, progress=progress)
         _photo_sections(report, g, net="GoogLeNet (torchvision, weights from file)", key="image-googlenet",
-                        settings=s, rule=s.photo_rule, model=google, baselines=BLACK)
+                        settings=s, rule=s.photo_rule, model=google, baselines=BLACK, progress=progress)
         del google
 
     # the small Inception on Fashion-MNIST
     _log("Fashion-MNIST Inception: loading or training " + fi.cache_path(s.train_config))
-    trained = fi.load_or_train(s.train_config, log=_log)
+    trained = fi.load_or_train(s.train_config, log=_log, progress=progress)
     net = trained.model
     sec = report.section("Inception-style network on Fashion-MNIST", key="image-fashion-model")
     sec.text(f"Architecture: stem (two 3x3 convolutions), Inception modules {', '.join(fi.INCEPTION_LAYERS)} (branches "
@@ -845,13 +874,13 @@ def _run(report, *, quick: bool, weights: Optional[str], seed: int) -> None:
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always", ConductanceWarning)
         ab = fashion_ablation(net, xt[ab_idx], s.ablation_layers, measures=s.measures, rule=s.fashion_rule,
-                              random_seeds=s.random_seeds, seed=seed)
+                              random_seeds=s.random_seeds, seed=seed, progress=progress)
         # selection images come from the rest of the test split
         rest = perm[s.ablation_images:]
         _log(f"Fashion-MNIST feature selection: layers {s.selection_layers}")
         sel = fashion_selection(net, xt[rest], yt[rest], s.selection_layers, n_select=s.n_select,
                                 n_evaluate=s.n_evaluate, ks=s.ks, measures=s.measures, rule=s.selection_rule,
-                                random_seeds=s.selection_random_seeds, seed=seed)
+                                random_seeds=s.selection_random_seeds, seed=seed, progress=progress)
     _ablation_section(report, ab, s)
     _selection_section(report, sel, s)
     caught = _caught(records)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .. import hf, sites
+from ..progress import Progress
 from . import cache_dir
 from .report import Report
 
@@ -188,8 +189,8 @@ def _windows(ids: list[list[int]], length: int) -> torch.Tensor:
     return torch.tensor(stream[:n * length], dtype=torch.long).view(n, length)
 
 
-def train(config: LMConfig, texts: Sequence[str], log: Callable[[str], None] = print
-          ) -> tuple[nn.Module, Vocabulary, dict]:
+def train(config: LMConfig, texts: Sequence[str], log: Callable[[str], None] = print,
+          progress: Optional[bool] = None) -> tuple[nn.Module, Vocabulary, dict]:
     """Train the LM on ``texts`` (next-token loss, AdamW, linear warm-up then cosine decay); seeded.
 
     Parameters
@@ -197,6 +198,8 @@ def train(config: LMConfig, texts: Sequence[str], log: Callable[[str], None] = p
     config : LMConfig
     texts : sequence of str
     log : callable str -> None
+    progress : bool, optional
+        A bar counting the training batches of all epochs on stderr (None: when stderr is a terminal).
 
     Returns
     -------
@@ -217,6 +220,7 @@ def train(config: LMConfig, texts: Sequence[str], log: Callable[[str], None] = p
     start = time.perf_counter()
     model.train()
     losses = []
+    bar = Progress(progress, steps, "training the language model", "batches")
     for epoch in range(config.epochs):
         order = torch.randperm(len(data), generator=gen)
         total, count = 0.0, 0
@@ -230,8 +234,10 @@ def train(config: LMConfig, texts: Sequence[str], log: Callable[[str], None] = p
             sched.step()
             total += float(loss.detach()) * len(batch)
             count += len(batch)
+            bar.update(1)
         losses.append(total / count)
         log(f"[knowledge_neurons] epoch {epoch + 1}/{config.epochs}: train loss {losses[-1]:.3f}")
+    bar.close()
     model.eval()
     info = {"train_seconds": round(time.perf_counter() - start, 1), "train_loss": losses,
             "train_tokens": int(data.numel()), "parameters": int(sum(p.numel() for p in model.parameters()))}
@@ -282,7 +288,8 @@ def cache_path(config: LMConfig, texts: Sequence[str]) -> str:
     return os.path.join(cache_dir(), f"{config.key(fingerprint)}.pt")
 
 
-def load_or_train(config: LMConfig, log: Callable[[str], None] = print) -> tuple[nn.Module, Vocabulary, dict]:
+def load_or_train(config: LMConfig, log: Callable[[str], None] = print, progress: Optional[bool] = None
+                  ) -> tuple[nn.Module, Vocabulary, dict]:
     """The trained LM (eval mode, parameters frozen), its vocabulary and facts about its training.
 
     Cached under ``$CONDUCTANCE_CACHE`` in a file named after the configuration and the training
@@ -293,6 +300,8 @@ def load_or_train(config: LMConfig, log: Callable[[str], None] = print) -> tuple
     ----------
     config : LMConfig
     log : callable str -> None
+    progress : bool, optional
+        A bar over the training batches when it trains (see :func:`train`).
 
     Returns
     -------
@@ -318,7 +327,7 @@ def load_or_train(config: LMConfig, log: Callable[[str], None] = print) -> tuple
             log(f"[knowledge_neurons] cached model {path} unusable ({exc}); retraining")
             model = None
     if model is None:
-        model, vocab, info = train(config, texts, log)
+        model, vocab, info = train(config, texts, log, progress=progress)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         tmp = path + ".tmp"
         torch.save({"version": CACHE_VERSION, "state": state, "digest": _weights_digest(state),
@@ -618,7 +627,7 @@ def _median_change(changes: dict) -> dict:
 
 
 def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int = 0,
-        settings: Optional[dict] = None) -> None:
+        settings: Optional[dict] = None, progress: Optional[bool] = None) -> None:
     """Add the knowledge-neurons sections to ``report`` (``weights`` is unused: the LM is trained here).
 
     ``settings`` overrides entries of :data:`SETTINGS` (tests use a smaller configuration).
@@ -630,13 +639,15 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
     weights : str, optional
     seed : int
     settings : dict, optional
+    progress : bool, optional
+        tqdm bars on stderr for the training batches and the prompts studied (None: when stderr is a terminal).
     """
     from ..datasets import load_rotten_tomatoes
 
     cfg = {**SETTINGS[bool(quick)], **(settings or {})}
     t_start = time.perf_counter()
     config = LMConfig(**cfg["model"], seed=seed)
-    model, vocab, info = load_or_train(config)
+    model, vocab, info = load_or_train(config, progress=progress)
     test_texts, _ = load_rotten_tomatoes("test")
     ppl = perplexities(model, vocab, training_texts(config), test_texts)
     sec = report.section("Knowledge neurons: the language model", key="kn-model")
@@ -668,6 +679,7 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
     rng = np.random.RandomState(seed + 14)
     attributions = []
     rows = []
+    bar = Progress(progress, len(prompts), "knowledge neurons: attribution and interventions", "prompts")
     for pr in prompts:
         att = attribute_prompt(model, pr)
         attributions.append(att)
@@ -703,6 +715,8 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
         rows.append([pr["prompt"][-60:], pr["word"], p0, ", ".join(f"L{b}.N{i}" for b, i in top),
                      ", ".join(f"L{b}.N{i}" for b, i in top_units(att["kn_ig"]["neurons"], 3)),
                      att["conductance_points"]])
+        bar.update(1)
+    bar.close()
 
     sec = report.section("Knowledge neurons: suppressing and amplifying the top units", key="kn-interventions")
     sec.text(f"{len(prompts)} held-out test snippets, each cut before the first word (alphabetic, 3+ letters, "

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import ConductanceError
+from ..progress import Progress
 from .report import percent, shorten
 from .textcnn import NEGATION_WORDS, SentimentCNN, TrainConfig, accuracy, has_negation, load_or_train
 
@@ -116,7 +117,7 @@ def sign_statistic(values: Union[np.ndarray, torch.Tensor], threshold: float = T
 
 
 def filter_conductance(model: SentimentCNN, texts: Sequence[str], target: Union[None, Callable] = None,
-                       batch_size: int = 128, **kwargs: Any) -> dict:
+                       batch_size: int = 128, progress: Optional[bool] = None, **kwargs: Any) -> dict:
     """Conductance of every max-pooled filter feature for many texts, one call per batch.
 
     Parameters
@@ -124,6 +125,7 @@ def filter_conductance(model: SentimentCNN, texts: Sequence[str], target: Union[
     model : SentimentCNN (attribution runs on ``model.network`` over ``model.embed(texts)``)
     texts : list of str (n,)
     target : None for each text's predicted logit, or a callable (points, 2) -> (points,)
+    progress : a bar counting the texts on stderr (None: when stderr is a terminal)
     kwargs : passed to :func:`conductance.layer_conductance` (default: the adaptive rule to its default tolerance)
 
     Returns
@@ -136,9 +138,12 @@ def filter_conductance(model: SentimentCNN, texts: Sequence[str], target: Union[
     parts: dict[str, list] = {k: [] for k in ("values", "relative_error", "unit_error", "delta", "output_diff",
                                               "n_points", "logits")}
     net = model.network.eval()
+    bar = Progress(progress, len(texts), "conductance of the filters" + ("" if target is None else " (score)"),
+                   "texts")
     for start in range(0, len(texts), batch_size):
         x, _ = model.embed(list(texts[start:start + batch_size]))
-        r = cd.layer_conductance(net, x, "filters", target=target, **kwargs)
+        r = cd.layer_conductance(net, x, "filters", target=target, progress=False, **kwargs)
+        bar.update(x.shape[0])
         with torch.no_grad():
             logits = net(x)
         parts["values"].append(r["filters"].numpy())
@@ -148,6 +153,7 @@ def filter_conductance(model: SentimentCNN, texts: Sequence[str], target: Union[
         parts["output_diff"].append(r.output_diff.numpy())
         parts["n_points"].append(np.asarray(r.n_points))
         parts["logits"].append(logits.numpy())
+    bar.close()
     if not parts["values"]:
         raise ConductanceError("no texts given")
     out = {k: np.concatenate(v) for k, v in parts.items()}
@@ -156,8 +162,8 @@ def filter_conductance(model: SentimentCNN, texts: Sequence[str], target: Union[
 
 
 def token_conductance(model: SentimentCNN, texts: Sequence[str], filters: Sequence[int],
-                      n_steps: int = TOKEN_STEPS, target: Union[None, Callable] = None
-                      ) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
+                      n_steps: int = TOKEN_STEPS, target: Union[None, Callable] = None,
+                      progress: Optional[bool] = False) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
     """Each filter's conductance through each token (summed over the embedding dimension).
 
     Parameters
@@ -171,6 +177,8 @@ def token_conductance(model: SentimentCNN, texts: Sequence[str], filters: Sequen
     target : callable, optional
         As for :func:`conductance.neuron_conductance` (None: each text's predicted class);
         :func:`sentiment_score` explains the sentiment score.
+    progress : bool, optional
+        A bar counting the path points (default off: the report calls this for one sentence at a time).
 
     Returns
     -------
@@ -185,7 +193,7 @@ def token_conductance(model: SentimentCNN, texts: Sequence[str], filters: Sequen
         warnings.simplefilter("ignore", cd.ConductanceWarning)   # the error is reported with the maps
         nc, err = cd.neuron_conductance(model.network.eval(), x, "filters", [int(f) for f in filters],
                                         target=target, n_steps=n_steps, method="gausslegendre",
-                                        return_unit_error=True)
+                                        return_unit_error=True, progress=progress)
     return nc.sum(-1).numpy(), tokens, err.numpy()
 
 
@@ -256,7 +264,8 @@ def _short(text: str, n: int = 110) -> str:
 # the report
 
 
-def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int = 0) -> None:
+def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int = 0,
+        progress: Optional[bool] = None) -> None:
     """Add the text experiments to ``report`` (``weights`` is the image experiment's; ignored here).
 
     Parameters
@@ -266,6 +275,8 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
         Smaller settings (a test-sized run).
     weights : str, optional
     seed : int
+    progress : bool, optional
+        tqdm bars on stderr for the training batches and the texts attributed (None: when stderr is a terminal).
     """
     from .. import plots
     from ..datasets import load_rotten_tomatoes
@@ -278,7 +289,7 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
         log_lines.append(line)
         print(f"[text] {line}", flush=True)
 
-    model, info = load_or_train(config, log=log)
+    model, info = load_or_train(config, log=log, progress=progress)
     test_texts, test_labels = load_rotten_tomatoes("test")
     train_texts, _ = load_rotten_tomatoes("train")
     acc = accuracy(model, test_texts, test_labels)
@@ -315,8 +326,8 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
               else np.sort(rng.choice(len(test_texts), n_heat, replace=False)))
     texts = [test_texts[i] for i in chosen]
     start = time.perf_counter()
-    pred_run = filter_conductance(model, texts)
-    score_run = filter_conductance(model, texts, target=sentiment_score)
+    pred_run = filter_conductance(model, texts, progress=progress)
+    score_run = filter_conductance(model, texts, target=sentiment_score, progress=progress)
     heat_seconds = time.perf_counter() - start
     stat = sign_statistic(pred_run["values"])
     stat_score = sign_statistic(score_run["values"])
@@ -391,7 +402,7 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
     k = settings["top_filters"]
     n_top = settings["top_reviews"]
     sentences = list(NEGATION_SENTENCES) + list(CONTROL_SENTENCES)
-    sent_run = filter_conductance(model, sentences)
+    sent_run = filter_conductance(model, sentences, progress=False)
     ngrams_test = filter_ngrams(model, texts)
     values = pred_run["values"]
     base_rate = negation_share(texts)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConductanceError
+from ..progress import Progress
 from . import cache_dir  # noqa: F401  (shared cache folder; re-exported)
 
 __all__ = ["NEGATION_WORDS", "tokenize", "has_negation", "negation_tokens", "Vocabulary", "TextCNN",
@@ -409,7 +410,7 @@ def _glove_vectors(vocab: Vocabulary, dim: int, generator: torch.Generator) -> t
 
 
 def train(texts: Sequence[str], labels: np.ndarray, config: TrainConfig = TrainConfig(),
-          log=None) -> tuple[SentimentCNN, dict]:
+          log=None, progress: Optional[bool] = None) -> tuple[SentimentCNN, dict]:
     """Train the sentiment CNN from scratch (seeded; deterministic on the CPU).
 
     Parameters
@@ -419,6 +420,8 @@ def train(texts: Sequence[str], labels: np.ndarray, config: TrainConfig = TrainC
     config : TrainConfig
     log : callable(str), optional
         Receives one line per epoch.
+    progress : bool, optional
+        A bar counting the training batches of all epochs on stderr (None: when stderr is a terminal).
 
     Returns
     -------
@@ -450,6 +453,8 @@ def train(texts: Sequence[str], labels: np.ndarray, config: TrainConfig = TrainC
     info: dict[str, Any] = {"vocab_size": len(vocab), "glove_words": n_glove, "epoch_seconds": [], "epoch_loss": [],
             "train_examples": len(texts)}
     model.train()
+    bar = Progress(progress, config.epochs * -(-len(texts) // config.batch_size), "training the sentiment CNN",
+                   "batches")
     for epoch in range(config.epochs):
         start = time.perf_counter()
         order = torch.randperm(len(texts), generator=gen)
@@ -464,10 +469,12 @@ def train(texts: Sequence[str], labels: np.ndarray, config: TrainConfig = TrainC
             opt.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
+            bar.update(1)
         info["epoch_seconds"].append(round(time.perf_counter() - start, 2))
         info["epoch_loss"].append(total / seen)
         if log:
             log(f"epoch {epoch + 1}/{config.epochs}: loss {total / seen:.4f} ({info['epoch_seconds'][-1]:.1f} s)")
+    bar.close()
     model.eval()
     return model, info
 
@@ -503,13 +510,16 @@ def _load(config: TrainConfig, path: str) -> tuple[SentimentCNN, dict]:
     return model.eval(), payload["info"]
 
 
-def load_or_train(config: TrainConfig = TrainConfig(), log=None) -> tuple[SentimentCNN, dict]:
+def load_or_train(config: TrainConfig = TrainConfig(), log=None, progress: Optional[bool] = None
+                  ) -> tuple[SentimentCNN, dict]:
     """The trained model for ``config``: from the cache, or trained on the training split and cached.
 
     Parameters
     ----------
     config : TrainConfig
     log : callable str -> None, optional
+    progress : bool, optional
+        A bar over the training batches when it trains (see :func:`train`).
 
     Returns
     -------
@@ -528,7 +538,7 @@ def load_or_train(config: TrainConfig = TrainConfig(), log=None) -> tuple[Sentim
                 log(f"cached weights {path} unreadable ({exc}); retraining")
     texts, labels = load_rotten_tomatoes("train")
     start = time.perf_counter()
-    model, info = train(texts, labels, config, log=log)
+    model, info = train(texts, labels, config, log=log, progress=progress)
     info["train_seconds"] = round(time.perf_counter() - start, 2)
     _save(model, config, info, path)
     return model, {**info, "cached": False, "path": path}

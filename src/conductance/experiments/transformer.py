@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import hf
 from ..errors import ConductanceWarning
+from ..progress import Progress
 from . import cache_dir
 from .report import Report, shorten
 
@@ -127,7 +128,8 @@ class SentimentModel(nn.Module):
         return torch.stack([-0.5 * s, 0.5 * s], 1)
 
 
-def encode(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
+def encode(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], batch: int = 64,
+           progress: Optional[bool] = None) -> torch.Tensor:
     """Mean-pooled MiniLM features (n, 384) of ``texts``, batched by length (less padding).
 
     Parameters
@@ -137,6 +139,8 @@ def encode(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], batch: int 
     texts : sequence of str
     batch : int
         Texts per forward pass.
+    progress : bool, optional
+        A bar counting the texts on stderr (None: when stderr is a terminal).
 
     Returns
     -------
@@ -145,12 +149,13 @@ def encode(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], batch: int 
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.zeros(len(texts), cast(Any, encoder.config).hidden_size)  # a transformers config
     pooler = SentimentModel(encoder, nn.Linear(1, 1))
-    with torch.no_grad():
+    with torch.no_grad(), Progress(progress, len(texts), "MiniLM features", "texts") as bar:
         for s in range(0, len(order), batch):
             idx = order[s:s + batch]
             enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=MAX_LENGTH,
                             return_tensors="pt")
             out[idx] = pooler.pool(enc["input_ids"], enc["attention_mask"])
+            bar.update(len(idx))
     return out
 
 
@@ -195,7 +200,8 @@ def train_head(features: torch.Tensor, labels: torch.Tensor, seed: int, weight_d
     return head
 
 
-def sentiment_model(n_train: int, seed: int = 0, log: Any = print) -> tuple[SentimentModel, Any, dict]:
+def sentiment_model(n_train: int, seed: int = 0, log: Any = print, progress: Optional[bool] = None
+                    ) -> tuple[SentimentModel, Any, dict]:
     """The attributed model, its tokenizer and facts about its training; cached under CONDUCTANCE_CACHE.
 
     Features of the first ``n_train`` training snippets of a seeded permutation and the trained
@@ -206,6 +212,8 @@ def sentiment_model(n_train: int, seed: int = 0, log: Any = print) -> tuple[Sent
     n_train : int
     seed : int
     log : callable str -> None
+    progress : bool, optional
+        A bar over the training snippets when their features are computed (see :func:`encode`).
 
     Returns
     -------
@@ -228,7 +236,7 @@ def sentiment_model(n_train: int, seed: int = 0, log: Any = print) -> tuple[Sent
         info.update(saved["info"], cached=True)
     else:
         start = time.perf_counter()
-        feats = encode(encoder, tokenizer, [texts[i] for i in order])
+        feats = encode(encoder, tokenizer, [texts[i] for i in order], progress=progress)
         info["encode_seconds"] = round(time.perf_counter() - start, 1)
         y = torch.as_tensor(labels[order])
         head = train_head(feats, y, seed)
@@ -329,7 +337,8 @@ def accuracy(model: nn.Module, tokenizer: Any, texts: Sequence[str], labels: np.
 # ----------------------------------------------------------------------------------------------
 
 def attribute(model: SentimentModel, tokenizer: Any, texts: Sequence[str], labels: np.ndarray, *, n_steps: int,
-              batch: int, measures: Sequence[str] = RANK_MEASURES) -> dict[str, Any]:
+              batch: int, measures: Sequence[str] = RANK_MEASURES, progress: Optional[bool] = None
+              ) -> dict[str, Any]:
     """Heads, FFN neurons and block outputs of every snippet toward its true class.
 
     Returns per measure: ``heads`` (n, blocks, heads), ``neurons`` (n, blocks, ffn), and for
@@ -347,6 +356,8 @@ def attribute(model: SentimentModel, tokenizer: Any, texts: Sequence[str], label
     batch : int
         Snippets per call.
     measures : sequence of str
+    progress : bool, optional
+        A bar counting the snippets attributed on stderr (None: when stderr is a terminal).
 
     Returns
     -------
@@ -365,6 +376,7 @@ def attribute(model: SentimentModel, tokenizer: Any, texts: Sequence[str], label
     per_example: dict[int, tuple] = {}
     unit_errors: dict[str, np.ndarray] = {}
     caught: list[str] = []
+    bar = Progress(progress, n, f"{'+'.join(measures)} of MiniLM", "snippets")
     for s in range(0, n, batch):
         idx = order[s:s + batch]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=MAX_LENGTH,
@@ -397,6 +409,8 @@ def attribute(model: SentimentModel, tokenizer: Any, texts: Sequence[str], label
         output_diff[idx] = cond.output_diff.double().numpy()
         for j, i in enumerate(idx):
             per_example[i] = (cond, j, int(enc["attention_mask"][j].sum()))
+        bar.update(len(idx))
+    bar.close()
     return {"measures": out, "relative_error": rel_err, "unit_error": unit_errors, "delta": delta,
             "output_diff": output_diff,
             "per_example": per_example, "head_layers": head_layers,
@@ -428,7 +442,8 @@ def rank_heads(values: np.ndarray, measure: str) -> list[tuple[int, int]]:
 # the report
 # ----------------------------------------------------------------------------------------------
 
-def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int = 0) -> None:
+def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int = 0,
+        progress: Optional[bool] = None) -> None:
     """Add the transformer sections to ``report`` (``weights`` is unused: MiniLM ships in a package).
 
     Parameters
@@ -437,13 +452,16 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
     quick : bool
     weights : str, optional
     seed : int
+    progress : bool, optional
+        tqdm bars on stderr for the snippets encoded and attributed and the ablation runs (None: when
+        stderr is a terminal).
     """
     from ..datasets import load_rotten_tomatoes
 
     cfg = SETTINGS[bool(quick)]
     t_start = time.perf_counter()
     torch.manual_seed(seed)
-    model, tokenizer, info = sentiment_model(cfg["n_train"], seed)
+    model, tokenizer, info = sentiment_model(cfg["n_train"], seed, progress=progress)
     test_texts, test_labels = load_rotten_tomatoes("test")
     rng = np.random.RandomState(seed + 1)
     perm = rng.permutation(len(test_texts))
@@ -476,7 +494,8 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
                 n_eval=len(eval_texts), n_attr=len(attr_texts), n_steps=cfg["n_steps"])
 
     t0 = time.perf_counter()
-    att = attribute(model, tokenizer, attr_texts, attr_labels, n_steps=cfg["n_steps"], batch=cfg["attr_batch"])
+    att = attribute(model, tokenizer, attr_texts, attr_labels, n_steps=cfg["n_steps"], batch=cfg["attr_batch"],
+                    progress=progress)
     attr_seconds = time.perf_counter() - t0
     cond = att["measures"]["conductance"]
 
@@ -586,6 +605,9 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
     table: dict[str, dict[str, dict[int, float]]] = {}
     numbers: dict[str, Any] = {}
     evaluators: dict[int, Evaluator] = {}
+    # one accuracy pass per class: unablated, then each ranking and each random draw at every k
+    runs = len(ABLATION_MODES) * 2 * (1 + len(cfg["ks"]) * (len(RANK_MEASURES) + cfg["random_draws"]))
+    bar = Progress(progress, runs, "head ablation", "accuracy runs")
     for mode in ABLATION_MODES:
         acc: dict[str, dict[int, list[float]]] = {m: {k: [] for k in cfg["ks"]} for m in names}
         base_acc = []
@@ -597,19 +619,23 @@ def run(report: Report, *, quick: bool, weights: Optional[str] = None, seed: int
                                               eval_labels[eval_labels == label])
             ev = evaluators[label]
             base_acc.append(ev.accuracy())
+            bar.update(1)
             ranks = {m: rank_heads(att["measures"][m]["heads"][sel], m) for m in RANK_MEASURES}
             numbers.setdefault("rankings", {})[cname] = {m: r[:max(cfg["ks"])] for m, r in ranks.items()}
             for k in cfg["ks"]:
                 for m in RANK_MEASURES:
                     acc[m][k].append(ev.accuracy(heads=ranks[m][:k], mode=mode))
+                    bar.update(1)
                 draws = [ev.accuracy(heads=[all_heads[i] for i in rr.choice(len(all_heads), size=k, replace=False)],
                                      mode=mode)
                          for _ in range(cfg["random_draws"])]
                 acc["random"][k].append(float(np.mean(draws)))
+                bar.update(cfg["random_draws"])
         # each class's accuracy on its own snippets, averaged over the two classes
         table[mode] = {m: {k: float(np.mean(v)) for k, v in per.items()} for m, per in acc.items()}
         numbers[mode] = {"unablated": float(np.mean(base_acc)), "accuracy": table[mode],
                          "per_class": {m: dict(per) for m, per in acc.items()}}
+    bar.close()
     sec.text(
         f"For each class, the k heads with the largest mean value toward that class on its attributed snippets "
         f"are ablated, and the accuracy on that class's held-out test snippets ({len(eval_texts)} in all, disjoint "
