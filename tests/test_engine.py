@@ -393,3 +393,37 @@ def test_trapezoid_total_is_the_sum_of_the_contributions(layout):
     assert engine.trapezoid_total(y0, g0.contiguous(memory_format=torch.channels_last if layout ==
                                                         torch.contiguous_format else torch.contiguous_format),
                                   y1, g1, engine.Scratch()) is None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed"])
+@pytest.mark.parametrize("order", [("conductance", "internal_influence"), ("internal_influence", "conductance")])
+def test_channel_trapezoid_sums_equal_the_mean_gradient_formula(layout, order):
+    """Channel units take g0 + g1, halve the channel sums, and let the last measure multiply into
+    that buffer: every measure must still get (g0 + g1) / 2 times its own factor, in any memory
+    layout and measure order, and the results must not change when the buffers are reused."""
+    from conductance import engine
+    from conductance.measures import PATH_MEASURES
+    torch.manual_seed(3)
+    y0, g0, y1, g1 = (torch.randn(3, 5, 4, 6, dtype=torch.float64) for _ in range(4))
+    if layout != "contiguous":
+        y0, y1 = (t.contiguous(memory_format=torch.channels_last) for t in (y0, y1))
+        if layout == "channels_last":   # "mixed": values channels-last, gradients not (GoogLeNet's last block)
+            g0, g1 = (t.contiguous(memory_format=torch.channels_last) for t in (g0, g1))
+    width = torch.tensor([0.1, 0.25, 0.05], dtype=torch.float64)
+    measures = {m: PATH_MEASURES[m] for m in order}
+    scratch = engine.Scratch()
+    parts = engine.interval_contributions(measures, y0, g0, y1, g1, width, "trapezoid", "channel", scratch)
+    gbar = (g0 + g1) / 2
+    expected = {"conductance": (gbar * (y1 - y0)).sum(dim=(2, 3)),
+                "internal_influence": (gbar * width.view(-1, 1, 1, 1)).sum(dim=(2, 3))}
+    assert set(parts) == set(order)
+    for m in order:
+        assert parts[m].shape == (3, 5)
+        torch.testing.assert_close(parts[m], expected[m], rtol=1e-12, atol=1e-12)
+    kept = {m: p.clone() for m, p in parts.items()}
+    engine.interval_contributions(measures, y1, g1, y0, g0, width, "trapezoid", "channel", scratch)
+    for m in order:
+        assert torch.equal(parts[m], kept[m])   # fresh tensors, not views of the reused buffers
+    # neuron units keep the mean gradient (full-size contributions, views of the buffers)
+    whole = engine.interval_contributions(measures, y0, g0, y1, g1, width, "trapezoid", "neuron", scratch)
+    torch.testing.assert_close(whole["conductance"], gbar * (y1 - y0), rtol=1e-12, atol=1e-12)

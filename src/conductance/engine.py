@@ -703,9 +703,22 @@ def interval_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tenso
     dict measure -> Tensor (m, *unit_shape). Where the units are the layer's own (no reduction)
     the tensors are views of ``scratch``'s buffers: read them before the next call.
     """
+    if rule == "trapezoid" and _reduces(y0, units):
+        # Both measures are linear in the rule's gradient, so they take the plain sum g0 + g1 and the
+        # units' sums are halved afterwards (exact: a power of two); the last measure multiplies into
+        # that sum's own buffer. A pass and a buffer fewer than forming the mean first: the interval
+        # sums are memory-bound, and this is most of the adaptive rule's bookkeeping (docs/accuracy.md).
+        gsum = torch.add(g0, g1, out=scratch.like("g", g0))
+        parts = _contributions(measures, gsum, y0, y1, width, units, scratch, "", into_gbar=True)
+        return {m: p.mul_(0.5) for m, p in parts.items()}
     # the rule's gradient for each interval: its left end, or the mean of both ends
     gbar = g0 if rule == "left" else torch.lerp(g0, g1, 0.5, out=scratch.like("g", g0))
     return _contributions(measures, gbar, y0, y1, width, units, scratch, "")
+
+
+def _reduces(t: torch.Tensor, units: Any) -> bool:
+    """Whether :func:`reduce_units` sums ``t`` (m, C, ...) into fresh (m, C) tensors."""
+    return units == "channel" and t.dim() > 2
 
 
 def left_and_right_contributions(measures: dict[str, IntervalMeasure], y0: torch.Tensor, g0: torch.Tensor,
@@ -739,13 +752,17 @@ def left_and_right_contributions(measures: dict[str, IntervalMeasure], y0: torch
 
 def _contributions(measures: dict[str, IntervalMeasure], gbar: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor,
                    width: Union[torch.Tensor, float], units: Any, scratch: Scratch, suffix: str,
-                   dy: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                   dy: Optional[torch.Tensor] = None, into_gbar: bool = False) -> dict[str, torch.Tensor]:
+    """Each measure's contributions; with ``into_gbar`` the last measure writes into ``gbar``'s buffer
+    (only when its result is reduced to fresh unit tensors, so nothing returned aliases it)."""
     if dy is None:
         dy = torch.sub(y1, y0, out=scratch.like("dy", y0))
     if isinstance(width, torch.Tensor):
         width = width.to(device=y0.device, dtype=y0.dtype).view((-1,) + (1,) * (y0.dim() - 1))
-    return {mname: reduce_units(fn(gbar, dy, width, scratch.like(mname + suffix, y0)), units)
-            for mname, fn in measures.items()}
+    last = len(measures) - 1
+    return {mname: reduce_units(fn(gbar, dy, width, gbar if into_gbar and i == last
+                                   else scratch.like(mname + suffix, y0)), units)
+            for i, (mname, fn) in enumerate(measures.items())}
 
 
 def trapezoid_total(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor,

@@ -6,10 +6,12 @@ A path measure maps one path interval to its contribution, from
   trapezoid rule, ``g0`` for the left rule,
 - ``dy``: the layer's change ``y1 - y0`` over the interval,
 - ``width``: ``a1 - a0``, broadcastable against ``dy``,
-- ``out``: a scratch tensor of ``dy``'s shape that the measure may overwrite and return,
+- ``out``: a scratch tensor of ``dy``'s shape that the measure may overwrite and return (it may
+  be ``gbar``'s own buffer: the measures are elementwise, so writing in place is safe),
 
 each (m, *layer_shape) but ``width``. Both measures are linear in ``gbar``, which the engine uses
-(the trapezoid rule is the mean of the left and right sums). Writing into ``out`` keeps the
+(the trapezoid rule is the mean of the left and right sums; for units summed over positions it
+gets ``g0 + g1`` and halves the units' sums). Writing into ``out`` keeps the
 bookkeeping free of large temporary allocations. Nothing here runs the model.
 """
 
