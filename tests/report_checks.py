@@ -267,6 +267,11 @@ def check_reproduction(driver, folder: Path, shots: Path) -> tuple[dict, dict]:
             pixels = _section(page, f"{key}-pixels")
             assert len(pixels["images"]) == len(s.photos) + (len(s.photos) >= 3), pixels["images"]
             assert all(w >= 200 for _, w, _ in pixels["images"])
+            # each map's per-unit error: a row per photo, one estimate per map in the numbers
+            assert [rows for _, rows, _ in pixels["tables"]] == [len(s.photos)]
+            map_errors = data[f"{key}-pixels"]["pixel_unit_error"]
+            assert sorted(map_errors) == sorted(s.photos)
+            assert all(len(v) == len(data[f"{key}-pixels"]["filters"][n]) for n, v in map_errors.items())
             ablation = _section(page, f"{key}-ablation")
             # per block: a row per photo, the mean and the top-10 row; then one summary row per block and mode
             assert [rows for _, rows, _ in ablation["tables"]] == [len(s.photos) + 2] * len(blocks) + [2 * len(blocks)]

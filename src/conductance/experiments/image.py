@@ -153,7 +153,9 @@ class PhotoAnalysis:
     {measure: LayerResult over ``blocks``, units="channel"}; ``pixel`` (photos, top, 3, H, W): the
     per-pixel conductance of each photo's top filters at ``pixel_block`` (``pixel_filters`` (photos,
     top)); ``pixel_sum_error`` (photos, top): |sum over pixels - filter conductance| / |filter
-    conductance|; ``ablation`` {block: AblationSummary} with filters set to zero, ``ablation_baseline``
+    conductance|; ``pixel_unit_error`` (photos, top): each map's estimated relative L2 error
+    (``unit_error`` of :func:`conductance.neuron_conductance`); ``ablation`` {block: AblationSummary}
+    with filters set to zero, ``ablation_baseline``
     the same with filters set to their value at the baseline photo.
     """
 
@@ -169,6 +171,7 @@ class PhotoAnalysis:
     pixel_filters: torch.Tensor
     pixel: torch.Tensor
     pixel_sum_error: torch.Tensor
+    pixel_unit_error: torch.Tensor
     ablation: dict
     ablation_baseline: dict
     seconds: dict
@@ -233,17 +236,22 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
         cond = importance["conductance"]
         start = time.perf_counter()
         # one neuron_conductance call per photo: each photo has its own top filters
-        filt, maps, errs = [], [], []
+        filt, maps, errs, map_errs = [], [], [], []
         bar = Progress(progress, x.shape[0], f"per-pixel maps of {pixel_block}", "photos")
         for i in range(x.shape[0]):
             top = torch.argsort(cond[pixel_block][i], descending=True)[:top_filters]
-            per_pixel = cast(torch.Tensor, cd.neuron_conductance(model, x[i:i + 1], pixel_block, [int(c) for c in top],
-                                                                 units="channel", baselines=baselines, progress=False,
-                                                                 **pixel_rule))[:, 0]  # no unit errors asked for
+            # the report shows each map's own estimate, so its warning is not needed here
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConductanceWarning)
+                per_pixel, map_err = cast(tuple[torch.Tensor, torch.Tensor], cd.neuron_conductance(
+                    model, x[i:i + 1], pixel_block, [int(c) for c in top], units="channel", baselines=baselines,
+                    progress=False, return_unit_error=True, **pixel_rule))
+            per_pixel = per_pixel[:, 0]
             sums = per_pixel.flatten(1).sum(1)
             want = cond[pixel_block][i, top]
             filt.append(top)
             maps.append(per_pixel)
+            map_errs.append(map_err[:, 0])
             errs.append((sums - want).abs() / want.abs().clamp_min(1e-12))
             bar.update(1)
         bar.close()
@@ -265,6 +273,7 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
                          logits=out[torch.arange(x.shape[0]), labels], output_diff=cond.output_diff,
                          blocks=list(blocks), importance=importance, pixel_block=pixel_block,
                          pixel_filters=torch.stack(filt), pixel=torch.stack(maps), pixel_sum_error=torch.stack(errs),
+                         pixel_unit_error=torch.stack(map_errs),
                          ablation=ablation, ablation_baseline=ablation_baseline, seconds=seconds,
                          warnings=_caught(records))
 
@@ -288,6 +297,8 @@ def _clip(attribution: torch.Tensor, q: float = 0.99) -> torch.Tensor:
 
 #: The smoothed view of pixel maps: Gaussian blur (pixels) and the share of pixels hidden (percentile).
 SMOOTH_PIXELS, SMOOTH_HIDE_BELOW = 3.0, 80.0
+#: A map whose estimated per-unit error is above this is marked coarse in the report (a fixed rule warns there too).
+COARSE_MAP = 0.05
 
 
 def _pixel_figure(image: torch.Tensor, maps: dict, title: str):
@@ -393,11 +404,26 @@ def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: I
         fig = _pixel_figure(a.images[i], maps, f"{name}: {a.label_names[i]} ({net}, {a.pixel_block})")
         files.append(figs.figure(fig, f"{name}: photo scaled by the per-pixel conductance of the top filters of "
                                       f"{a.pixel_block}", name=f"{key}-pixels-{name}", dpi=80))
-    sum_err = a.pixel_sum_error
+    sum_err, map_err = a.pixel_sum_error, a.pixel_unit_error
     figs.numbers(block=a.pixel_block, rule=settings.pixel_rule,
                  filters={n: [int(c) for c in a.pixel_filters[i]] for i, n in enumerate(a.names)},
                  pixel_sum_relative_error_max=float(sum_err.max()),
-                 pixel_sum_relative_error_mean=float(sum_err.mean()), figures=files)
+                 pixel_sum_relative_error_mean=float(sum_err.mean()),
+                 pixel_unit_error={n: [float(v) for v in map_err[i]] for i, n in enumerate(a.names)},
+                 pixel_unit_error_max=float(map_err.max()), pixel_unit_error_mean=float(map_err.mean()),
+                 figures=files)
+    coarse = int((map_err > COARSE_MAP).sum())
+    figs.table([[n] + [f"{int(c)}: {100 * float(v):.1f}%" + (" (coarse)" if float(v) > COARSE_MAP else "")
+                       for c, v in zip(a.pixel_filters[i], map_err[i])] for i, n in enumerate(a.names)],
+               ["photo"] + [f"filter {j + 1}: per-unit error" for j in range(map_err.shape[1])],
+               caption="Per-unit error of each map: estimated relative L2 distance of the map's pixel values to "
+                       "the exact integral (result.unit_error of cd.neuron_conductance)")
+    figs.text(f"Per-unit error of the maps: largest {100 * float(map_err.max()):.1f}% (mean "
+              f"{100 * float(map_err.mean()):.1f}%). "
+              + (f"{coarse} of {map_err.numel()} maps are above {100 * COARSE_MAP:.0f}% (marked coarse): they show "
+                 "where a filter's conductance comes from, but single pixels of those maps are not to be compared; "
+                 "a tighter map needs more path points (neuron_conductance with tolerance=0.02)."
+                 if coarse else f"Every map is within {100 * COARSE_MAP:.0f}%."))
     figs.text(f"Sum over the pixels of each map against the filter's conductance from the layer run above: "
               f"largest relative difference {100 * float(sum_err.max()):.2g}% "
               f"(mean {100 * float(sum_err.mean()):.2g}%).")

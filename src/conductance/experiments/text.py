@@ -28,6 +28,7 @@ import torch
 
 from ..errors import ConductanceError
 from ..progress import Progress
+from ..request import DEFAULT_TOLERANCE
 from .report import percent, shorten
 from .textcnn import NEGATION_WORDS, SentimentCNN, TrainConfig, accuracy, has_negation, load_or_train
 
@@ -586,8 +587,9 @@ def run(report, *, quick: bool = False, weights: Optional[str] = None, seed: int
                ["zero threshold", "|c| < 0.01", f"|c| < {THRESHOLD}"],
                ["single-signed", "'almost all' (no number)", f"≥ {100 * PURITY:.0f}% of non-zero values of one sign"],
                ["examples in heat map", "not stated", f"{len(texts)} test reviews"],
-               ["integration", "not stated", f"adaptive (1% completeness) for layers; {TOKEN_STEPS}-interval "
-                                             "Gauss-Legendre for per-token maps"],
+               ["integration", "not stated",
+                f"adaptive (per-unit error {100 * DEFAULT_TOLERANCE:g}%) for layers; {TOKEN_STEPS}-interval "
+                "Gauss-Legendre for per-token maps"],
                ["mode", "", "quick" if quick else "full"]],
               ["setting", "paper", "ours"], caption="Settings")
     sec.text("Training log: " + ("; ".join(log_lines) if log_lines else "weights from the cache") + ".")
