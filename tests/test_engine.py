@@ -116,9 +116,9 @@ def test_adaptive_points_are_never_evaluated_twice():
     r = cd.layer_conductance(model, x, ["inner.1", "inner.3"], baselines=base, target=0, tolerance=1e-4,
                              max_steps=120,
                              internal_batch_size=6)
-    # call 0 settles the target; call 1 (one example) checks which layers are cuts; then the path
-    assert model.calls[1].shape[0] == 1
-    path_calls = model.calls[2:]
+    # call 0 (the four inputs) settles the target and checks which layers are cuts; then the path
+    assert model.calls[0].shape[0] == 4
+    path_calls = model.calls[1:]
     rows = torch.cat(path_calls)
     assert rows.shape[0] == int(r.n_points.sum()) == r.extra["model_evaluations"]
     assert torch.unique(rows, dim=0).shape[0] == rows.shape[0]

@@ -90,6 +90,10 @@ class PathProblem:
     point_bytes: int = 0
     #: a :class:`conductance.progress.Progress` counting evaluated points, or None
     progress: Any = None
+    #: the cut map and the path's ends (:class:`Ends`) when the first forward (:func:`first_forward`)
+    #: found them; None: :func:`check_cuts` and :func:`endpoint` run their own forwards
+    cuts: Optional[dict[str, bool]] = None
+    ends: Any = None
 
     @property
     def batch_size(self) -> int:
@@ -1269,3 +1273,94 @@ def check_cuts(problem: PathProblem) -> dict[str, bool]:
         problem.point_bytes += 2 * x.numel() * max(x.element_size(), 4)
     return {ref.name: not graph_reaches(F, x, blocked=[recorder.downstream_node[ref.name]])
             for ref in problem.refs}
+
+
+@dataclass
+class Ends:
+    """F (batch,) and every recorded layer's value (batch, *layer_shape) at the inputs and, when the
+    first forward carried them, at the baselines (else None); the input itself is layer ``INPUT``
+    when ``problem.track_input``."""
+
+    F_end: torch.Tensor
+    y_end: dict[str, torch.Tensor]
+    F_start: Optional[torch.Tensor] = None
+    y_start: Optional[dict[str, torch.Tensor]] = None
+
+
+@dataclass
+class FirstForward:
+    """The graph of the call's first forward (:func:`first_forward`), until :func:`settle_first_forward` reads it."""
+
+    x: torch.Tensor
+    ex: torch.Tensor
+    recorder: Recorder
+    output: Any
+
+
+def first_forward(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor, record: bool
+                  ) -> tuple[Any, Optional[FirstForward]]:
+    """The model at the inputs (and, stacked after them, the baselines) before any path point runs.
+
+    Without ``record`` it is a plain forward without autograd (the target check needs the output).
+    With it, the forward also hooks every requested layer, handing each value downstream through its
+    own clone, with the graph from ``x`` kept: :func:`settle_first_forward` then takes the cut map,
+    the layers never reached and the values at the path's ends from it, so that neither
+    :func:`check_cuts` nor :func:`endpoint` needs a forward of its own.
+
+    Parameters
+    ----------
+    problem : PathProblem
+    x : Tensor, shape (rows, *input_shape)
+        The inputs, optionally followed by the baselines.
+    ex : LongTensor, shape (rows,)
+        Example index of each row.
+    record : bool
+
+    Returns
+    -------
+    output : Any
+        The model's output for the ``rows``.
+    state : FirstForward or None
+        With ``record``, what :func:`settle_first_forward` needs.
+    """
+    if not record:
+        with torch.no_grad():
+            return model_output(problem, x, ex), None
+    x = x.detach().requires_grad_(True)
+    recorder = Recorder(problem.refs, cut_below=False, keep_downstream=True)
+    with recorder.attached(), torch.enable_grad():
+        output = model_output(problem, x, ex)
+    return output, FirstForward(x, ex, recorder, output)
+
+
+def settle_first_forward(problem: PathProblem, state: FirstForward) -> None:
+    """Set ``problem.cuts``, ``problem.ends``, ``problem.point_bytes`` and, when the model changed a
+    layer's output in place, ``problem.copy_layer_outputs`` from a recorded first forward, once
+    ``problem.target`` is known (what :func:`check_cuts` and :func:`endpoint` would compute).
+
+    Parameters
+    ----------
+    problem : PathProblem
+    state : FirstForward
+        From :func:`first_forward` with ``record=True``; rows ``0..batch-1`` are the inputs, the
+        next ``batch`` rows (if any) the baselines.
+    """
+    recorder, x, B = state.recorder, state.x, problem.batch_size
+    with torch.enable_grad():
+        F = scalar_output(problem, state.output, state.ex)
+    recorder.require()
+    if recorder.modified_in_place():
+        problem.copy_layer_outputs = True
+    problem.point_bytes = sum(2 * v[0].numel() * max(v.element_size(), 4) for v in recorder.values.values())
+    if problem.track_input:
+        problem.point_bytes += 2 * x[0].numel() * max(x.element_size(), 4)
+    problem.cuts = {ref.name: not graph_reaches(F, x, blocked=[recorder.downstream_node[ref.name]])
+                    for ref in problem.refs}
+    F = _upcast(F.detach())
+    values = {r.name: _upcast(recorder.values[r.name].detach()) for r in problem.refs}
+    if problem.track_input:
+        values[INPUT] = x.detach()
+    ends = Ends(F[:B], {n: v[:B] for n, v in values.items()})
+    if x.shape[0] == 2 * B:
+        ends.F_start, ends.y_start = F[B:], {n: v[B:] for n, v in values.items()}
+    problem.ends = ends
