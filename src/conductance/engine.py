@@ -1297,15 +1297,14 @@ class FirstForward:
     output: Any
 
 
-def first_forward(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor, record: bool
-                  ) -> tuple[Any, Optional[FirstForward]]:
-    """The model at the inputs (and, stacked after them, the baselines) before any path point runs.
+def first_forward(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> tuple[Any, FirstForward]:
+    """The model at the inputs (and, stacked after them, the baselines) before any path point runs,
+    recorded.
 
-    Without ``record`` it is a plain forward without autograd (the target check needs the output).
-    With it, the forward also hooks every requested layer, handing each value downstream through its
-    own clone, with the graph from ``x`` kept: :func:`settle_first_forward` then takes the cut map,
-    the layers never reached and the values at the path's ends from it, so that neither
-    :func:`check_cuts` nor :func:`endpoint` needs a forward of its own.
+    The forward that checks the target also hooks every requested layer, handing each value
+    downstream through its own clone, with the graph from ``x`` kept: :func:`settle_first_forward`
+    then takes the cut map, the layers never reached and the values at the path's ends from it, so
+    that neither :func:`check_cuts` nor :func:`endpoint` needs a forward of its own.
 
     Parameters
     ----------
@@ -1314,18 +1313,14 @@ def first_forward(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor, recor
         The inputs, optionally followed by the baselines.
     ex : LongTensor, shape (rows,)
         Example index of each row.
-    record : bool
 
     Returns
     -------
     output : Any
         The model's output for the ``rows``.
-    state : FirstForward or None
-        With ``record``, what :func:`settle_first_forward` needs.
+    state : FirstForward
+        What :func:`settle_first_forward` needs.
     """
-    if not record:
-        with torch.no_grad():
-            return model_output(problem, x, ex), None
     x = x.detach().requires_grad_(True)
     recorder = Recorder(problem.refs, cut_below=False, keep_downstream=True)
     with recorder.attached(), torch.enable_grad():
@@ -1342,7 +1337,7 @@ def settle_first_forward(problem: PathProblem, state: FirstForward) -> None:
     ----------
     problem : PathProblem
     state : FirstForward
-        From :func:`first_forward` with ``record=True``; rows ``0..batch-1`` are the inputs, the
+        From :func:`first_forward`; rows ``0..batch-1`` are the inputs, the
         next ``batch`` rows (if any) the baselines.
     """
     recorder, x, B = state.recorder, state.x, problem.batch_size

@@ -463,25 +463,31 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
     else:
         problem.channels_last = request.channels_last and inputs.dim() == 4
     B = int(inputs.shape[0])
-    if probe == "ends" and 2 * B > problem.chunk_size:
+    if probe == "ends" and problem.chunk_size < 2 * B:
         probe = "cuts"
-    record = probe is not None and B <= problem.chunk_size
+    record = probe is not None and problem.chunk_size >= B
     # the baselines ride along in the same forward, after the inputs: rows B..2B-1
     x = torch.cat([inputs, base]) if record and probe == "ends" else inputs
     ex = torch.arange(x.shape[0], device=inputs.device) % B
+
+    def forward(points: torch.Tensor) -> tuple[Any, Optional[engine.FirstForward]]:
+        if record:
+            return engine.first_forward(problem, points, ex)
+        with torch.no_grad():
+            return model_output(problem, points, ex), None
+
     state = None
     try:
         if problem.channels_last:
             try:
-                output, state = engine.first_forward(problem, x.contiguous(memory_format=torch.channels_last), ex,
-                                                     record)
+                output, state = forward(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError as exc:
                 # the model cannot take channels-last activations (it .view()s them): keep the inputs' layout
                 if not engine.is_layout_error(exc):
                     raise
                 problem.channels_last = False
         if not problem.channels_last:
-            output, state = engine.first_forward(problem, x, ex, record)
+            output, state = forward(x)
     except RuntimeError as exc:
         why = explain_failure(model, inputs)
         if why is None:
