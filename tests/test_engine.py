@@ -173,6 +173,26 @@ def test_branch_is_not_a_cut_and_adaptive_refines_on_the_input():
     torch.testing.assert_close(ig.sum(1), only_branches.output_diff, rtol=1e-3, atol=1e-4)
 
 
+def test_one_walk_of_the_graph_finds_the_cuts_that_blocking_each_layer_finds():
+    """engine.dominating (one walk for all layers) equals graph_reaches with each layer blocked in turn,
+    on a graph with parallel branches, a skip connection, a layer below the branches and one unused."""
+    from conductance import engine
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, requires_grad=True)
+    a = torch.tanh(x @ torch.randn(4, 4))          # a cut: everything above goes through it
+    left, right = a.sin(), a.cos()                  # parallel branches: neither is a cut
+    both = torch.cat([left, right], 1)              # a cut again
+    skip = both[:, :4] + a                          # a skip around `both`: it is no longer a cut
+    out = (skip * 2).sum(1)
+    unused = (x * 3).sum()                          # not on any path of `out`
+    nodes = [a.grad_fn, left.grad_fn, right.grad_fn, both.grad_fn, skip.grad_fn, unused.grad_fn]
+    literal = [not engine.graph_reaches(out, x, blocked=[n]) for n in nodes]
+    assert literal == [True, False, False, False, True, False]
+    assert engine.dominating(out, x, nodes) == literal
+    assert engine.dominating(torch.ones(2), x, nodes) == [True] * len(nodes)   # no graph at all
+
+
 def test_layer_input_and_tuple_outputs():
     torch.manual_seed(0)
 

@@ -1045,14 +1045,20 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
                 intervals(pts, slice(0, m - b), pts, slice(b, m))
             if last is not None:
                 intervals(last, everything, pts, slice(0, b))
-            for k in range(k0, k1):
-                for level in kinds:
-                    if on_grid[level][k]:
-                        here = _slice(pts, slice((k - k0) * b, (k - k0 + 1) * b))
-                        before = previous[level]
-                        if before is not None:
-                            accumulate(levels[level], before, everything, here, everything)
-                        previous[level] = here
+            for level in kinds:
+                # the chunk's positions on this level's grid, gathered (position-major) so that their
+                # intervals are summed in one pass per layer rather than one per pair of positions
+                ks = [k for k in range(k0, k1) if on_grid[level][k]]
+                if not ks:
+                    continue
+                rows = torch.tensor([(k - k0) * b + j for k in ks for j in range(b)], device=pts.ex.device)
+                here = _take(pts, rows)
+                before = previous[level]
+                if before is not None:
+                    accumulate(levels[level], before, everything, here, slice(0, b))
+                if len(ks) > 1:
+                    accumulate(levels[level], here, slice(0, (len(ks) - 1) * b), here, slice(b, len(ks) * b))
+                previous[level] = _slice(here, slice((len(ks) - 1) * b, len(ks) * b))
             last = _slice(pts, slice(m - b, m))
         if not grid.has_endpoints and first is not None and last is not None:
             ends.append((first, last))
@@ -1069,7 +1075,8 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         levels["coarse"] = {m: {name: torch.zeros_like(v) for name, v in per.items()} for m, per in values.items()}
         levels.pop("quarter", None)
     integral = Integral(values, F_start, F_end, n_points, ends=ends, levels=levels)
-    integral.settle()
+    if grid.has_endpoints:   # else the caller settles once it has added the end pieces
+        integral.settle()
     return integral
 
 
@@ -1080,6 +1087,12 @@ def _zeros_in_layout(shape: tuple, like: torch.Tensor) -> torch.Tensor:
         memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout).zero_()
+
+
+def _take(a: PointBatch, rows: torch.Tensor) -> PointBatch:
+    # indexing keeps a channels-last layout (index_select would not); layers may live on other devices
+    return PointBatch(a.ex[rows], a.alphas[rows], a.F[rows], {k: v[rows.to(v.device)] for k, v in a.ys.items()},
+                      {k: v[rows.to(v.device)] for k, v in a.gs.items()})
 
 
 def _slice(a: PointBatch, s: slice) -> PointBatch:
@@ -1239,6 +1252,56 @@ def graph_reaches(root: torch.Tensor, leaf: torch.Tensor, blocked: Sequence[Any]
     return False
 
 
+def dominating(root: torch.Tensor, leaf: torch.Tensor, nodes: Sequence[Any]) -> list[bool]:
+    """For each of ``nodes`` (autograd graph nodes), whether every path of ``root``'s graph to the leaf
+    tensor ``leaf`` passes through it; True for all when the graph does not reach ``leaf``.
+
+    ``not graph_reaches(root, leaf, blocked=[node])`` for every node at once: one walk of the graph,
+    each node marked with the set (a bit mask) of ``nodes`` that every one of its paths to ``leaf``
+    crosses, the intersection over its inputs that reach ``leaf``.
+
+    Parameters
+    ----------
+    root : Tensor
+    leaf : Tensor
+        A tensor that requires grad.
+    nodes : sequence of autograd nodes
+
+    Returns
+    -------
+    list of bool
+    """
+    if root.grad_fn is None:
+        return [True] * len(nodes)
+    bit: dict[Any, int] = {}
+    for i, node in enumerate(nodes):
+        bit[node] = bit.get(node, 0) | (1 << i)
+    # mask of every path to the leaf from each finished node; None: the node does not reach the leaf
+    done: dict[Any, Optional[int]] = {}
+    stack: list[tuple[Any, bool]] = [(root.grad_fn, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node in done and not expanded:
+            continue
+        children = [fn for fn, _ in node.next_functions if fn is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((fn, False) for fn in children if fn not in done)
+            continue
+        if getattr(node, "variable", None) is leaf:
+            mask: Optional[int] = 0
+        else:
+            reaching = [done[fn] for fn in children if done.get(fn) is not None]
+            mask = None
+            for m in reaching:
+                mask = m if mask is None else mask & m   # type: ignore[operator]
+        if mask is not None:
+            mask |= bit.get(node, 0)
+        done[node] = mask
+    top = done[root.grad_fn]
+    return [True if top is None else bool(top >> i & 1) for i in range(len(nodes))]
+
+
 def check_cuts(problem: PathProblem) -> dict[str, bool]:
     """For each requested layer, whether every path from the input to F passes through it.
 
@@ -1271,8 +1334,8 @@ def check_cuts(problem: PathProblem) -> dict[str, bool]:
     problem.point_bytes = sum(2 * v.numel() * max(v.element_size(), 4) for v in recorder.values.values())
     if problem.track_input:
         problem.point_bytes += 2 * x.numel() * max(x.element_size(), 4)
-    return {ref.name: not graph_reaches(F, x, blocked=[recorder.downstream_node[ref.name]])
-            for ref in problem.refs}
+    cut = dominating(F, x, [recorder.downstream_node[ref.name] for ref in problem.refs])
+    return {ref.name: c for ref, c in zip(problem.refs, cut)}
 
 
 @dataclass
@@ -1349,8 +1412,8 @@ def settle_first_forward(problem: PathProblem, state: FirstForward) -> None:
     problem.point_bytes = sum(2 * v[0].numel() * max(v.element_size(), 4) for v in recorder.values.values())
     if problem.track_input:
         problem.point_bytes += 2 * x[0].numel() * max(x.element_size(), 4)
-    problem.cuts = {ref.name: not graph_reaches(F, x, blocked=[recorder.downstream_node[ref.name]])
-                    for ref in problem.refs}
+    cut = dominating(F, x, [recorder.downstream_node[ref.name] for ref in problem.refs])
+    problem.cuts = {ref.name: c for ref, c in zip(problem.refs, cut)}
     F = _upcast(F.detach())
     values = {r.name: _upcast(recorder.values[r.name].detach()) for r in problem.refs}
     if problem.track_input:
