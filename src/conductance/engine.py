@@ -991,7 +991,16 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         contrib = contrib.to(device)
         if name not in target[mname]:
             target[mname][name] = _zeros_in_layout((B,) + contrib.shape[1:], contrib)
-        target[mname][name].index_add_(0, ex_int, contrib, alpha=weight)
+        # Every interval batch here is whole path positions of the current block of examples
+        # e0..e1-1 (the loop below), position-major: the rows of example e0 + j are j, j + b, ...
+        # So the sum is a reduction over positions, several times faster on the CPU than index_add_
+        # (a scatter there) on language-model layers.
+        b = e1 - e0
+        if contrib.shape[0] % b == 0:
+            per = contrib.reshape((contrib.shape[0] // b, b) + tuple(contrib.shape[1:]))
+            target[mname][name][e0:e1].add_(per.sum(0) if per.shape[0] > 1 else per[0], alpha=weight)
+        else:
+            target[mname][name].index_add_(0, ex_int, contrib, alpha=weight)
 
     def accumulate(target: dict, lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
         """The trapezoid rule over intervals lo -> hi into ``target``."""
