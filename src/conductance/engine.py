@@ -1013,6 +1013,31 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
             for mname, contrib in parts.items():
                 add(target, mname, name, ex_int, contrib)
 
+    def strided_accumulate(target: dict, pts: PointBatch, ks: list, k0: int, b: int) -> bool:
+        """The trapezoid rule over consecutive positions ``ks`` of the chunk (evenly spaced) into
+        ``target``, read through strided views of the chunk (no copy): each layer's points seen as
+        (positions, b * layer size). Only for element units and plain layouts; False otherwise."""
+        steps = {q - p for p, q in zip(ks, ks[1:])}
+        tensors = [t for per in (pts.ys, pts.gs) for t in per.values()]
+        if len(steps) != 1 or units != "neuron" or not all(t.is_contiguous() for t in tensors):
+            return False
+        step, first, count = steps.pop(), ks[0] - k0, len(ks)
+        npos = pts.ex.shape[0] // b
+        on = slice(first, first + step * (count - 1) + 1, step)
+        at = alphas_all[ks[0]:ks[-1] + 1:step]
+        width = (at[1:] - at[:-1]).to(device)
+        for name in names:
+            y, g = pts.ys[name].view(npos, -1)[on], pts.gs[name].view(npos, -1)[on]
+            shape = (count - 1, b) + tuple(pts.ys[name].shape[1:])
+            parts = interval_contributions(measures, y[:-1], g[:-1], y[1:], g[1:], width, "trapezoid", units,
+                                           scratch)
+            for mname, contrib in parts.items():
+                contrib = contrib.to(device).reshape(shape)
+                if name not in target[mname]:
+                    target[mname][name] = _zeros_in_layout((B,) + shape[2:], contrib[0])
+                target[mname][name][e0:e1].add_(contrib.sum(0))
+        return True
+
     def intervals(lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
         """The rule's own sum over intervals lo -> hi (and, for a left sum, the trapezoid rule)."""
         if not left:
@@ -1055,19 +1080,19 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
             if last is not None:
                 intervals(last, everything, pts, slice(0, b))
             for level in kinds:
-                # the chunk's positions on this level's grid, gathered (position-major) so that their
-                # intervals are summed in one pass per layer rather than one per pair of positions
+                # the chunk's positions on this level's grid: their intervals are summed in one pass
+                # per layer rather than one per pair of positions
                 ks = [k for k in range(k0, k1) if on_grid[level][k]]
                 if not ks:
                     continue
-                rows = torch.tensor([(k - k0) * b + j for k in ks for j in range(b)], device=pts.ex.device)
-                here = _take(pts, rows)
                 before = previous[level]
                 if before is not None:
-                    accumulate(levels[level], before, everything, here, slice(0, b))
-                if len(ks) > 1:
+                    accumulate(levels[level], before, everything, pts, slice((ks[0] - k0) * b, (ks[0] - k0 + 1) * b))
+                if len(ks) > 1 and not strided_accumulate(levels[level], pts, ks, k0, b):
+                    rows = torch.tensor([(k - k0) * b + j for k in ks for j in range(b)], device=pts.ex.device)
+                    here = _take(pts, rows)
                     accumulate(levels[level], here, slice(0, (len(ks) - 1) * b), here, slice(b, len(ks) * b))
-                previous[level] = _slice(here, slice((len(ks) - 1) * b, len(ks) * b))
+                previous[level] = _slice(pts, slice((ks[-1] - k0) * b, (ks[-1] - k0 + 1) * b))
             last = _slice(pts, slice(m - b, m))
         if not grid.has_endpoints and first is not None and last is not None:
             ends.append((first, last))
