@@ -193,6 +193,27 @@ def test_one_walk_of_the_graph_finds_the_cuts_that_blocking_each_layer_finds():
     assert engine.dominating(torch.ones(2), x, nodes) == [True] * len(nodes)   # no graph at all
 
 
+@pytest.mark.parametrize("method", ["captum", "gausslegendre"])
+def test_comparison_sums_read_through_views_equal_those_from_copies(method):
+    """integrate_fixed sums a coarser grid's intervals through strided views of a chunk when the points
+    are in plain layout, and from gathered copies otherwise (channels-last points): the same
+    comparison values and per-unit estimates, to float32 rounding, over several chunks."""
+    model = random_cnn(seed=4)
+    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(2)) * 3
+    kw = dict(target=1, n_steps=6, method=method, internal_batch_size=15)   # 7 positions, 5 a chunk
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.ConductanceWarning)
+        views = cd.layer_conductance(model, x, ["1", "3"], channels_last=False, **kw)
+        copies = cd.layer_conductance(model, x, ["1", "3"], channels_last=True, **kw)
+    # layer 1's integrand is curved: its comparison values are not the values again (layer 3 feeds a
+    # linear head, so a trapezoid rule is exact there and they are)
+    assert (views.extra["coarse"]["1"] - views["1"]).abs().max() > 3e-3 * views["1"].abs().max()
+    for name in ("1", "3"):
+        coarse = views.extra["coarse"][name]
+        torch.testing.assert_close(coarse, copies.extra["coarse"][name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(views.unit_error[name], copies.unit_error[name], rtol=1e-3, atol=1e-7)
+
+
 def test_layer_input_and_tuple_outputs():
     torch.manual_seed(0)
 
