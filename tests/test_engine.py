@@ -116,9 +116,9 @@ def test_adaptive_points_are_never_evaluated_twice():
     r = cd.layer_conductance(model, x, ["inner.1", "inner.3"], baselines=base, target=0, tolerance=1e-4,
                              max_steps=120,
                              internal_batch_size=6)
-    # call 0 settles the target; call 1 (one example) checks which layers are cuts; then the path
-    assert model.calls[1].shape[0] == 1
-    path_calls = model.calls[2:]
+    # call 0 (the four inputs) settles the target and checks which layers are cuts; then the path
+    assert model.calls[0].shape[0] == 4
+    path_calls = model.calls[1:]
     rows = torch.cat(path_calls)
     assert rows.shape[0] == int(r.n_points.sum()) == r.extra["model_evaluations"]
     assert torch.unique(rows, dim=0).shape[0] == rows.shape[0]
@@ -171,6 +171,47 @@ def test_branch_is_not_a_cut_and_adaptive_refines_on_the_input():
     assert (only_branches.extra["input_relative_error"] <= 1e-4).all()
     ig = only_branches.extra["input_integrated_gradients"]
     torch.testing.assert_close(ig.sum(1), only_branches.output_diff, rtol=1e-3, atol=1e-4)
+
+
+def test_one_walk_of_the_graph_finds_the_cuts_that_blocking_each_layer_finds():
+    """engine.dominating (one walk for all layers) equals graph_reaches with each layer blocked in turn,
+    on a graph with parallel branches, a skip connection, a layer below the branches and one unused."""
+    from conductance import engine
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, requires_grad=True)
+    a = torch.tanh(x @ torch.randn(4, 4))          # a cut: everything above goes through it
+    left, right = a.sin(), a.cos()                  # parallel branches: neither is a cut
+    both = torch.cat([left, right], 1)              # a cut again
+    skip = both[:, :4] + a                          # a skip around `both`: it is no longer a cut
+    out = (skip * 2).sum(1)
+    unused = (x * 3).sum()                          # not on any path of `out`
+    nodes = [a.grad_fn, left.grad_fn, right.grad_fn, both.grad_fn, skip.grad_fn, unused.grad_fn]
+    literal = [not engine.graph_reaches(out, x, blocked=[n]) for n in nodes]
+    assert literal == [True, False, False, False, True, False]
+    assert engine.dominating(out, x, nodes) == literal
+    assert engine.dominating(torch.ones(2), x, nodes) == [True] * len(nodes)   # no graph at all
+
+
+@pytest.mark.parametrize("method", ["captum", "gausslegendre"])
+def test_comparison_sums_read_through_views_equal_those_from_copies(method):
+    """integrate_fixed sums a coarser grid's intervals through strided views of a chunk when the points
+    are in plain layout, and from gathered copies otherwise (channels-last points): the same
+    comparison values and per-unit estimates, to float32 rounding, over several chunks."""
+    model = random_cnn(seed=4)
+    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(2)) * 3
+    kw = dict(target=1, n_steps=6, method=method, internal_batch_size=15)   # 7 positions, 5 a chunk
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.ConductanceWarning)
+        views = cd.layer_conductance(model, x, ["1", "3"], channels_last=False, **kw)
+        copies = cd.layer_conductance(model, x, ["1", "3"], channels_last=True, **kw)
+    # layer 1's integrand is curved: its comparison values are not the values again (layer 3 feeds a
+    # linear head, so a trapezoid rule is exact there and they are)
+    assert (views.extra["coarse"]["1"] - views["1"]).abs().max() > 3e-3 * views["1"].abs().max()
+    for name in ("1", "3"):
+        coarse = views.extra["coarse"][name]
+        torch.testing.assert_close(coarse, copies.extra["coarse"][name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(views.unit_error[name], copies.unit_error[name], rtol=1e-3, atol=1e-7)
 
 
 def test_layer_input_and_tuple_outputs():

@@ -201,6 +201,72 @@ def test_continuation_logprob_is_teacher_forced_sum(gpt2):
         hf.layer_conductance(gpt2, ids, hf.layers(gpt2, "block"), target=hf.continuation(6), n_steps=2)
 
 
+@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")  # few points: only equality matters
+def test_only_the_targets_logits_are_computed_and_read_right(gpt2):
+    """(position, token) targets, next_token and continuation have the model compute the logits of the
+    positions they read only (logits_to_keep), and read them right: the values equal the run on
+    every position's logits (forward_kwargs={"logits_to_keep": 0}), to rounding."""
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0   # example 2 is left-padded: its positions differ from the others'
+    layers = hf.layers(gpt2, ["block", "mlp"])
+    seen = []
+    hook = gpt2.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    try:
+        for target, kept in [([(5, 7), (2, 11), (4, 30)], 1), ((-1, 9), 1), (hf.next_token("logprob"), 1),
+                             (hf.next_token("prob", position=1, token=4), 1),
+                             (hf.continuation(torch.tensor([2, 3, 1])), 3)]:
+            kw = dict(target=target, forward_kwargs={"attention_mask": mask}, n_steps=6, method="captum")
+            seen.clear()
+            lean = hf.layer_conductance(gpt2, ids, layers, **kw)
+            if isinstance(target, hf.targets.NextToken) and target.token is None:
+                assert seen[0] == ids.shape[1]   # the top predicted token is chosen from every position's logits
+                seen.pop(0)
+            assert set(seen) == {kept}, (target, seen)
+            kw["forward_kwargs"] = {"attention_mask": mask, "logits_to_keep": 0}
+            seen.clear()
+            full = hf.layer_conductance(gpt2, ids, layers, **kw)
+            assert set(seen) == {ids.shape[1]}
+            torch.testing.assert_close(lean.output_diff, full.output_diff, rtol=1e-10, atol=1e-12)
+            for name in layers:
+                assert full[name].abs().max() > 1e-6
+                torch.testing.assert_close(lean[name], full[name], rtol=1e-9, atol=1e-12)
+            if isinstance(target, list):   # the result names the sequence positions, not the kept ones
+                assert lean.raw.target.tolist() == [list(t) for t in target]
+    finally:
+        hook.remove()
+
+
+def test_one_forward_before_the_path_and_none_after(gpt2):
+    """The target check, the cut check and F and the layers at both ends of Captum's grid (which has
+    neither end) come from one forward of the inputs and baselines together; the path's own
+    points are the only other rows the model sees, and the result equals the run that checks
+    them with forwards of their own (chunks too small to hold the rows)."""
+    ids = _ids()
+    layers = hf.layers(gpt2, "mlp")
+    rows = []
+    hook = gpt2.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0] if kwargs.get("input_ids") is not None
+                                            else args[0].shape[0]), with_kwargs=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", cd.ConductanceWarning)
+            one = hf.layer_conductance(gpt2, ids, layers, target=[(5, 7), (2, 11), (4, 30)], n_steps=8,
+                                       method="captum")
+            assert rows == [2 * 3, 9 * 3]   # inputs + baselines, then 9 points per example in one chunk
+            rows.clear()
+            apart = hf.layer_conductance(gpt2, ids, layers, target=[(5, 7), (2, 11), (4, 30)], n_steps=8,
+                                         method="captum", internal_batch_size=2)
+            assert len(rows) > 2 and max(rows) <= 3
+    finally:
+        hook.remove()
+    assert one.is_cut == apart.is_cut
+    torch.testing.assert_close(one.output_diff, apart.output_diff, rtol=1e-12, atol=1e-14)
+    for name in layers:
+        torch.testing.assert_close(one[name], apart[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(one.unit_error[name], apart.unit_error[name], rtol=1e-6, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # families
 # ---------------------------------------------------------------------------------------------

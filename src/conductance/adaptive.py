@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -98,6 +98,8 @@ class AdaptiveIntegrator:
         self.values: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
         self.coarse: dict[str, dict[str, torch.Tensor]] = {m: {} for m in measures}
         self.examples: list[_Example] = []
+        #: per steering site and example, ||values|| and ||coarse - values|| as of the last :meth:`read_back`
+        self.site_norms = np.zeros((2, len(self.sites), 0))
 
     # -- points ---------------------------------------------------------------------------------
 
@@ -203,7 +205,7 @@ class AdaptiveIntegrator:
             self.kept[key] = sums
         return sums
 
-    def residual(self, id0: int, id1: int, sums: dict[str, dict[str, torch.Tensor]]) -> np.ndarray:
+    def residual(self, id0: int, id1: int, sums: dict[str, dict[str, torch.Tensor]]) -> Union[np.ndarray, torch.Tensor]:
         """Completeness residual of one interval on every cut layer: its units' sum minus F's change.
 
         Parameters
@@ -215,13 +217,13 @@ class AdaptiveIntegrator:
 
         Returns
         -------
-        ndarray, shape (len(cut_layers),)
+        Tensor (float64, on the inputs' device) or, without cut layers, ndarray; shape (len(cut_layers),)
         """
         change = self.F[id1] - self.F[id0]
         if not self.cut_layers:
             return np.zeros(0)
-        totals = torch.stack([sums[L]["conductance"].sum() for L in self.cut_layers]).tolist()
-        return np.asarray(totals, dtype=np.float64) - change
+        # on the device (float64, as the sums) until the round's read_back(): no host sync per interval
+        return torch.stack([sums[L]["conductance"].sum() for L in self.cut_layers]) - change
 
     def add(self, target: dict, e: int, layer: str, sums: dict[str, torch.Tensor], sign: float) -> None:
         """Add ``sign`` times one interval's sums to example ``e``'s row of ``target``.
@@ -281,8 +283,8 @@ class AdaptiveIntegrator:
         for n in self.names:
             self.add(self.values, e, n, left[n], 1.0)
             self.add(self.values, e, n, right[n], 1.0)
-        ex.pairs[pair] = np.asarray([float((parent[n][m] - left[n][m] - right[n][m]).norm())
-                                     for m, n in self.sites], dtype=np.float64)
+        ex.pairs[pair] = (torch.stack([(parent[n][m] - left[n][m] - right[n][m]).norm() for m, n in self.sites])
+                          if self.sites else np.zeros(0))   # on the device until the round's read_back()
         ex.residuals[(id0, mid)] = self.residual(id0, mid, left)
         ex.residuals[(mid, id1)] = self.residual(mid, id1, right)
 
@@ -316,8 +318,7 @@ class AdaptiveIntegrator:
         """
         floor = self.unit_floor * self.change(self.examples[e])
         out = []
-        for m, n in self.sites:
-            norm = float(self.values[m][n][e].norm())
+        for (m, _), norm in zip(self.sites, self.site_norms[0, :, e]):
             out.append(max(norm, floor) if m == "conductance" else norm)
         return np.maximum(np.asarray(out, dtype=np.float64), np.finfo(np.float64).tiny)
 
@@ -336,8 +337,7 @@ class AdaptiveIntegrator:
         ex = self.examples[e]
         worst = 0.0
         if self.sites:
-            diffs = np.asarray([float((self.coarse[m][n][e] - self.values[m][n][e]).norm())
-                                for m, n in self.sites])
+            diffs = self.site_norms[1, :, e]
             worst = float((diffs / self.norms(e)).max())
         if self.cut_layers:
             r = np.abs(np.stack(list(ex.residuals.values())).sum(0))
@@ -398,6 +398,7 @@ class AdaptiveIntegrator:
                 self.open_pair(e, pair, parent, left, right)
                 for n in self.names:
                     self.add(self.coarse, e, n, parent[n], 1.0)
+        self.read_back()
 
     def refine(self, proposals: dict[int, list[Pair]]) -> None:
         """Bisect both halves of each proposed pair (two new points each), all examples together.
@@ -434,6 +435,33 @@ class AdaptiveIntegrator:
                 self.open_pair(e, (mid, m1, id1), right, new2, new3)
                 for pid in (m0, m1):
                     ex.ids.insert(bisect.bisect_left(ex.ids, self.alpha[pid], key=self.alpha.__getitem__), pid)
+        self.read_back()
+
+    def read_back(self) -> None:
+        """Bring the round's numbers to the host in one transfer: the scores and residuals of the pairs
+        opened since the last round (device tensors until now) and, per steering site and example, the
+        norm of the values and of their distance to the coarse values (``site_norms``, (2, sites,
+        batch)), which :meth:`norms` and :meth:`error` read. On CUDA one synchronisation per round,
+        however many intervals it refined."""
+        waiting = [(d, k) for ex in self.examples for d in (ex.pairs, ex.residuals) for k, v in d.items()
+                   if isinstance(v, torch.Tensor)]
+        parts = [d[k].reshape(-1) for d, k in waiting]
+        if self.sites:
+            B = self.problem.batch_size
+            for m, n in self.sites:
+                parts.append(self.values[m][n].reshape(B, -1).norm(dim=1))
+            for m, n in self.sites:
+                parts.append((self.coarse[m][n] - self.values[m][n]).reshape(B, -1).norm(dim=1))
+        if not parts:
+            return
+        host = torch.cat([p.to(torch.float64) for p in parts]).cpu().numpy()
+        at = 0
+        for d, k in waiting:
+            size = d[k].numel()
+            d[k] = host[at:at + size]
+            at += size
+        if self.sites:
+            self.site_norms = host[at:].reshape(2, len(self.sites), self.problem.batch_size)
 
     def finish(self, e: int) -> None:
         """Drop a finished example's stored points.

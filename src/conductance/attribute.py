@@ -56,7 +56,7 @@ def run_path(problem: PathProblem, measures: Sequence[str], request: Request, ou
         F(x) - F(x') of each example.
     """
     method = request.method
-    is_cut = engine.check_cuts(problem)
+    is_cut = problem.cuts if problem.cuts is not None else engine.check_cuts(problem)
     B = problem.batch_size
     # the adaptive rule's points are not known ahead: its bar counts up to the budget
     total = B * (request.max_steps if method == "adaptive" else request.fixed_steps + 1)   # a fixed grid's points
@@ -104,8 +104,7 @@ def _add_end_pieces(problem: PathProblem, integral: engine.Integral, fns: dict, 
     missing end pieces, with the nearest point's gradient, to the comparison sums (every level of
     ``integral.levels``), then settle the comparison values: the estimate then sees the part of the
     path the rule leaves out."""
-    F_start, y_start = engine.endpoint(problem, problem.baselines)
-    F_end, y_end = engine.endpoint(problem, problem.inputs)
+    F_start, y_start, F_end, y_end = _path_ends(problem)
     integral.F_start, integral.F_end = F_start, F_end
     scratch = engine.Scratch()
     for first, last in integral.ends:
@@ -120,6 +119,22 @@ def _add_end_pieces(problem: PathProblem, integral: engine.Integral, fns: dict, 
                     for level in integral.levels.values():
                         level[m][name].index_add_(0, ex, c.to(level[m][name].device))
     integral.settle()
+
+
+def _path_ends(problem: PathProblem) -> tuple[torch.Tensor, dict, torch.Tensor, dict]:
+    """F (batch,) and every recorded layer's value (batch, *layer_shape) at the baselines and at the
+    inputs: from the call's first forward where it recorded them, else from forwards of their own."""
+    ends = problem.ends
+    names = problem.layer_names
+    if ends is not None and all(n in ends.y_end for n in names):
+        F_end, y_end = ends.F_end, ends.y_end
+    else:
+        F_end, y_end = engine.endpoint(problem, problem.inputs)
+    if ends is not None and ends.y_start is not None and all(n in ends.y_start for n in names):
+        F_start, y_start = ends.F_start, ends.y_start
+    else:
+        F_start, y_start = engine.endpoint(problem, problem.baselines)
+    return F_start, y_start, F_end, y_end
 
 
 def path_attribution(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
@@ -230,28 +245,35 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
         Measure name -> its result, values (batch, *unit_shape) per layer.
     """
     check_measures(measures)
-    problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target, request=request)
     units, method = request.units, request.method
-    settings: dict[str, Any] = dict(problem=problem, request=request)
-    results: dict[str, LayerResult] = {}
     path = [m for m in measures if m in PATH_MEASURES]
     # Captum integrates internal influence with a weight per point, not as a Stieltjes sum
     weighted = [m for m in path if m == "internal_influence" and method in CAPTUM_RULES]
     path = [m for m in path if m not in weighted]
+    point = [m for m in measures if m in POINT_MEASURES]
+    # F at both ends from the first forward when something reads it there: Captum's grids, which
+    # miss both ends, and the measures that are not integrated over the path
+    ends_needed = bool(point or weighted or LIG in measures) or (
+        bool(path) and method != "adaptive" and not fixed_grid(method, request.fixed_steps).has_endpoints)
+    problem, output = build_problem(model, inputs, layers, baselines=baselines, target=target, request=request,
+                                    probe="ends" if ends_needed else "cuts")
+    settings: dict[str, Any] = dict(problem=problem, request=request)
+    results: dict[str, LayerResult] = {}
     if path:
         integral, is_cut, output_diff = run_path(problem, path, request, output, refine_on_input=refine_on_input)
         for m in path:
             results[m] = _package(m, integral.values[m], integral.coarse[m], integral=integral, is_cut=is_cut,
                                   output_diff=output_diff, **settings)
     else:
-        is_cut = engine.check_cuts(problem)
-    point = [m for m in measures if m in POINT_MEASURES]
+        is_cut = problem.cuts if problem.cuts is not None else engine.check_cuts(problem)
     if point or LIG in measures or weighted:
+        ends = problem.ends
         ex = torch.arange(problem.batch_size, device=problem.inputs.device)
         with torch.no_grad():
-            F_end = engine.scalar_output(problem, output, ex).detach()
-            F_start = engine.scalar_output(problem, engine.model_output(problem, problem.baselines, ex),
-                                           ex).detach()
+            F_end = ends.F_end if ends is not None else engine.scalar_output(problem, output, ex).detach()
+            F_start = ends.F_start if ends is not None and ends.F_start is not None else engine.scalar_output(
+                problem, engine.model_output(problem, problem.baselines, ex), ex).detach()
+    del output
     if point:
         values = _point_measures(problem, point, units)
         integral = engine.Integral({}, F_start, F_end, torch.ones(problem.batch_size, dtype=torch.long))

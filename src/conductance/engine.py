@@ -91,6 +91,10 @@ class PathProblem:
     point_bytes: int = 0
     #: a :class:`conductance.progress.Progress` counting evaluated points, or None
     progress: Any = None
+    #: the cut map and the path's ends (:class:`Ends`) when the first forward (:func:`first_forward`)
+    #: found them; None: :func:`check_cuts` and :func:`endpoint` run their own forwards
+    cuts: Optional[dict[str, bool]] = None
+    ends: Any = None
 
     @property
     def batch_size(self) -> int:
@@ -953,7 +957,16 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         contrib = contrib.to(device)
         if name not in target[mname]:
             target[mname][name] = _zeros_in_layout((B,) + contrib.shape[1:], contrib)
-        target[mname][name].index_add_(0, ex_int, contrib, alpha=weight)
+        # Every interval batch here is whole path positions of the current block of examples
+        # e0..e1-1 (the loop below), position-major: the rows of example e0 + j are j, j + b, ...
+        # So the sum is a reduction over positions, several times faster on the CPU than index_add_
+        # (a scatter there) on language-model layers.
+        b = e1 - e0
+        if contrib.shape[0] % b == 0:
+            per = contrib.reshape((contrib.shape[0] // b, b) + tuple(contrib.shape[1:]))
+            target[mname][name][e0:e1].add_(per.sum(0) if per.shape[0] > 1 else per[0], alpha=weight)
+        else:
+            target[mname][name].index_add_(0, ex_int, contrib, alpha=weight)
 
     def accumulate(target: dict, lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
         """The trapezoid rule over intervals lo -> hi into ``target``."""
@@ -965,6 +978,31 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
                                            scratch)
             for mname, contrib in parts.items():
                 add(target, mname, name, ex_int, contrib)
+
+    def strided_accumulate(target: dict, pts: PointBatch, ks: list, k0: int, b: int) -> bool:
+        """The trapezoid rule over consecutive positions ``ks`` of the chunk (evenly spaced) into
+        ``target``, read through strided views of the chunk (no copy): each layer's points seen as
+        (positions, b * layer size). Only for element units and plain layouts; False otherwise."""
+        steps = {q - p for p, q in zip(ks, ks[1:])}
+        tensors = [t for per in (pts.ys, pts.gs) for t in per.values()]
+        if len(steps) != 1 or units != "neuron" or not all(t.is_contiguous() for t in tensors):
+            return False
+        step, first, count = steps.pop(), ks[0] - k0, len(ks)
+        npos = pts.ex.shape[0] // b
+        on = slice(first, first + step * (count - 1) + 1, step)
+        at = alphas_all[ks[0]:ks[-1] + 1:step]
+        width = (at[1:] - at[:-1]).to(device)
+        for name in names:
+            y, g = pts.ys[name].view(npos, -1)[on], pts.gs[name].view(npos, -1)[on]
+            shape = (count - 1, b) + tuple(pts.ys[name].shape[1:])
+            parts = interval_contributions(measures, y[:-1], g[:-1], y[1:], g[1:], width, "trapezoid", units,
+                                           scratch)
+            for mname, contrib in parts.items():
+                contrib = contrib.to(device).reshape(shape)
+                if name not in target[mname]:
+                    target[mname][name] = _zeros_in_layout((B,) + shape[2:], contrib[0])
+                target[mname][name][e0:e1].add_(contrib.sum(0))
+        return True
 
     def intervals(lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
         """The rule's own sum over intervals lo -> hi (and, for a left sum, the trapezoid rule)."""
@@ -1007,14 +1045,20 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
                 intervals(pts, slice(0, m - b), pts, slice(b, m))
             if last is not None:
                 intervals(last, everything, pts, slice(0, b))
-            for k in range(k0, k1):
-                for level in kinds:
-                    if on_grid[level][k]:
-                        here = _slice(pts, slice((k - k0) * b, (k - k0 + 1) * b))
-                        before = previous[level]
-                        if before is not None:
-                            accumulate(levels[level], before, everything, here, everything)
-                        previous[level] = here
+            for level in kinds:
+                # the chunk's positions on this level's grid: their intervals are summed in one pass
+                # per layer rather than one per pair of positions
+                ks = [k for k in range(k0, k1) if on_grid[level][k]]
+                if not ks:
+                    continue
+                before = previous[level]
+                if before is not None:
+                    accumulate(levels[level], before, everything, pts, slice((ks[0] - k0) * b, (ks[0] - k0 + 1) * b))
+                if len(ks) > 1 and not strided_accumulate(levels[level], pts, ks, k0, b):
+                    rows = torch.tensor([(k - k0) * b + j for k in ks for j in range(b)], device=pts.ex.device)
+                    here = _take(pts, rows)
+                    accumulate(levels[level], here, slice(0, (len(ks) - 1) * b), here, slice(b, len(ks) * b))
+                previous[level] = _slice(pts, slice((ks[-1] - k0) * b, (ks[-1] - k0 + 1) * b))
             last = _slice(pts, slice(m - b, m))
         if not grid.has_endpoints and first is not None and last is not None:
             ends.append((first, last))
@@ -1031,7 +1075,8 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         levels["coarse"] = {m: {name: torch.zeros_like(v) for name, v in per.items()} for m, per in values.items()}
         levels.pop("quarter", None)
     integral = Integral(values, F_start, F_end, n_points, ends=ends, levels=levels)
-    integral.settle()
+    if grid.has_endpoints:   # else the caller settles once it has added the end pieces
+        integral.settle()
     return integral
 
 
@@ -1042,6 +1087,12 @@ def _zeros_in_layout(shape: tuple, like: torch.Tensor) -> torch.Tensor:
         memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout).zero_()
+
+
+def _take(a: PointBatch, rows: torch.Tensor) -> PointBatch:
+    # indexing keeps a channels-last layout (index_select would not); layers may live on other devices
+    return PointBatch(a.ex[rows], a.alphas[rows], a.F[rows], {k: v[rows.to(v.device)] for k, v in a.ys.items()},
+                      {k: v[rows.to(v.device)] for k, v in a.gs.items()})
 
 
 def _slice(a: PointBatch, s: slice) -> PointBatch:
@@ -1206,6 +1257,56 @@ def graph_reaches(root: torch.Tensor, leaf: torch.Tensor, blocked: Sequence[Any]
     return False
 
 
+def dominating(root: torch.Tensor, leaf: torch.Tensor, nodes: Sequence[Any]) -> list[bool]:
+    """For each of ``nodes`` (autograd graph nodes), whether every path of ``root``'s graph to the leaf
+    tensor ``leaf`` passes through it; True for all when the graph does not reach ``leaf``.
+
+    ``not graph_reaches(root, leaf, blocked=[node])`` for every node at once: one walk of the graph,
+    each node marked with the set (a bit mask) of ``nodes`` that every one of its paths to ``leaf``
+    crosses, the intersection over its inputs that reach ``leaf``.
+
+    Parameters
+    ----------
+    root : Tensor
+    leaf : Tensor
+        A tensor that requires grad.
+    nodes : sequence of autograd nodes
+
+    Returns
+    -------
+    list of bool
+    """
+    if root.grad_fn is None:
+        return [True] * len(nodes)
+    bit: dict[Any, int] = {}
+    for i, node in enumerate(nodes):
+        bit[node] = bit.get(node, 0) | (1 << i)
+    # mask of every path to the leaf from each finished node; None: the node does not reach the leaf
+    done: dict[Any, Optional[int]] = {}
+    stack: list[tuple[Any, bool]] = [(root.grad_fn, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node in done and not expanded:
+            continue
+        children = [fn for fn, _ in node.next_functions if fn is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((fn, False) for fn in children if fn not in done)
+            continue
+        if getattr(node, "variable", None) is leaf:
+            mask: Optional[int] = 0
+        else:
+            reaching = [done[fn] for fn in children if done.get(fn) is not None]
+            mask = None
+            for m in reaching:
+                mask = m if mask is None else mask & m   # type: ignore[operator]
+        if mask is not None:
+            mask |= bit.get(node, 0)
+        done[node] = mask
+    top = done[root.grad_fn]
+    return [True if top is None else bool(top >> i & 1) for i in range(len(nodes))]
+
+
 def check_cuts(problem: PathProblem) -> dict[str, bool]:
     """For each requested layer, whether every path from the input to F passes through it.
 
@@ -1238,5 +1339,91 @@ def check_cuts(problem: PathProblem) -> dict[str, bool]:
     problem.point_bytes = sum(2 * v.numel() * max(v.element_size(), 4) for v in recorder.values.values())
     if problem.track_input:
         problem.point_bytes += 2 * x.numel() * max(x.element_size(), 4)
-    return {ref.name: not graph_reaches(F, x, blocked=[recorder.downstream_node[ref.name]])
-            for ref in problem.refs}
+    cut = dominating(F, x, [recorder.downstream_node[ref.name] for ref in problem.refs])
+    return {ref.name: c for ref, c in zip(problem.refs, cut)}
+
+
+@dataclass
+class Ends:
+    """F (batch,) and every recorded layer's value (batch, *layer_shape) at the inputs and, when the
+    first forward carried them, at the baselines (else None); the input itself is layer ``INPUT``
+    when ``problem.track_input``."""
+
+    F_end: torch.Tensor
+    y_end: dict[str, torch.Tensor]
+    F_start: Optional[torch.Tensor] = None
+    y_start: Optional[dict[str, torch.Tensor]] = None
+
+
+@dataclass
+class FirstForward:
+    """The graph of the call's first forward (:func:`first_forward`), until :func:`settle_first_forward` reads it."""
+
+    x: torch.Tensor
+    ex: torch.Tensor
+    recorder: Recorder
+    output: Any
+
+
+def first_forward(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> tuple[Any, FirstForward]:
+    """The model at the inputs (and, stacked after them, the baselines) before any path point runs,
+    recorded.
+
+    The forward that checks the target also hooks every requested layer, handing each value
+    downstream through its own clone, with the graph from ``x`` kept: :func:`settle_first_forward`
+    then takes the cut map, the layers never reached and the values at the path's ends from it, so
+    that neither :func:`check_cuts` nor :func:`endpoint` needs a forward of its own.
+
+    Parameters
+    ----------
+    problem : PathProblem
+    x : Tensor, shape (rows, *input_shape)
+        The inputs, optionally followed by the baselines.
+    ex : LongTensor, shape (rows,)
+        Example index of each row.
+
+    Returns
+    -------
+    output : Any
+        The model's output for the ``rows``.
+    state : FirstForward
+        What :func:`settle_first_forward` needs.
+    """
+    x = x.detach().requires_grad_(True)
+    recorder = Recorder(problem.refs, cut_below=False, keep_downstream=True)
+    with recorder.attached(), torch.enable_grad():
+        output = model_output(problem, x, ex)
+    return output, FirstForward(x, ex, recorder, output)
+
+
+def settle_first_forward(problem: PathProblem, state: FirstForward) -> None:
+    """Set ``problem.cuts``, ``problem.ends``, ``problem.point_bytes`` and, when the model changed a
+    layer's output in place, ``problem.copy_layer_outputs`` from a recorded first forward, once
+    ``problem.target`` is known (what :func:`check_cuts` and :func:`endpoint` would compute).
+
+    Parameters
+    ----------
+    problem : PathProblem
+    state : FirstForward
+        From :func:`first_forward`; rows ``0..batch-1`` are the inputs, the
+        next ``batch`` rows (if any) the baselines.
+    """
+    recorder, x, B = state.recorder, state.x, problem.batch_size
+    with torch.enable_grad():
+        F = scalar_output(problem, state.output, state.ex)
+    recorder.require()
+    if recorder.modified_in_place():
+        problem.copy_layer_outputs = True
+    problem.point_bytes = sum(2 * v[0].numel() * max(v.element_size(), 4) for v in recorder.values.values())
+    if problem.track_input:
+        problem.point_bytes += 2 * x[0].numel() * max(x.element_size(), 4)
+    cut = dominating(F, x, [recorder.downstream_node[ref.name] for ref in problem.refs])
+    problem.cuts = {ref.name: c for ref, c in zip(problem.refs, cut)}
+    F = _upcast(F.detach())
+    values = {r.name: _upcast(recorder.values[r.name].detach()) for r in problem.refs}
+    if problem.track_input:
+        values[INPUT] = x.detach()
+    ends = Ends(F[:B], {n: v[:B] for n, v in values.items()})
+    if x.shape[0] == 2 * B:
+        ends.F_start, ends.y_start = F[B:], {n: v[B:] for n, v in values.items()}
+    problem.ends = ends

@@ -356,7 +356,7 @@ def _index_target(target: Any, scores: torch.Tensor, batch: int, device: torch.d
 
 def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpec, Sequence[LayerSpec]],
                   *, baselines: Any, target: Target, request: Any = None, track_input: bool = False,
-                  **settings: Any) -> tuple[PathProblem, Any]:
+                  probe: Optional[str] = None, **settings: Any) -> tuple[PathProblem, Any]:
     """Validate the model, inputs and layers and return the problem plus the model's output at the inputs.
 
     ``request``: the call's checked :class:`~conductance.request.Request`; without it, ``settings``
@@ -376,12 +376,20 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
         As in :func:`conductance.layer_conductance`.
     track_input : bool
         Keep the graph to the input (for input-side integrals such as neuron conductance).
+    probe : {None, "cuts", "ends"}
+        What the one forward at the inputs (which checks the target) also finds, so that no
+        separate forward is needed later: "cuts" the cut map and F and the layers' values at the
+        inputs (``problem.cuts``, ``problem.ends``), "ends" the same at the baselines too (stacked
+        after the inputs in the same forward), for rules whose points miss both ends. Done when
+        the rows fit in one chunk of path points (their graph is kept, as a chunk's is); otherwise
+        "ends" falls back to "cuts", and "cuts" to a plain forward.
 
     Returns
     -------
     problem : PathProblem
     output : Any
-        The model's output at the inputs.
+        The model's output at the inputs (its score tensor's rows for the inputs, detached, when
+        ``probe`` recorded the forward).
     """
     if request is None:
         from .request import Request
@@ -415,26 +423,53 @@ def build_problem(model: nn.Module, inputs: torch.Tensor, layers: Union[LayerSpe
         problem.channels_last = request.method not in CAPTUM_RULES and engine.wants_channels_last(model, inputs)
     else:
         problem.channels_last = request.channels_last and inputs.dim() == 4
-    with torch.no_grad():
-        ex = torch.arange(inputs.shape[0], device=inputs.device)
-        try:
-            if problem.channels_last:
-                try:
-                    output = model_output(problem, inputs.contiguous(memory_format=torch.channels_last), ex)
-                except RuntimeError as exc:
-                    if engine.is_out_of_memory(exc):
-                        raise
-                    output = _layout_probe(problem, lambda points: model_output(problem, points, ex), inputs, exc)
-            else:
-                output = model_output(problem, inputs, ex)
-        except RuntimeError as exc:
-            why = explain_failure(model, inputs)
-            if why is None:
-                raise
-            raise ConductanceError(f"the model failed on the inputs ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {why}") from exc
-    problem.target = resolve_target(target, output, inputs.shape[0], inputs.device)
-    return problem, output
+    B = int(inputs.shape[0])
+    if probe == "ends" and problem.chunk_size < 2 * B:
+        probe = "cuts"
+    record = probe is not None and problem.chunk_size >= B
+    # the baselines ride along in the same forward, after the inputs: rows B..2B-1
+    x = torch.cat([inputs, base]) if record and probe == "ends" else inputs
+    ex = torch.arange(x.shape[0], device=inputs.device) % B
+
+    def forward(points: torch.Tensor) -> tuple[Any, Optional[engine.FirstForward]]:
+        if record:
+            return engine.first_forward(problem, points, ex)
+        with torch.no_grad():
+            return model_output(problem, points, ex), None
+
+    state = None
+    try:
+        if problem.channels_last:
+            try:
+                output, state = forward(x.contiguous(memory_format=torch.channels_last))
+            except RuntimeError as exc:
+                if engine.is_out_of_memory(exc):
+                    raise
+                output, state = _layout_probe(problem, forward, x, exc)
+        else:
+            output, state = forward(x)
+    except RuntimeError as exc:
+        why = explain_failure(model, inputs)
+        if why is None:
+            raise
+        raise ConductanceError(f"the model failed on the inputs ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {why}") from exc
+    at_inputs = output if state is None else _input_rows(output, B)
+    problem.target = resolve_target(target, at_inputs, B, inputs.device)
+    if state is not None:
+        engine.settle_first_forward(problem, state)
+    return problem, at_inputs
+
+
+def _input_rows(output: Any, batch: int) -> Any:
+    """The first ``batch`` rows of a recorded first forward's output, detached (its graph is not kept):
+    the tensor, each tensor of a tuple or list, or the ``.logits`` of other outputs (other outputs as they are)."""
+    if isinstance(output, torch.Tensor):
+        return output[:batch].detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_input_rows(o, batch) if isinstance(o, torch.Tensor) else o for o in output)
+    logits = getattr(output, "logits", None)
+    return logits[:batch].detach() if isinstance(logits, torch.Tensor) else output
 
 
 def _layout_probe(problem: PathProblem, run: Callable[[torch.Tensor], Any], x: torch.Tensor,

@@ -20,6 +20,7 @@ from .path import (
     _check_ids,
     _check_vocabulary,
     _EmbeddingPath,
+    _lean_lm_forward,
     _Plan,
     _plan_layers,
     _probes_attached,
@@ -132,13 +133,14 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
     # only the wrapper's own flag (the training-mode warning reads it): train() would set every
     # submodule of the user's model to the model's mode
     wrapper.training = model.training
+    engine_target, engine_kwargs = _lean_lm_forward(model, wrapper, target, input_ids, fargs.kwargs)
     names = [measure] if isinstance(measure, str) else list(measure)
     with _probes_attached(wrapper, plan), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             results = _layer_importance(wrapper, embeds, plan.engine_names, measure=names, baselines=base,
-                                        target=target, additional_forward_args=(input_ids,) + fargs.args,
-                                        forward_kwargs=fargs.kwargs, n_steps=n_steps, method=method,
+                                        target=engine_target, additional_forward_args=(input_ids,) + fargs.args,
+                                        forward_kwargs=engine_kwargs, n_steps=n_steps, method=method,
                                         tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
                                         units="neuron", internal_batch_size=internal_batch_size,
                                         memory_budget=memory_budget, channels_last=channels_last)
@@ -146,6 +148,10 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         except ConductanceError as exc:
             # say the layers as the user wrote them, not as the wrapper names them
             raise ConductanceError(_renamed(exc, plan)) from exc
+    if wrapper.reported_target is not None:
+        for r in results.values():
+            if isinstance(r.target, torch.Tensor):
+                r.target = wrapper.reported_target   # the positions in the sequence, not in the kept logits
     # the engine names layers inside the wrapper; say them as the user wrote them
     pairs = sorted(zip(plan.engine_names, plan.user_names), key=lambda p: -len(p[0]))
     for w in caught:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..engine import logits_of
 from ..errors import ConductanceError
 from ..layers import _ELEMENT, INPUT_SUFFIX, LayerRef, _suggest
 from ..sites import Edit, Site, intervene
@@ -44,6 +46,10 @@ class _EmbeddingPath(nn.Module):
         # a plain attribute: the module is already registered under self.model
         object.__setattr__(self, "_embedding", embedding)
         self._embedding_name = embedding_name
+        #: positions per example the model was asked to compute logits for (``logits_to_keep``), or None
+        self.kept_positions: Optional[int] = None
+        #: the (position, token) pairs (batch, 2) as the user meant them, when the engine reads kept positions
+        self.reported_target: Optional[torch.Tensor] = None
 
     def forward(self, embeds: torch.Tensor, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         def replace(output: Any) -> torch.Tensor:
@@ -63,6 +69,15 @@ class _EmbeddingPath(nn.Module):
             raise ConductanceError(
                 f"the model never called its embedding module {self._embedding_name!r} (were inputs_embeds passed "
                 "in forward_kwargs?); pass token ids only, and embedding= the module that embeds them")
+        if self.kept_positions is not None:
+            # the target reads the kept logits by their place in the kept list: a model that computed
+            # every position's logits anyway would be read at the wrong positions
+            logits = logits_of(output)
+            if logits.dim() != 3 or logits.shape[1] != self.kept_positions:
+                raise ConductanceError(
+                    f"the model was asked for the logits of {self.kept_positions} position(s) per example "
+                    f"(logits_to_keep) but returned logits of shape {tuple(logits.shape)}; pass "
+                    "forward_kwargs={'logits_to_keep': 0} to have it compute every position")
         return output
 
 
@@ -272,3 +287,117 @@ def _baseline_embeddings(embedding: nn.Module, input_ids: torch.Tensor, embeds: 
                                    f"embeddings {tuple(embeds.shape)} (batch, tokens, hidden)") from None
         return out.detach().contiguous(), "embeddings given"
     raise TypeError(f"baseline must be 'auto', 'pad', 'zeros', a token id or a tensor, got {type(baseline).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# a leaner forward for language-model targets
+# ----------------------------------------------------------------------------------------------
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _vocabulary_size(model: nn.Module) -> Optional[int]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, numbers.Integral) else None
+
+
+def _index_pairs(target: Any, batch: int) -> Optional[torch.Tensor]:
+    """A target of (position, token) pairs as a LongTensor (batch, 2), or None for any other form (the
+    engine then checks it as given)."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if isinstance(target, torch.Tensor):
+        if target.dtype in (torch.int32, torch.int64) and tuple(target.shape) == (batch, 2):
+            return target.long()
+        return None
+    if isinstance(target, tuple) and len(target) == 2 and all(is_int(v) for v in target):
+        return torch.tensor([[int(v) for v in target]] * batch, dtype=torch.long)
+    if isinstance(target, (list, tuple)) and len(target) == batch:
+        rows = [r.tolist() if isinstance(r, torch.Tensor) else r for r in target]
+        if all(isinstance(r, (list, tuple)) and len(r) == 2 and all(is_int(v) for v in r) for r in rows):
+            return torch.tensor([[int(v) for v in r] for r in rows], dtype=torch.long)
+    return None
+
+
+def _per_example_keep() -> bool:
+    """Whether this transformers version reads a (batch, k) ``logits_to_keep`` as positions per example."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lean_lm_forward(model: nn.Module, wrapper: _EmbeddingPath, target: Any, input_ids: torch.Tensor,
+                     forward_kwargs: dict) -> tuple[Any, dict]:
+    """Forward keywords that spare a Hugging Face model work no target reads, and the target to match.
+
+    - ``use_cache=False`` where the model's forward takes ``use_cache``: the key/value cache of every
+      path point is never used.
+    - ``logits_to_keep``: a language-model head projects every position onto the vocabulary (for
+      GPT-2-sized models a large share of the forward and backward), but a (position, token) target,
+      :func:`next_token` and :func:`continuation` read a few positions per example. Where the model
+      takes ``logits_to_keep``, only those positions' logits are computed and the target reads them
+      by their place in the kept list; ``wrapper`` checks that the model did keep them.
+
+    Nothing is changed where the user set these keywords, passes ``labels``, or the target's
+    positions or tokens are out of range (the engine then reports it on the full output).
+
+    Parameters
+    ----------
+    model : nn.Module
+    wrapper : _EmbeddingPath
+    target : the bound target (index tuples, a callable from :func:`_bind_target`, or the user's)
+    input_ids : LongTensor (batch, tokens)
+    forward_kwargs : dict
+
+    Returns
+    -------
+    target : the target to pass to the engine
+    forward_kwargs : dict
+    """
+    kwargs = dict(forward_kwargs)
+    params = _forward_parameters(model)
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    if "logits_to_keep" not in params or "logits_to_keep" in kwargs or "labels" in kwargs:
+        return target, kwargs
+    B, T = input_ids.shape
+    bound = callable(target) and isinstance(getattr(target, "positions", None), torch.Tensor)
+    if bound:
+        positions = target.positions.to(input_ids.device)
+    else:
+        pairs = _index_pairs(target, B)
+        vocab = _vocabulary_size(model)
+        if pairs is None or vocab is None:
+            return target, kwargs
+        pairs = pairs.to(input_ids.device)
+        pos, tok = pairs[:, 0], pairs[:, 1]
+        if not bool(((pos >= -T) & (pos < T) & (tok >= -vocab) & (tok < vocab)).all()):
+            return target, kwargs
+        positions = torch.where(pos < 0, pos + T, pos).unsqueeze(1)
+    k = int(positions.shape[1])
+    if k == 1 and bool((positions == T - 1).all()):
+        kwargs["logits_to_keep"] = 1          # the last position: an int, which every version takes
+    elif _per_example_keep():
+        kwargs["logits_to_keep"] = positions  # (batch, k): follows its example along the path
+    else:
+        return target, kwargs
+    wrapper.kept_positions = k
+    read = torch.arange(k, device=input_ids.device).expand(B, k)
+    if bound:
+        target.read_at = read
+        return target, kwargs
+    wrapper.reported_target = torch.stack([positions[:, 0], tok], 1)
+    return torch.stack([read[:, 0], tok], 1), kwargs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import nn
@@ -145,10 +145,11 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, fargs: 
             logits = logits_of(output)
             e = examples.to(logits.device)
             rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
-            lp = torch.log_softmax(_float(logits[rows, pred.to(logits.device)[e]]), -1)
+            lp = torch.log_softmax(_float(logits[rows, cast(Any, summed_logprob).read_at.to(logits.device)[e]]), -1)
             picked = lp.gather(2, toks.to(logits.device)[e].unsqueeze(2)).squeeze(2)
             return (picked * valid.to(logits.device)[e]).sum(1)
 
+        _reads(summed_logprob, pred)
         shown = lengths.tolist()
         return summed_logprob, (f"summed log-probability of the last {shown if B > 1 else shown[0]} tokens "
                                 "(teacher-forced continuation)")
@@ -181,8 +182,19 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, fargs: 
         logits = logits_of(output)
         e = examples.to(logits.device)
         rows = torch.arange(logits.shape[0], device=logits.device)
-        lp = torch.log_softmax(_float(logits[rows, pos.to(logits.device)[e]]), -1)
+        lp = torch.log_softmax(_float(logits[rows, cast(Any, score).read_at.to(logits.device)[e, 0]]), -1)
         value = lp.gather(1, token.to(logits.device)[e].unsqueeze(1)).squeeze(1)
         return value.exp() if target.kind == "prob" else value
 
+    _reads(score, pos.unsqueeze(1))
     return score, description
+
+
+def _reads(fn: Any, positions: torch.Tensor) -> None:
+    """Mark a bound target as reading the logits at ``positions`` (batch, k) of each example only.
+
+    ``fn.positions`` stays; ``fn.read_at`` is where it indexes the output's position dimension, the
+    same until the caller has the model compute only those logits (``logits_to_keep``) and sets it
+    to ``0..k-1`` (see :func:`conductance.hf.path._lean_lm_forward`)."""
+    fn.positions = positions
+    fn.read_at = positions
