@@ -328,7 +328,7 @@ def _completeness(importance: Any) -> dict:
         return {}
     out = {}
     for layer, v in result.completeness().items():
-        row = {}
+        row: dict[str, Any] = {}
         if v.get("is_cut"):
             row.update(mean=round(float(v["mean"]), 5), max=round(float(v["max"]), 5), above=int(v["above"]))
         if "unit_error_mean" in v:
