@@ -169,6 +169,32 @@ def test_fashion_inception_concatenated_branches_prune():
     assert model(x).shape == (4, 10)
 
 
+def test_study_reports_the_per_unit_error_of_every_layer_and_completeness_of_cuts_only():
+    from conductance.experiments.fashion_inception import FashionInception
+    from conductance.experiments.pruning import _completeness
+
+    torch.manual_seed(0)
+    model = FashionInception().eval()
+    x = torch.rand(4, 1, 28, 28)
+    errors = {}
+    for n_steps in (2, 32):
+        imp = ConductanceImportance([x], n_steps=n_steps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            imp.fit(model)
+        errors[n_steps] = _completeness(imp)
+    branch, stem = errors[2]["inception3a.branch2.1.conv"], errors[2]["stem1.conv"]
+    assert "mean" not in branch and {"mean", "unit_mean"} <= set(stem)      # a branch is not a cut
+    # the estimate follows the rule: 16 times the points, a smaller per-unit error on every convolution;
+    # the explained logit is the classifier's output itself, so its conductance has no error at all
+    assert errors[2]["fc"]["unit_mean"] < 1e-6
+    convs = [layer for layer in errors[2] if layer != "fc"]
+    assert len(convs) == 26
+    for layer in convs:
+        assert errors[32][layer]["unit_mean"] < errors[2][layer]["unit_mean"], layer
+    assert errors[32]["stem1.conv"]["mean"] < errors[2]["stem1.conv"]["mean"]
+
+
 # ---- the scores are aggregate's statistics -------------------------------------------------------
 
 def test_scores_equal_aggregate_statistics_and_per_example_conductance(mlps):

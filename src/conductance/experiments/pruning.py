@@ -321,12 +321,22 @@ FULL: dict[str, Any] = dict(ratios=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], n_cal=51
 
 
 def _completeness(importance: Any) -> dict:
-    """Completeness of the conductance scores per cut layer (aggregate's relative errors)."""
+    """Errors of the conductance scores per layer: completeness (cut layers only: ``mean``, ``max``,
+    ``above``) and the per-unit error estimate (every layer: ``unit_mean``, ``unit_max``, ``unit_above``)."""
     result = getattr(importance, "result", None)
     if result is None:
         return {}
-    return {layer: {"mean": round(float(v["mean"]), 5), "max": round(float(v["max"]), 5), "above": int(v["above"])}
-            for layer, v in result.completeness().items() if v.get("is_cut")}
+    out = {}
+    for layer, v in result.completeness().items():
+        row: dict[str, Any] = {}
+        if v.get("is_cut"):
+            row.update(mean=round(float(v["mean"]), 5), max=round(float(v["max"]), 5), above=int(v["above"]))
+        if "unit_error_mean" in v:
+            row.update(unit_mean=round(float(v["unit_error_mean"]), 5), unit_max=round(float(v["unit_error_max"]), 5),
+                       unit_above=int(v["unit_error_above"]))
+        if row:
+            out[layer] = row
+    return out
 
 
 def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[str], None], seed: int = 0) -> dict:
