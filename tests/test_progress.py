@@ -242,3 +242,37 @@ def test_language_model_training_bar_counts_every_batch(capsys):
     per_epoch = -(-windows.shape[0] // config.batch)
     err = capsys.readouterr().err
     assert per_epoch > 1 and _bars(err, "training the language model") == [(2 * per_epoch,) * 2]
+
+
+def test_hf_layer_conductance_bar_counts_every_point_and_none_by_default(capsys):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, n_inner=32, vocab_size=50, n_positions=16, bos_token_id=1,
+        eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    ids = torch.randint(3, 50, (2, 6))
+    layers = cd.hf.layers(model, "mlp")
+    quiet = cd.hf.layer_conductance(model, ids, layers, target=(5, 7), n_steps=4, method="uniform")
+    assert capsys.readouterr().err == ""
+    shown = cd.hf.layer_conductance(model, ids, layers, target=(5, 7), n_steps=4, method="uniform", progress=True)
+    # 5 uniform points per example, two examples, counted as they are evaluated
+    assert _last_count(capsys.readouterr().err) == (2 * 5, 2 * 5)
+    for name in layers:
+        assert torch.equal(quiet[name], shown[name])
+
+
+@pytest.mark.skipif(not __import__("conductance.datasets", fromlist=["x"]).fashion_mnist_available(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_pruning_study_bar_counts_every_pruned_network(capsys):
+    pytest.importorskip("torch_pruning")
+    from conductance.experiments import pruning
+    from conductance.experiments.fashion_inception import FashionInception
+
+    torch.manual_seed(0)
+    model = FashionInception().eval()
+    settings = dict(ratios=[0.3], n_cal=64, n_test=64, n_ft=64, seeds=2, n_steps=2)
+    res = pruning.study_network("inception", model, settings, lambda _: None, progress=True)
+    runs = sum(len(rows["pruned"]) for rows in res["criteria"].values())
+    assert runs == len(pruning.CRITERIA) - 1 + 2          # random drawn twice, every other criterion once
+    # per run: each ratio, then the global 50% network
+    assert _bars(capsys.readouterr().err, "pruning the inception") == [(runs * 2, runs * 2)]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..progress import Progress
 from . import cache_dir
 from . import fashion_inception as fi
 
@@ -339,7 +340,8 @@ def _completeness(importance: Any) -> dict:
     return out
 
 
-def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[str], None], seed: int = 0) -> dict:
+def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[str], None], seed: int = 0,
+                  progress: Optional[bool] = None) -> dict:
     """Every criterion at every ratio on one Fashion-MNIST network; returns the numbers.
 
     Parameters
@@ -351,6 +353,9 @@ def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[st
         Ratios, criteria and sizes of the run (quick or full).
     log : callable str -> None
     seed : int
+    progress : bool or None
+        A bar counting the pruned networks (per criterion, seed and ratio, and the global 50%);
+        None: when stderr is a terminal.
 
     Returns
     -------
@@ -364,6 +369,8 @@ def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[st
     x_te, y_te = fi.fashion_tensors("test", settings["n_test"])
     example = x_cal[:1]
     out: dict = {"base_accuracy": fi.evaluate(model, x_te, y_te), "ratios": settings["ratios"], "criteria": {}}
+    n_runs = sum(settings["seeds"] if c == "random" else 1 for c in CRITERIA)
+    bar = Progress(progress, n_runs * (len(settings["ratios"]) + 1), f"pruning the {name}", "networks")
     for criterion in CRITERIA:
         runs = range(settings["seeds"]) if criterion == "random" else [0]
         rows: dict = {"pruned": [], "pruned_mean_fill": [], "fine_tuned": [], "global50": []}
@@ -386,7 +393,9 @@ def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[st
                 filled = prune_copy(model, imp, ratio, example, compensate="mean", fill_data=calibration, seed=seed + r)
                 acc_fill.append(fi.evaluate(filled, x_te, y_te))
                 acc_ft.append(fi.evaluate(fine_tune(pruned, x_ft, y_ft, seed=seed + r), x_te, y_te))
+                bar.update(1)
             glob = prune_copy(model, imp, 0.5, example, global_pruning=True, seed=seed + r)
+            bar.update(1)
             rows["pruned"].append(acc)
             rows["pruned_mean_fill"].append(acc_fill)
             rows["fine_tuned"].append(acc_ft)
@@ -399,6 +408,7 @@ def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[st
             f"mean-filled {np.round(np.mean(rows['pruned_mean_fill'], 0), 3).tolist()} "
             f"fine-tuned {np.round(np.mean(rows['fine_tuned'], 0), 3).tolist()} "
             f"(scores {seconds and round(seconds, 2)} s)")
+    bar.close()
     return out
 
 
@@ -415,13 +425,15 @@ def _views(names: list) -> torch.Tensor:
     return torch.cat([x, x.flip(-1)])
 
 
-def study_efficientnet(settings: dict, log: Callable[[str], None]) -> dict:
+def study_efficientnet(settings: dict, log: Callable[[str], None], progress: Optional[bool] = None) -> dict:
     """EfficientNet-Lite0 pruned by each criterion; top-1 agreement and logit margins on held-out photos.
 
     Parameters
     ----------
     settings : dict
     log : callable str -> None
+    progress : bool or None
+        A bar counting the pruned networks; None: when stderr is a terminal.
 
     Returns
     -------
@@ -446,6 +458,8 @@ def study_efficientnet(settings: dict, log: Callable[[str], None]) -> dict:
     out: dict = {"ratios": settings["effnet_ratios"], "calibration_photos": EFFNET_CAL,
                  "held_out_photos": EFFNET_HELD_OUT,
                  "views": int(x_held.shape[0]), "base_mean_margin": float(base_margin.mean()), "criteria": {}}
+    n_runs = sum(settings["seeds"] if c == "random" else 1 for c in CRITERIA)
+    bar = Progress(progress, n_runs * len(settings["effnet_ratios"]), "pruning EfficientNet-Lite0", "networks")
     for criterion in CRITERIA:
         imp = make_importance(criterion, calibration, n_steps=settings["n_steps"])
         seconds = None
@@ -467,6 +481,7 @@ def study_efficientnet(settings: dict, log: Callable[[str], None]) -> dict:
                 filled = prune_copy(model, imp, ratio, x_cal[:1], compensate="mean", fill_data=calibration, seed=r)
                 with torch.no_grad():
                     agree_fill.append(float((filled(x_held).argmax(1) == top).float().mean()))
+                bar.update(1)
             rows["agreement"].append(agree)
             rows["margin_change"].append(dm)
             rows["agreement_mean_fill"].append(agree_fill)
@@ -476,6 +491,7 @@ def study_efficientnet(settings: dict, log: Callable[[str], None]) -> dict:
         out["criteria"][criterion] = rows
         log(f"efficientnet: {criterion}: agreement {np.round(np.mean(rows['agreement'], 0), 3).tolist()} "
             f"mean-filled {np.round(np.mean(rows['agreement_mean_fill'], 0), 3).tolist()}")
+    bar.close()
     return out
 
 
@@ -508,7 +524,7 @@ PARTS = ("inception", "resnet", "efficientnet")
 
 
 def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str], None] = print,
-        parts: tuple = PARTS, **_: Any) -> dict:
+        parts: tuple = PARTS, progress: Optional[bool] = None, **_: Any) -> dict:
     """Add the pruning study to ``report``; returns its numbers.
 
     ``parts``: which of :data:`PARTS` to run (``CONDUCTANCE_PRUNING_PARTS=inception,resnet`` from the
@@ -521,6 +537,8 @@ def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str],
     seed : int
     log : callable str -> None
     parts : tuple of str
+    progress : bool or None
+        Bars counting the pruned networks of each part; None: when stderr is a terminal.
 
     Returns
     -------
@@ -549,7 +567,7 @@ def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str],
         trained = load()
         log(f"{name}: test accuracy {trained.test_accuracy:.4f} ({trained.path})")
         start = time.perf_counter()
-        res = study_network(name, trained.model, settings, log, seed=seed)
+        res = study_network(name, trained.model, settings, log, seed=seed, progress=progress)
         res["seconds"] = round(time.perf_counter() - start, 1)
         results[name] = res
         sec = report.section(f"Pruning the Fashion-MNIST {name}", key=f"pruning-{name}")
@@ -571,7 +589,7 @@ def run(report: Any, *, quick: bool = False, seed: int = 0, log: Callable[[str],
         return results
     start = time.perf_counter()
     try:
-        eff = study_efficientnet(settings, log)
+        eff = study_efficientnet(settings, log, progress=progress)
         eff["seconds"] = round(time.perf_counter() - start, 1)
         results["efficientnet"] = eff
         sec = report.section("Pruning EfficientNet-Lite0 (real ImageNet weights)", key="pruning-efficientnet")

@@ -50,7 +50,7 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
                      tokens: Optional[list] = None, n_steps: Optional[int] = None, method: Optional[str] = None,
                      tolerance: Optional[float] = None, max_steps: Optional[int] = None,
                      internal_batch_size: Optional[int] = None, memory_budget: Optional[int] = None,
-                     channels_last: Optional[bool] = None
+                     channels_last: Optional[bool] = None, progress: Optional[bool] = False
                      ) -> Union[TransformerResult, dict[str, TransformerResult]]:
     """Importance of heads, neurons, tokens or whole layers of a model that takes token ids.
 
@@ -95,7 +95,11 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         Heads for "head" units (default ``config.num_attention_heads``).
     tokens : optional list (batch) of lists of token strings, only used for unit names.
     n_steps, method, tolerance, max_steps, internal_batch_size, memory_budget, channels_last
-        The path settings of :func:`conductance.layer_conductance` (default: adaptive to 1%).
+        The path settings of :func:`conductance.layer_conductance` (default: adaptive to the default
+        per-unit tolerance, 2%).
+    progress : bool, optional
+        A bar on stderr counting path points (tqdm); False (default) for none, None for a bar when
+        stderr is a terminal (off by default, as for :func:`conductance.layer_conductance`).
 
     Returns
     -------
@@ -143,7 +147,8 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
                                         forward_kwargs=engine_kwargs, n_steps=n_steps, method=method,
                                         tolerance=tolerance, max_steps=max_steps or DEFAULT_MAX_STEPS,
                                         units="neuron", internal_batch_size=internal_batch_size,
-                                        memory_budget=memory_budget, channels_last=channels_last)
+                                        memory_budget=memory_budget, channels_last=channels_last,
+                                        progress=progress)
             results = cast(dict[str, LayerResult], results)  # a list of measures gives a dict of results
         except ConductanceError as exc:
             # say the layers as the user wrote them, not as the wrapper names them
