@@ -340,6 +340,11 @@ def _completeness(importance: Any) -> dict:
     return out
 
 
+def _runs(criterion: str, settings: dict) -> range:
+    """The seeds a criterion is run with: several draws of random channels, one run of any other."""
+    return range(settings["seeds"] if criterion == "random" else 1)
+
+
 def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[str], None], seed: int = 0,
                   progress: Optional[bool] = None) -> dict:
     """Every criterion at every ratio on one Fashion-MNIST network; returns the numbers.
@@ -369,10 +374,10 @@ def study_network(name: str, model: nn.Module, settings: dict, log: Callable[[st
     x_te, y_te = fi.fashion_tensors("test", settings["n_test"])
     example = x_cal[:1]
     out: dict = {"base_accuracy": fi.evaluate(model, x_te, y_te), "ratios": settings["ratios"], "criteria": {}}
-    n_runs = sum(settings["seeds"] if c == "random" else 1 for c in CRITERIA)
+    n_runs = sum(len(_runs(c, settings)) for c in CRITERIA)
     bar = Progress(progress, n_runs * (len(settings["ratios"]) + 1), f"pruning the {name}", "networks")
     for criterion in CRITERIA:
-        runs = range(settings["seeds"]) if criterion == "random" else [0]
+        runs = _runs(criterion, settings)
         rows: dict = {"pruned": [], "pruned_mean_fill": [], "fine_tuned": [], "global50": []}
         imp = make_importance(criterion, calibration, n_steps=settings["n_steps"])
         seconds = None
@@ -458,7 +463,7 @@ def study_efficientnet(settings: dict, log: Callable[[str], None], progress: Opt
     out: dict = {"ratios": settings["effnet_ratios"], "calibration_photos": EFFNET_CAL,
                  "held_out_photos": EFFNET_HELD_OUT,
                  "views": int(x_held.shape[0]), "base_mean_margin": float(base_margin.mean()), "criteria": {}}
-    n_runs = sum(settings["seeds"] if c == "random" else 1 for c in CRITERIA)
+    n_runs = sum(len(_runs(c, settings)) for c in CRITERIA)
     bar = Progress(progress, n_runs * len(settings["effnet_ratios"]), "pruning EfficientNet-Lite0", "networks")
     for criterion in CRITERIA:
         imp = make_importance(criterion, calibration, n_steps=settings["n_steps"])
@@ -468,7 +473,7 @@ def study_efficientnet(settings: dict, log: Callable[[str], None], progress: Opt
                 warnings.simplefilter("ignore")
                 imp.fit(model)
             seconds = imp.seconds
-        runs = range(settings["seeds"]) if criterion == "random" else [0]
+        runs = _runs(criterion, settings)
         rows: dict = {"agreement": [], "margin_change": [], "agreement_mean_fill": []}
         for r in runs:
             agree, dm, agree_fill = [], [], []
