@@ -91,3 +91,13 @@ def test_the_callers_model_is_left_as_it_was():
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="unknown rule 'simpson'"):
         reference.layer_conductance(_model(), torch.ones(3), "0", rule="simpson")
+
+
+@pytest.mark.parametrize("rule", ["midpoint", "gausslegendre"])
+@pytest.mark.parametrize("n_steps", [0, -3, 2.5])
+def test_a_grid_without_points_is_refused(rule, n_steps):
+    # midpoint with n_steps=0 used to divide by zero; integrated_gradients returned zeros silently
+    with pytest.raises(ValueError, match="n_steps must be a positive integer"):
+        reference.layer_conductance(_model(), torch.ones(3), "0", n_steps=n_steps, rule=rule)
+    with pytest.raises(ValueError, match="n_steps must be a positive integer"):
+        reference.integrated_gradients(_model(), torch.ones(3), n_steps=n_steps, rule=rule)

@@ -18,6 +18,8 @@ from torch import nn
 
 
 def _quadrature(n_steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
     if rule == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(n_steps)
         return 0.5 * (nodes + 1.0), 0.5 * weights
@@ -47,7 +49,8 @@ def neuron_conductance(model: nn.Module, x: torch.Tensor, layer: str, *, baselin
     """
     x = x.detach().to(torch.float64)
     base = torch.zeros_like(x) if baseline is None else baseline.detach().to(torch.float64).expand_as(x)
-    # a float64 copy: the caller's model is left as it was (dtype included)
+    # a float64 copy: the caller's model is left as it was (dtype included). Its hooks are copied
+    # with it on purpose: some are part of what the model computes (torch.nn.utils.prune's masks).
     model = copy.deepcopy(model).double()
     module = _module(model, layer)
     alphas, weights = _quadrature(n_steps, rule)
@@ -76,8 +79,7 @@ def neuron_conductance(model: nn.Module, x: torch.Tensor, layer: str, *, baselin
         jac = torch.autograd.functional.jacobian(lambda p: f_and_y(p)[1][0], point, vectorize=True)  # (*S, *X)
         term = float(w) * dF_dy.reshape(dF_dy.shape + (1,) * x.dim()) * jac
         total = term if total is None else total + term
-    if total is None:
-        raise ValueError(f"n_steps must be at least 1, got {n_steps}")
+    assert total is not None  # _quadrature refuses n_steps < 1
     return (total * (x - base)).to(torch.float32)
 
 
