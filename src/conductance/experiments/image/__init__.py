@@ -15,7 +15,8 @@ The paper ("How Important Is a Neuron?", Dhamdhere, Sundararajan, Yan) studies I
 
 Entry point: :func:`run` (``conductance reproduce image --out DIR [--quick] [--weights FILE]``). The package:
 :mod:`.config` (the quick and full settings), :mod:`.compute` (the measurements), :mod:`.sections` (the
-report sections made from them); :func:`run` only orders the three.
+report sections made from them); :func:`run` only orders the three. Every public name of the former
+module ``image`` stays importable from here.
 """
 
 from __future__ import annotations
@@ -39,7 +40,16 @@ from .compute import (
     load_googlenet,
 )
 from .config import BLACK, MEASURES, PAPER_ABLATION, ImageSettings, settings_for
-from .sections import _ablation_section, _fashion_model_section, _photo_sections, _selection_section, _settings_section
+from .sections import (  # noqa: F401
+    COARSE_MAP,
+    SMOOTH_HIDE_BELOW,
+    SMOOTH_PIXELS,
+    _ablation_section,
+    _fashion_model_section,
+    _photo_sections,
+    _selection_section,
+    _settings_section,
+)
 
 __all__ = ["ImageSettings", "settings_for", "load_googlenet", "PhotoAnalysis", "analyse_photos",
            "fashion_ablation", "fashion_selection", "run", "PAPER_ABLATION", "MEASURES"]

@@ -1,5 +1,4 @@
-"""Settings of the image experiments: the quick and full sizes, the measures compared and the paper's numbers.
-"""
+"""Settings of the image experiments: the quick and full sizes, the measures compared and the paper's numbers."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The image experiments' report sections: prose, tables and figures made from the measured numbers.
-"""
+"""The image experiments' report sections: prose, tables and figures made from the measured numbers."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Settings of the knowledge-neurons study: special tokens, the quick and full sizes, the integration points.
-"""
+"""Settings of the knowledge-neurons study: special tokens, the quick and full sizes, the integration points."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The knowledge-neurons study's report sections: prose, tables and figures made from the measured numbers.
-"""
+"""The knowledge-neurons study's report sections: prose, tables and figures made from the measured numbers."""
 
 from __future__ import annotations
 

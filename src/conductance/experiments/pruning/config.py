@@ -1,5 +1,4 @@
-"""Settings of the pruning study: the criteria compared, the quick and full sizes, the photos and parts.
-"""
+"""Settings of the pruning study: the criteria compared, the quick and full sizes, the photos and parts."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""A small ResNet for 28x28 Fashion-MNIST images (the pruning study's second network), its training and cache.
-"""
+"""A small ResNet for 28x28 Fashion-MNIST images (the pruning study's second network), its training and cache."""
 
 from __future__ import annotations
 

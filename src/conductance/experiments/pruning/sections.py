@@ -1,5 +1,4 @@
-"""The pruning study's report sections: prose, tables and figures made from the measured numbers.
-"""
+"""The pruning study's report sections: prose, tables and figures made from the measured numbers."""
 
 from __future__ import annotations
 

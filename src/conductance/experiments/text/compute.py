@@ -235,7 +235,7 @@ def sign_conductance(model: SentimentCNN, test_texts: Sequence[str], settings: d
     n_heat = settings["heat_examples"]
     chosen = (np.arange(len(test_texts)) if n_heat is None or n_heat >= len(test_texts)
               else np.sort(rng.choice(len(test_texts), n_heat, replace=False)))
-    texts = [test_texts[i] for i in chosen]
+    texts = [test_texts[int(i)] for i in chosen]
     start = time.perf_counter()
     pred_run = filter_conductance(model, texts, progress=progress)
     score_run = filter_conductance(model, texts, target=sentiment_score, progress=progress)
@@ -245,7 +245,7 @@ def sign_conductance(model: SentimentCNN, test_texts: Sequence[str], settings: d
     w = model.network.fc.weight.detach().numpy()
     w_diff = w[1] - w[0]
     # For a fixed linear target the sign is the weight's sign times that of h(x) - h(x'), and
-    # h(x) >= h(x') by construction (see textcnn): check it instead of assuming it.
+    # h(x) >= h(x') by construction (see .network): check it instead of assuming it.
     nz = np.abs(score_run["values"]) >= THRESHOLD
     agree = float((np.sign(score_run["values"])[nz] == np.sign(np.broadcast_to(w_diff, nz.shape))[nz]).mean()
                   ) if nz.any() else float("nan")

@@ -1,5 +1,4 @@
-"""Settings of the text experiments: the sentences studied, thresholds, the quick and full sizes and the paper's setup.
-"""
+"""Settings of the text experiments: the sentences studied, thresholds, quick and full sizes, the paper's setup."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The text experiments' report sections: prose, tables and figures made from the measured numbers.
-"""
+"""The text experiments' report sections: prose, tables and figures made from the measured numbers."""
 
 from __future__ import annotations
 

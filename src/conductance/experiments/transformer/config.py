@@ -1,5 +1,4 @@
-"""Settings of the transformer study: the MiniLM package, the quick and full sizes, the rankings and ablations.
-"""
+"""Settings of the transformer study: the MiniLM package, the quick and full sizes, the rankings and ablations."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The transformer study's report sections: prose, tables and figures made from the measured numbers.
-"""
+"""The transformer study's report sections: prose, tables and figures made from the measured numbers."""
 
 from __future__ import annotations
 
