@@ -14,9 +14,9 @@ The paper ("How Important Is a Neuron?", Dhamdhere, Sundararajan, Yan) studies I
   (:mod:`conductance.experiments.fashion_inception`).
 
 Entry point: :func:`run` (``conductance reproduce image --out DIR [--quick] [--weights FILE]``). The package:
-:mod:`.config` (the quick and full settings), :mod:`.compute` (the measurements), :mod:`.sections` (the
-report sections made from them); :func:`run` only orders the three. Every public name of the former
-module ``image`` stays importable from here.
+:mod:`.config` (the quick and full settings), :mod:`.compute` (the measurements), :mod:`.sections` and
+:mod:`.sections_photos` (the report sections made from them); :func:`run` only orders them. Every public
+name of the former module ``image`` stays importable from here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from ...errors import ConductanceWarning
 from .. import fashion_inception as fi
 from .compute import (
     PhotoAnalysis,
-    _caught,
     analyse_photos,
     consistent_filter_maps,
     fashion_ablation,
@@ -40,16 +39,14 @@ from .compute import (
     load_googlenet,
 )
 from .config import BLACK, MEASURES, PAPER_ABLATION, ImageSettings, settings_for
-from .sections import (  # noqa: F401
-    COARSE_MAP,
-    SMOOTH_HIDE_BELOW,
-    SMOOTH_PIXELS,
-    _ablation_section,
-    _fashion_model_section,
-    _photo_sections,
-    _selection_section,
-    _settings_section,
+from .sections import (
+    ablation_section,
+    fashion_model_section,
+    selection_section,
+    settings_section,
+    warnings_section,
 )
+from .sections_photos import COARSE_MAP, SMOOTH_HIDE_BELOW, SMOOTH_PIXELS, photo_sections  # noqa: F401
 
 __all__ = ["ImageSettings", "settings_for", "load_googlenet", "PhotoAnalysis", "analyse_photos",
            "fashion_ablation", "fashion_selection", "run", "PAPER_ABLATION", "MEASURES"]
@@ -96,7 +93,7 @@ def _run(report, *, quick: bool, weights: Optional[str], seed: int, progress: Op
         s.train_config = replace(s.train_config, seed=seed)
     google = load_googlenet(weights) if weights else None  # fail at once on a bad file
     torch.manual_seed(seed)
-    _settings_section(report, s, weights, seed)
+    settings_section(report, s, weights, seed)
     classes = assets.imagenet_classes()
 
     # EfficientNet-Lite0 on the bundled photos
@@ -107,8 +104,8 @@ def _run(report, *, quick: bool, weights: Optional[str], seed: int, progress: Op
                        measures=s.measures, rule=s.photo_rule, pixel_rule=s.pixel_rule, max_units=s.max_units,
                        classes=classes, seed=seed, progress=progress)
     consistent = consistent_filter_maps(model, a, s.pixel_rule, BLACK, progress=progress)
-    _photo_sections(report, a, net="EfficientNet-Lite0", key="image-effnet", settings=s, rule=s.photo_rule,
-                    consistent=consistent)
+    photo_sections(report, a, net="EfficientNet-Lite0", key="image-effnet", settings=s, rule=s.photo_rule,
+                   consistent=consistent)
     del model
 
     if google is not None:
@@ -117,15 +114,15 @@ def _run(report, *, quick: bool, weights: Optional[str], seed: int, progress: Op
                            top_filters=s.top_filters, measures=s.measures, rule=s.photo_rule, pixel_rule=s.pixel_rule,
                            max_units=s.max_units, classes=classes, seed=seed, progress=progress)
         consistent = consistent_filter_maps(google, g, s.pixel_rule, BLACK, progress=progress)
-        _photo_sections(report, g, net="GoogLeNet (torchvision, weights from file)", key="image-googlenet",
-                        settings=s, rule=s.photo_rule, consistent=consistent)
+        photo_sections(report, g, net="GoogLeNet (torchvision, weights from file)", key="image-googlenet",
+                       settings=s, rule=s.photo_rule, consistent=consistent)
         del google
 
     # the small Inception on Fashion-MNIST
     _log("Fashion-MNIST Inception: loading or training " + fi.cache_path(s.train_config))
     trained = fi.load_or_train(s.train_config, log=_log, progress=progress)
     net = trained.model
-    _fashion_model_section(report, trained)
+    fashion_model_section(report, trained)
 
     xt, yt = fi.fashion_tensors("test")
     gen = torch.Generator().manual_seed(seed)
@@ -142,9 +139,6 @@ def _run(report, *, quick: bool, weights: Optional[str], seed: int, progress: Op
         sel = fashion_selection(net, xt[rest], yt[rest], s.selection_layers, n_select=s.n_select,
                                 n_evaluate=s.n_evaluate, ks=s.ks, measures=s.measures, rule=s.selection_rule,
                                 random_seeds=s.selection_random_seeds, seed=seed, progress=progress)
-    _ablation_section(report, ab, s)
-    _selection_section(report, sel, s)
-    caught = _caught(records)
-    if caught:
-        report.section("Image experiments: warnings", key="image-warnings").text(
-            "Warnings raised during the Fashion-MNIST protocols:\n\n" + "\n\n".join(caught)).numbers(warnings=caught)
+    ablation_section(report, ab, s)
+    selection_section(report, sel, s)
+    warnings_section(report, records)

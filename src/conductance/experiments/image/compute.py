@@ -72,7 +72,18 @@ class PhotoAnalysis:
     warnings: list[str]
 
 
-def _caught(records: list) -> list[str]:
+def warning_messages(records: list) -> list[str]:
+    """The distinct messages of caught warnings, as "Category: message", long lists of numbers shortened.
+
+    Parameters
+    ----------
+    records : list of warnings.WarningMessage
+
+    Returns
+    -------
+    list of str
+        In first-seen order.
+    """
     import re
 
     seen = []
@@ -169,7 +180,7 @@ def analyse_photos(model: nn.Module, x: torch.Tensor, names: Sequence[str], bloc
                          pixel_filters=torch.stack(filt), pixel=torch.stack(maps), pixel_sum_error=torch.stack(errs),
                          pixel_unit_error=torch.stack(map_errs),
                          ablation=ablation, ablation_baseline=ablation_baseline, seconds=seconds,
-                         warnings=_caught(records))
+                         warnings=warning_messages(records))
 
 
 def _random_seeds(n: int, seed: int) -> list[int]:

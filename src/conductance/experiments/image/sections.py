@@ -1,4 +1,6 @@
-"""The image experiments' report sections: prose, tables and figures made from the measured numbers."""
+"""The image experiments' report sections: settings, the Fashion-MNIST network and its protocols, made
+from the measured numbers (the per-photo sections: :mod:`.sections_photos`).
+"""
 
 from __future__ import annotations
 
@@ -10,227 +12,43 @@ import numpy as np
 import torch
 
 from .. import fashion_inception as fi
-from .compute import PhotoAnalysis
+from .compute import warning_messages
 from .config import PAPER_ABLATION, ImageSettings
 
 
-def _rule_text(rule: dict) -> str:
+def rule_text(rule: dict) -> str:
+    """An integration rule in words, for the report's prose.
+
+    Parameters
+    ----------
+    rule : dict
+        Adaptive (``tolerance``, ``max_steps``) or fixed (``method``, ``n_steps``) settings.
+
+    Returns
+    -------
+    str
+    """
     if "tolerance" in rule:
         return (f"adaptive rule to {100 * rule['tolerance']:g}% estimated per-unit error and completeness error "
                 f"(at most {rule['max_steps']} points)")
     return f"{rule.get('method', 'gausslegendre')} rule with {rule['n_steps']} intervals ({rule['n_steps'] + 1} points)"
 
 
-def _unnormalise(x: torch.Tensor) -> torch.Tensor:
-    return (x * 0.5 + 0.5).clamp(0, 1)
-
-
-def _clip(attribution: torch.Tensor, q: float = 0.99) -> torch.Tensor:
-    """Per-pixel map (3, H, W) summed over colours and clipped at the q-quantile of |value| (for display only:
-    a few pixels carry most of the conductance and would turn every other pixel black)."""
-    a = attribution.sum(0)
-    m = torch.quantile(a.abs().flatten().double(), q).float().clamp_min(1e-12)
-    return a.clamp(-m, m)
-
-
-#: The smoothed view of pixel maps: Gaussian blur (pixels) and the share of pixels hidden (percentile).
-SMOOTH_PIXELS, SMOOTH_HIDE_BELOW = 3.0, 80.0
-
-
-#: A map whose estimated per-unit error is above this is marked coarse in the report (a fixed rule warns there too).
-COARSE_MAP = 0.05
-
-
-def _pixel_figure(image: torch.Tensor, maps: dict, title: str):
-    """Three rows: the photo scaled by |conductance| (the paper's Figure 1), a red/blue overlay of the
-    sign, and the overlay smoothed and thresholded (per-pixel maps of deep filters read as speckle)."""
-    from matplotlib.figure import Figure
-
-    from ... import plots
-
-    cols = len(maps) + 1
-    fig = Figure(figsize=(2.5 * cols, 7.6), layout="constrained")
-    axes = fig.subplots(3, cols, squeeze=False)
-    img = _unnormalise(image)
-    labels = ("photo", "red +, blue -",
-              f"smoothed ({SMOOTH_PIXELS:g} px), top {100 - SMOOTH_HIDE_BELOW:g}% of pixels")
-    for r in range(3):
-        axes[r, 0].imshow(img.permute(1, 2, 0).numpy())
-        axes[r, 0].set_title(labels[r], fontsize=9, wrap=True)
-        axes[r, 0].set_xticks([])
-        axes[r, 0].set_yticks([])
-    for j, (name, m) in enumerate(maps.items(), start=1):
-        clipped = _clip(m)
-        plots.pixel_map(img, clipped, mode="scale", ax=axes[0, j], title=name, colorbar=False)
-        plots.pixel_map(img, clipped, mode="overlay", ax=axes[1, j], colorbar=False)
-        plots.pixel_map(img, m, mode="overlay", ax=axes[2, j], colorbar=False, smooth=SMOOTH_PIXELS,
-                        threshold=SMOOTH_HIDE_BELOW, clip=99.5)
-    fig.suptitle(title, fontsize=10, wrap=True)
-    return fig
-
-
-def _photo_sections(report, a: PhotoAnalysis, *, net: str, key: str, settings: ImageSettings, rule: dict,
-                    consistent: Optional[tuple[int, int, torch.Tensor]] = None) -> None:
-    from ... import plots
-
-    cond = a.importance["conductance"]
-    sec = report.section(f"{net}: per-photo results", key=f"{key}-photos")
-    sec.text(f"{net}, black-photo baseline, the explained output F is the top label's logit. Filter (channel) "
-             f"conductance at {len(a.blocks)} block outputs (each a cut, so the filters' conductances must add "
-             f"up to F(x) - F(x')): {_rule_text(rule)}. The per-unit error is the estimated relative L2 distance of "
-             "the block's vector of filter conductances to the exact integral (result.unit_error); the relative "
-             "completeness error is |sum of the layer's conductances - (F(x) - F(x'))| / |F(x) - F(x')|.")
-    rows: list[list[Any]] = []  # table rows mix numbers and text
-    per_photo = {}
-    for i, name in enumerate(a.names):
-        entry: dict[str, Any] = {"label": int(a.labels[i]), "label_name": a.label_names[i],
-                                 "logit": float(a.logits[i]), "output_diff": float(a.output_diff[i]),
-                                 "n_points": int(cond.n_points[i]), "blocks": {}}
-        for block in a.blocks:
-            values = cond[block][i]
-            top = torch.argsort(values, descending=True)[:settings.top_filters]
-            err = float(cond.relative_error[block][i])
-            unit_err = float(cond.unit_error[block][i])
-            entry["blocks"][block] = {"relative_error": err, "unit_error": unit_err,
-                                      "top_filters": [int(c) for c in top],
-                                      "top_conductance": [float(values[c]) for c in top],
-                                      "sum": float(values.sum())}
-            rows.append([name if block == a.blocks[0] else "", a.label_names[i] if block == a.blocks[0] else "",
-                         block, int(values.numel()),
-                         ", ".join(f"{int(c)} ({float(values[c]):+.2f})" for c in top),
-                         float(values.sum()), float(a.output_diff[i]), 100 * unit_err, 100 * err])
-        per_photo[name] = entry
-    sec.table(rows, ["photo", "top label", "block", "filters", "top filters (conductance)", "sum over filters",
-                     "F(x) - F(x')", "per-unit error %", "completeness error %"],
-              caption=f"{net}: top filters by conductance per block, their per-unit error and the completeness error")
-    errors = torch.stack([cond.relative_error[b] for b in a.blocks])
-    unit_errors = torch.stack([cond.unit_error[b] for b in a.blocks])
-    sec.numbers(rule=rule, photos=per_photo, max_relative_error=float(errors.max()),
-                mean_relative_error=float(errors.mean()), max_unit_error=float(unit_errors.max()),
-                mean_unit_error=float(unit_errors.mean()), mean_points=float(cond.n_points.float().mean()),
-                seconds={k: round(v, 1) for k, v in a.seconds.items()}, warnings=a.warnings)
-    sec.text(f"Largest per-unit error over photos and blocks: {100 * float(unit_errors.max()):.2f}% (mean "
-             f"{100 * float(unit_errors.mean()):.2f}%); largest completeness error {100 * float(errors.max()):.3f}% "
-             f"(mean {100 * float(errors.mean()):.3f}%); {float(cond.n_points.float().mean()):.0f} path points per "
-             "photo on average.")
-
-    # the paper's Figure 1: each photo scaled by the per-pixel conductance of its top filters
-    figs = report.section(f"{net}: per-pixel conductance of the top filters", key=f"{key}-pixels")
-    figs.text(f"For each photo, the {settings.top_filters} filters of {a.pixel_block} with the largest conductance, "
-              "and the conductance of each filter through each pixel (cd.neuron_conductance with units='channel', "
-              f"summed over the colour channels, {_rule_text(settings.pixel_rule)}). As in the paper's Figure 1, the "
-              "photo is scaled by |conductance| of the pixel (black: none flows through it; top row); the middle row "
-              "shows the sign (red positive, blue negative) over the grey photo. For display only, each map is clipped "
-              "at the 99th percentile of its |values|. Per-pixel maps of a deep filter read as speckle, so the "
-              f"bottom row shows the same map blurred by a Gaussian of {SMOOTH_PIXELS:g} pixels, with only the "
-              f"{100 - SMOOTH_HIDE_BELOW:g}% of pixels of largest |blurred value| coloured: where the filter looks. "
-              "The map of a filter sums "
-              "to its conductance in the limit of many path points; the check below compares the two numerically "
-              "(the per-pixel form and the layer form discretise the path integral differently).")
-    files = []
-    for i, name in enumerate(a.names):
-        maps = {f"filter {int(c)}: {float(cond[a.pixel_block][i, c]):+.2f}": a.pixel[i, j]
-                for j, c in enumerate(a.pixel_filters[i])}
-        fig = _pixel_figure(a.images[i], maps, f"{name}: {a.label_names[i]} ({net}, {a.pixel_block})")
-        files.append(figs.figure(fig, f"{name}: photo scaled by the per-pixel conductance of the top filters of "
-                                      f"{a.pixel_block}", name=f"{key}-pixels-{name}", dpi=80))
-    sum_err, map_err = a.pixel_sum_error, a.pixel_unit_error
-    figs.numbers(block=a.pixel_block, rule=settings.pixel_rule,
-                 filters={n: [int(c) for c in a.pixel_filters[i]] for i, n in enumerate(a.names)},
-                 pixel_sum_relative_error_max=float(sum_err.max()),
-                 pixel_sum_relative_error_mean=float(sum_err.mean()),
-                 pixel_unit_error={n: [float(v) for v in map_err[i]] for i, n in enumerate(a.names)},
-                 pixel_unit_error_max=float(map_err.max()), pixel_unit_error_mean=float(map_err.mean()),
-                 figures=files)
-    coarse = int((map_err > COARSE_MAP).sum())
-    figs.table([[n] + [f"{int(c)}: {100 * float(v):.1f}%" + (" (coarse)" if float(v) > COARSE_MAP else "")
-                       for c, v in zip(a.pixel_filters[i], map_err[i])] for i, n in enumerate(a.names)],
-               ["photo"] + [f"filter {j + 1}: per-unit error" for j in range(map_err.shape[1])],
-               caption="Per-unit error of each map: estimated relative L2 distance of the map's pixel values to "
-                       "the exact integral (result.unit_error of cd.neuron_conductance)")
-    figs.text(f"Per-unit error of the maps: largest {100 * float(map_err.max()):.1f}% (mean "
-              f"{100 * float(map_err.mean()):.1f}%). "
-              + (f"{coarse} of {map_err.numel()} maps are above {100 * COARSE_MAP:.0f}% (marked coarse): they show "
-                 "where a filter's conductance comes from, but single pixels of those maps are not to be compared; "
-                 "a tighter map needs more path points (neuron_conductance with tolerance=0.02)."
-                 if coarse else f"Every map is within {100 * COARSE_MAP:.0f}%."))
-    figs.text(f"Sum over the pixels of each map against the filter's conductance from the layer run above: "
-              f"largest relative difference {100 * float(sum_err.max()):.2g}% "
-              f"(mean {100 * float(sum_err.mean()):.2g}%).")
-    if consistent is not None:
-        channel, count, per_pixel = consistent
-        maps = {f"{n} ({float(cond[a.pixel_block][i, channel]):+.2f})": per_pixel[i] for i, n in enumerate(a.names)}
-        # one panel per photo, each photo under its own map: draw them as a grid of single maps
-        from matplotlib.figure import Figure
-        n = len(a.names)
-        cols = 4
-        fig = Figure(figsize=(2.6 * cols, 2.6 * math.ceil(n / cols)), layout="constrained")
-        axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False)
-        for ax, (title, m), img in zip(axes.ravel(), maps.items(), a.images):
-            plots.pixel_map(_unnormalise(img), _clip(m), mode="scale", ax=ax, title=title, colorbar=False)
-        for ax in axes.ravel()[n:]:
-            ax.axis("off")
-        fig.suptitle(f"filter {channel} of {a.pixel_block} on every photo")
-        name = figs.figure(fig, f"One filter across the photos: filter {channel} of {a.pixel_block}, among the top 5 "
-                                f"by conductance for {count} of {n} photos", name=f"{key}-consistent-filter", dpi=80)
-        figs.numbers(consistent_filter=channel, consistent_filter_top5_count=count, consistent_figure=name)
-        figs.text(f"Filter {channel} of {a.pixel_block} is among the top 5 filters for {count} of the {n} photos; "
-                  "the figure shows where its conductance comes from in each (the paper reports filters that respond "
-                  "to the same kind of region across images).")
-
-    # ablation flip counts per photo and measure
-    ab = report.section(f"{net}: ablation flip counts per photo", key=f"{key}-ablation")
-    limit = (f"the first {settings.max_units} filters of the ranking" if settings.max_units
-             else "all the block's filters")
-    ab.text("Per photo and block, filters are ranked by each measure (highest first), removed cumulatively in that "
-            "order, and we count how many must be removed before the top label changes (cd.compare_rankings; "
-            f"'-' = never within {limit}). 'random' is a random order (the floor). Per-photo tables: mode 'zero' "
-            "(the filter's channel set to zero, the paper's removal). The summary also gives mode 'baseline' (the "
-            "filter set to its value at the black photo, the change conductance attributes).")
-
-    def counts(summary, m):
-        return [None if math.isinf(v) else int(v) for v in summary.flip_counts[m].tolist()]
-
-    names = list(next(iter(a.ablation.values())).rows)
-    numbers = {}
-    for block, summary in a.ablation.items():
-        rows = []
-        for i, photo in enumerate(a.names):
-            rows.append([photo] + [("-" if c is None else c) for c in (counts(summary, m)[i] for m in names)])
-        rows.append(["mean (flipped photos)"] + [summary.rows[m]["mean_flips"] if summary.rows[m]["mean_flips"]
-                                                 is not None else "-" for m in names])
-        rows.append(["top-10 removal flips"] + [f"{summary.rows[m]['top_k_flipped']}/{summary.rows[m]['examples']}"
-                                                for m in names])
-        ab.table(rows, ["photo"] + names, caption=f"{net}, {block}, mode 'zero': filters removed until the top "
-                                                  "label changes")
-        base = a.ablation_baseline[block]
-        numbers[block] = {"zero": {"rows": summary.rows, "flip_counts": {m: counts(summary, m) for m in names}},
-                          "baseline": {"rows": base.rows, "flip_counts": {m: counts(base, m) for m in names}}}
-    ab.numbers(blocks=numbers, max_units=settings.max_units)
-    summary_rows, means = [], {}
-    for mode, table in (("zero", a.ablation), ("baseline", a.ablation_baseline)):
-        for block, summary in table.items():
-            summary_rows.append([block, mode] + [
-                (f"{summary.rows[m]['mean_flips']:.1f} ({summary.rows[m]['flipped']}/{summary.rows[m]['examples']})"
-                 if summary.rows[m]["mean_flips"] is not None else f"- (0/{summary.rows[m]['examples']})")
-                for m in names])
-        means[mode] = {m: float(np.mean([t.rows[m]["mean_flips"] for t in table.values()
-                                         if t.rows[m]["mean_flips"] is not None] or [np.nan])) for m in names}
-    ab.table(summary_rows, ["block", "mode"] + names,
-             caption=f"{net}: mean filters removed until the label changes (photos that changed / photos)")
-    for mode in means:
-        ranked = sorted((m for m in names if not math.isnan(means[mode][m])), key=lambda m: means[mode][m])
-        ab.text(f"Mode '{mode}', mean flip count averaged over the blocks: "
-                + ", ".join(f"{m} {means[mode][m]:.1f}" for m in names)
-                + (f". Fewest filters: {ranked[0]}." if ranked else "."))
-    ab.numbers(mean_over_blocks=means)
-
-
 def _err_text(err: torch.Tensor) -> str:
     return f"max {100 * float(err.max()):.3g}%, mean {100 * float(err.mean()):.3g}%"
 
 
-def _settings_section(report, s: ImageSettings, weights: Optional[str], seed: int) -> None:
+def settings_section(report, s: ImageSettings, weights: Optional[str], seed: int) -> None:
+    """Our settings against the paper's.
+
+    Parameters
+    ----------
+    report : Report
+    s : ImageSettings
+    weights : str, optional
+        The GoogLeNet weights file, if given.
+    seed : int
+    """
     sec = report.section("Image experiments: settings and differences from the paper", key="image-settings")
     if s.quick:
         sec.text("This is the QUICK version (reduced sizes for a fast check; numbers are noisy). Run without --quick "
@@ -253,9 +71,9 @@ def _settings_section(report, s: ImageSettings, weights: Optional[str], seed: in
          f"layers {', '.join(s.selection_layers)}, k in {list(s.ks)}"],
         ["baseline, explained output", "black image, top label's logit", "black image, top label's logit"],
         ["ablation", "remove filters (unspecified how)", "set the filter's whole channel to zero (mode 'zero')"],
-        ["integration (photos)", "not stated", _rule_text(s.photo_rule)],
-        ["integration (Fashion-MNIST ablation)", "not stated", _rule_text(s.fashion_rule)],
-        ["integration (Fashion-MNIST feature selection)", "not stated", _rule_text(s.selection_rule)],
+        ["integration (photos)", "not stated", rule_text(s.photo_rule)],
+        ["integration (Fashion-MNIST ablation)", "not stated", rule_text(s.fashion_rule)],
+        ["integration (Fashion-MNIST feature selection)", "not stated", rule_text(s.selection_rule)],
     ]
     sec.table(rows, ["", "paper", "ours"], caption="Setting of the paper and ours")
     sec.text("No pretrained GoogLeNet can be installed offline, so the paper's network is used only when a weights "
@@ -271,8 +89,15 @@ def _settings_section(report, s: ImageSettings, weights: Optional[str], seed: in
                 fashion_rule=s.fashion_rule, selection_rule=s.selection_rule, measures=list(s.measures),
                 max_units=s.max_units)
 
-def _fashion_model_section(report, trained: fi.TrainedModel) -> None:
-    """The section describing the Fashion-MNIST Inception, its cache and its test accuracy."""
+
+def fashion_model_section(report, trained: fi.TrainedModel) -> None:
+    """The Fashion-MNIST Inception: architecture, cache and test accuracy.
+
+    Parameters
+    ----------
+    report : Report
+    trained : fashion_inception.TrainedModel
+    """
     net = trained.model
     sec = report.section("Inception-style network on Fashion-MNIST", key="image-fashion-model")
     sec.text(f"Architecture: stem (two 3x3 convolutions), Inception modules {', '.join(fi.INCEPTION_LAYERS)} (branches "
@@ -290,8 +115,16 @@ def _fashion_model_section(report, trained: fi.TrainedModel) -> None:
                 parameters=sum(p.numel() for p in net.parameters()), version=fi.VERSION)
 
 
+def ablation_section(report, ab: dict, s: ImageSettings) -> None:
+    """Ablation on the Fashion-MNIST Inception: flip counts and curves of every measure.
 
-def _ablation_section(report, ab: dict, s: ImageSettings) -> None:
+    Parameters
+    ----------
+    report : Report
+    ab : dict
+        :func:`.compute.fashion_ablation`'s result.
+    s : ImageSettings
+    """
     from ... import plots
 
     sec = report.section("Ablation on the Inception-style network (Fashion-MNIST)", key="image-fashion-ablation")
@@ -304,7 +137,7 @@ def _ablation_section(report, ab: dict, s: ImageSettings) -> None:
              "(layer not stated). Removal sets a filter's whole channel to zero (mode 'zero', the paper's wording); "
              "the second table sets it to its value at the black baseline image instead (mode 'baseline'), which is "
              "the change conductance attributes: with BatchNorm, a filter is far from zero on a black image. "
-             f"Rankings: {_rule_text(s.fashion_rule)}. 'random' pools {s.random_seeds} random orders per image.")
+             f"Rankings: {rule_text(s.fashion_rule)}. 'random' pools {s.random_seeds} random orders per image.")
     numbers: dict[str, dict[str, Any]] = {}
     for mode, summaries in ab["summaries"].items():
         rows = []
@@ -330,7 +163,7 @@ def _ablation_section(report, ab: dict, s: ImageSettings) -> None:
              + "; completeness error: " + _err_text(errs) + "; "
              + "; ".join(f"{ln}: {_err_text(ab['relative_error'][ln])}" for ln in layers)
              + f". Path points per image: {float(ab['n_points'].float().mean()):.0f} on average. "
-             + f"Rule: {_rule_text(s.fashion_rule)}.")
+             + f"Rule: {rule_text(s.fashion_rule)}.")
     sec.numbers(modes=numbers, paper=PAPER_ABLATION, relative_error_max=float(errs.max()),
                 relative_error_mean=float(errs.mean()), unit_error_max=float(unit_errs.max()),
                 unit_error_mean=float(unit_errs.mean()),
@@ -346,7 +179,16 @@ def _ablation_section(report, ab: dict, s: ImageSettings) -> None:
                    name=f"fashion-ablation-flip-share-{mode}")
 
 
-def _selection_section(report, sel: dict, s: ImageSettings) -> None:
+def selection_section(report, sel: dict, s: ImageSettings) -> None:
+    """Feature selection on the Fashion-MNIST Inception: held-out accuracy against the pooled filters.
+
+    Parameters
+    ----------
+    report : Report
+    sel : dict
+        :func:`.compute.fashion_selection`'s result.
+    s : ImageSettings
+    """
     from ... import plots
 
     sec = report.section("Feature selection on the Inception-style network (Fashion-MNIST)",
@@ -380,7 +222,7 @@ def _selection_section(report, sel: dict, s: ImageSettings) -> None:
     errs = torch.cat(list(sel["relative_error"].values()))
     sec.text("Per-unit error of conductance on the selection images (own label's logit): "
              + _err_text(torch.cat(list(sel["unit_error"].values()))) + "; completeness error: " + _err_text(errs)
-             + f". Rule: {_rule_text(s.selection_rule)}.")
+             + f". Rule: {rule_text(s.selection_rule)}.")
     sec.numbers(layers=numbers, relative_error_max=float(errs.max()), relative_error_mean=float(errs.mean()),
                 seconds=round(sel["seconds"], 1), paper="not recovered (PAPER.md section 4)")
     layer = list(sel["results"])[-1] if len(sel["results"]) < 3 else list(sel["results"])[2]
@@ -396,3 +238,17 @@ def _selection_section(report, sel: dict, s: ImageSettings) -> None:
                        styles={"random filters": {"color": "black", "linestyle": "--"}})
     sec.figure(fig, f"Held-out accuracy against the number of pooled filters of {layer}, per measure",
                name="fashion-selection")
+
+
+def warnings_section(report, records: list) -> None:
+    """The warnings the Fashion-MNIST protocols raised, each message once (no section when there were none).
+
+    Parameters
+    ----------
+    report : Report
+    records : list of warnings.WarningMessage
+    """
+    caught = warning_messages(records)
+    if caught:
+        report.section("Image experiments: warnings", key="image-warnings").text(
+            "Warnings raised during the Fashion-MNIST protocols:\n\n" + "\n\n".join(caught)).numbers(warnings=caught)

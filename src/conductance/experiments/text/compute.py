@@ -195,13 +195,6 @@ def negation_share(texts: Sequence[str]) -> float:
     return float(np.mean([has_negation(t) for t in texts])) if len(texts) else float("nan")
 
 
-def _nanmean(values) -> float:
-    """Mean of the finite values; NaN (without numpy's warning) when there are none."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if v.size else float("nan")
-
-
 def _top_reviews(values: np.ndarray, unit: int, k: int) -> np.ndarray:
     """Indices of the k examples with the highest conductance of ``unit``, highest first."""
     col = values[:, unit]

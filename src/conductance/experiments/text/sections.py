@@ -8,12 +8,18 @@ import numpy as np
 
 from ...request import DEFAULT_TOLERANCE
 from ..report import percent, shorten
-from .compute import _nanmean
 from .config import NEGATION_SENTENCES, PAPER, PURITY, THRESHOLD, TOKEN_STEPS
 from .network import TrainConfig
 from .tokens import NEGATION_WORDS
 
 _NO_TOP = "the filter has positive conductance on none of the test reviews, so it has no top reviews to count"
+
+
+def _nanmean(values) -> float:
+    """Mean of the finite values; NaN (without numpy's warning) when there are none."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
 
 
 def _short(text: str, n: int = 110) -> str:
