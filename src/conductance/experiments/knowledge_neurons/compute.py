@@ -15,7 +15,7 @@ from torch import nn
 
 from ... import hf, sites
 from ...progress import Progress
-from .config import BOS, KN_STEPS, PAD, REFERENCE_POINTS
+from .config import ACTIONS, BOS, HEAD_RANKS, KN_STEPS, PAD, RANKS, REFERENCE_POINTS
 from .model import Vocabulary
 
 
@@ -282,12 +282,6 @@ def intervene(model: nn.Module, ids: torch.Tensor, token: int, units: list[tuple
     ablate = hf.ablate_neurons if kind == "neuron" else hf.ablate_heads
     with ablate(model, units, values=values):
         return target_prob(model, ids, token)
-
-
-#: Neuron rankings, head rankings and interventions of the study.
-RANKS = ("conductance", "grad_x_activation", "kn_ig", "random")
-HEAD_RANKS = ("conductance", "grad_x_activation", "random")
-ACTIONS = ("suppress", "baseline", "amplify")
 
 
 def interventions(model: nn.Module, prompts: list[dict], cfg: dict[str, Any], seed: int,

@@ -27,3 +27,9 @@ SETTINGS = {
                            n_train=0, epochs=3, batch=32, lr=2e-3),
                 n_prompts=40, ks=(1, 5, 10, 20), head_ks=(1, 2, 4), random_draws=5, n_error=6),
 }
+
+
+#: Neuron rankings, head rankings and interventions of the study.
+RANKS = ("conductance", "grad_x_activation", "kn_ig", "random")
+HEAD_RANKS = ("conductance", "grad_x_activation", "random")
+ACTIONS = ("suppress", "baseline", "amplify")

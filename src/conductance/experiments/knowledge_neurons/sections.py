@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..report import Report
-from .compute import ACTIONS, top_units
-from .config import KN_STEPS, REFERENCE_POINTS
+from .compute import top_units
+from .config import ACTIONS, KN_STEPS, REFERENCE_POINTS
 from .model import LMConfig, Vocabulary
 
 
