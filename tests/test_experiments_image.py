@@ -14,6 +14,7 @@ from conductance import assets
 from conductance.datasets import fashion_mnist_available
 from conductance.experiments import fashion_inception as fi
 from conductance.experiments import image
+from conductance.experiments.image.compute import _split_per_class
 
 needs_fashion = pytest.mark.skipif(not fashion_mnist_available(),
                                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
@@ -167,12 +168,12 @@ def test_googlenet_weights_file_mismatch(tmp_path):
 
 def test_split_per_class():
     labels = torch.arange(4).repeat_interleave(7)
-    sel, ev = image._split_per_class(labels, 4, 2, seed=0)
+    sel, ev = _split_per_class(labels, 4, 2, seed=0)
     assert sel.numel() == 16 and ev.numel() == 8
     assert not set(sel.tolist()) & set(ev.tolist())
     assert torch.bincount(labels[sel]).tolist() == [4] * 4 and torch.bincount(labels[ev]).tolist() == [2] * 4
     with pytest.raises(cd.ConductanceError, match="fewer than"):
-        image._split_per_class(labels, 6, 2, seed=0)
+        _split_per_class(labels, 6, 2, seed=0)
 
 
 @pytest.mark.slow

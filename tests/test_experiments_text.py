@@ -11,13 +11,14 @@ import torch
 import conductance as cd
 from conductance.errors import ConductanceError
 from conductance.experiments import text as tx
-from conductance.experiments import textcnn as tc
+from conductance.experiments.text import network as tc
+from conductance.experiments.text import tokens as tk
 
 
 def _tiny_model(seed=0, dim=8, n_filters=12, vocab_words=("this", "is", "not", "good", "bad", "film")):
     """A random (untrained) SentimentCNN with a fixed, seeded embedding table."""
     torch.manual_seed(seed)
-    vocab = tc.Vocabulary(list(vocab_words))
+    vocab = tk.Vocabulary(list(vocab_words))
     net = tc.TextCNN(dim=dim, n_filters=n_filters, widths=(2, 3, 4))
     # larger biases than the default init so that some filters sit above zero at the baseline
     with torch.no_grad():
@@ -32,38 +33,38 @@ def _tiny_model(seed=0, dim=8, n_filters=12, vocab_words=("this", "is", "not", "
 
 
 def test_tokenize_lowercases_and_splits_contractions_like_glove():
-    assert tc.tokenize("It isn't GOOD.") == ["it", "is", "n't", "good", "."]
-    assert tc.tokenize("I can't, won't; it's") == ["i", "ca", "n't", ",", "wo", "n't", ";", "it", "'s"]
-    assert tc.tokenize("A sci-fi 1990s U.S. thriller!") == ["a", "sci-fi", "1990s", "u.s", ".", "thriller", "!"]
-    assert tc.tokenize("'quoted'") == ["'", "quoted", "'"]
-    assert tc.tokenize("don\u2019t") == ["do", "n't"]  # typographic apostrophe
-    assert tc.tokenize("Büttner's película") == ["büttner", "'s", "película"]  # accented letters stay in words
-    assert tc.tokenize("") == []
+    assert tk.tokenize("It isn't GOOD.") == ["it", "is", "n't", "good", "."]
+    assert tk.tokenize("I can't, won't; it's") == ["i", "ca", "n't", ",", "wo", "n't", ";", "it", "'s"]
+    assert tk.tokenize("A sci-fi 1990s U.S. thriller!") == ["a", "sci-fi", "1990s", "u.s", ".", "thriller", "!"]
+    assert tk.tokenize("'quoted'") == ["'", "quoted", "'"]
+    assert tk.tokenize("don\u2019t") == ["do", "n't"]  # typographic apostrophe
+    assert tk.tokenize("Büttner's película") == ["büttner", "'s", "película"]  # accented letters stay in words
+    assert tk.tokenize("") == []
     with pytest.raises(ConductanceError, match="str"):
-        tc.tokenize(["a", "list"])
+        tk.tokenize(["a", "list"])
 
 
 def test_vocabulary_keeps_known_words_once_and_unknown_words_twice():
     tokens = [["good", "film", "zzq"], ["good", "yyq", "yyq"], ["bad"]]
-    vocab = tc.Vocabulary.build(tokens, known={"good", "film", "bad"})
+    vocab = tk.Vocabulary.build(tokens, known={"good", "film", "bad"})
     # most frequent first, ties alphabetical; "zzq" (unknown to GloVe, seen once) is dropped
     assert vocab.words == ["<pad>", "good", "yyq", "bad", "film"]
     assert vocab.encode(["good", "zzq", "film", "never-seen"]) == [1, 0, 4, 0]
     assert "good" in vocab and "zzq" not in vocab and "<pad>" not in vocab
     assert len(vocab) == 5
     with pytest.raises(ConductanceError, match="unique"):
-        tc.Vocabulary(["a", "a"])
+        tk.Vocabulary(["a", "a"])
 
 
 def test_negation_detector():
-    assert tc.has_negation("This isn't a good film")
-    assert tc.has_negation("Nothing works.")
-    assert tc.has_negation("I cannot recommend it")
-    assert tc.has_negation("neither funny nor moving")
-    assert tc.has_negation(["no", "way"])
-    assert not tc.has_negation("A notable film, knotty and nonstop")  # words that merely contain "no"/"not"
-    assert not tc.has_negation("")
-    assert tc.negation_tokens(tc.tokenize("Not bad, never dull, won't bore")) == ["not", "never", "n't"]
+    assert tk.has_negation("This isn't a good film")
+    assert tk.has_negation("Nothing works.")
+    assert tk.has_negation("I cannot recommend it")
+    assert tk.has_negation("neither funny nor moving")
+    assert tk.has_negation(["no", "way"])
+    assert not tk.has_negation("A notable film, knotty and nonstop")  # words that merely contain "no"/"not"
+    assert not tk.has_negation("")
+    assert tk.negation_tokens(tk.tokenize("Not bad, never dull, won't bore")) == ["not", "never", "n't"]
     assert tx.negation_share(["not good", "good", "never", "fine"]) == 0.5
     assert math.isnan(tx.negation_share([]))
 
@@ -145,7 +146,7 @@ def test_filter_conductance_batches_and_targets():
 
 def test_filter_ngrams_name_the_max_pool_window():
     torch.manual_seed(0)
-    vocab = tc.Vocabulary(["a", "b", "c", "d"])
+    vocab = tk.Vocabulary(["a", "b", "c", "d"])
     net = tc.TextCNN(dim=4, n_filters=2, widths=(2,))
     vectors = torch.zeros(5, 4)
     vectors[1:] = torch.eye(4)

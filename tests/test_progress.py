@@ -143,7 +143,7 @@ def test_fashion_training_bar_counts_every_batch_of_every_epoch(capsys):
 def test_text_training_and_attribution_bars_count_batches_and_texts(capsys):
     from conductance.datasets import load_rotten_tomatoes
     from conductance.experiments import text as tx
-    from conductance.experiments import textcnn as tc
+    from conductance.experiments.text import network as tc
 
     texts, labels = load_rotten_tomatoes("train")
     config = tc.TrainConfig(epochs=2, train_limit=230, n_filters=8, seed=0)
@@ -163,6 +163,7 @@ def test_text_training_and_attribution_bars_count_batches_and_texts(capsys):
 
 def test_photo_analysis_bars_count_points_photos_and_ablated_rows(capsys):
     from conductance.experiments import image
+    from conductance.experiments.image.compute import _random_seeds
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
@@ -181,7 +182,7 @@ def test_photo_analysis_bars_count_points_photos_and_ablated_rows(capsys):
     assert len(counted) == 2 * 2 and all(total is None for _, total in counted)
     # the same rows as the library's own count for that work (checked against real forwards above)
     cd.compare_rankings(model, x, "3", {m: a.importance[m] for m in ("conductance", "activation")},
-                        units="channel", random_seeds=image._random_seeds(1, 0), max_units=3, progress=True)
+                        units="channel", random_seeds=_random_seeds(1, 0), max_units=3, progress=True)
     assert _bars(capsys.readouterr().err, "rankings compared of 3")[0] == counted[2] and counted[2][0] > 0
     assert a.pixel.shape[:2] == (3, 2)
     image.analyse_photos(model, x, ["a", "b", "c"], ["1", "3"], "3", top_filters=2,
@@ -210,7 +211,7 @@ def test_reproduce_progress_option_shows_the_experiment_bars_and_no_flag_in_a_pi
     from conductance.cli import main
     from conductance.datasets import load_rotten_tomatoes
     from conductance.experiments import text as tx
-    from conductance.experiments import textcnn as tc
+    from conductance.experiments.text import network as tc
 
     monkeypatch.setenv("CONDUCTANCE_CACHE", str(tmp_path / "cache"))     # trains: the training bar shows too
     assert main(["reproduce", "text", "--quick", "--progress", "--out", str(tmp_path / "a")]) == 0
@@ -232,11 +233,12 @@ def test_reproduce_progress_option_shows_the_experiment_bars_and_no_flag_in_a_pi
 def test_language_model_training_bar_counts_every_batch(capsys):
     pytest.importorskip("transformers")
     from conductance.experiments import knowledge_neurons as kn
+    from conductance.experiments.knowledge_neurons.model import _windows
 
     config = kn.LMConfig(n_layer=1, n_embd=16, n_head=2, n_inner=32, n_positions=16, vocab_size=200, n_train=60,
                          epochs=2, batch=8, lr=3e-3)
     texts = kn.training_texts(config)
-    windows = kn._windows([kn.Vocabulary.build(texts, config.vocab_size).encode(t) for t in texts],
+    windows = _windows([kn.Vocabulary.build(texts, config.vocab_size).encode(t) for t in texts],
                           config.n_positions)
     kn.train(config, texts, log=lambda line: None, progress=True)
     per_epoch = -(-windows.shape[0] // config.batch)

@@ -171,7 +171,7 @@ def test_fashion_inception_concatenated_branches_prune():
 
 def test_study_reports_the_per_unit_error_of_every_layer_and_completeness_of_cuts_only():
     from conductance.experiments.fashion_inception import FashionInception
-    from conductance.experiments.pruning import _completeness
+    from conductance.experiments.pruning.compute import _completeness
 
     torch.manual_seed(0)
     model = FashionInception().eval()

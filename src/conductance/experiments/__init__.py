@@ -1,6 +1,7 @@
 """Reproductions of the paper's experiments on real networks and data, written as HTML reports.
 
-Each experiment module (``image``, ``text``, ``transformer``) exposes
+Each experiment package (``image``, ``text``, ``transformer``, ``knowledge_neurons``, ``pruning``; each
+of modules ``config``, ``compute`` and ``sections``) exposes
 ``run(report: Report, *, quick: bool, **options) -> None``, which adds its sections, figures,
 tables and numbers to a shared :class:`~conductance.experiments.report.Report`. The command line
 (``conductance reproduce ...``) chooses the experiments and writes the report after each one, so a
