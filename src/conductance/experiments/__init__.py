@@ -2,14 +2,17 @@
 
 Each experiment package (``image``, ``text``, ``transformer``, ``knowledge_neurons``, ``pruning``; each
 of modules ``config``, ``compute`` and ``sections``) exposes
-``run(report: Report, *, quick: bool, **options) -> None``, which adds its sections, figures,
-tables and numbers to a shared :class:`~conductance.experiments.report.Report`. The command line
+``run(report: Report, *, quick: bool, **options)``, which adds its sections, figures, tables and
+numbers to a shared :class:`~conductance.experiments.report.Report` (and may return its numbers as
+well, as ``pruning.run`` does). The command line
 (``conductance reproduce ...``) chooses the experiments and writes the report after each one, so a
 long run never loses a finished experiment.
 """
 
 import os
 
+#: What ``conductance reproduce all`` runs; ``knowledge_neurons`` and ``pruning`` run only when named
+#: (each takes longer than the three together in its full form).
 EXPERIMENTS = ("image", "text", "transformer")
 
 
