@@ -12,7 +12,7 @@ long run never loses a finished experiment.
 import os
 
 #: What ``conductance reproduce all`` runs; ``knowledge_neurons`` and ``pruning`` run only when named
-#: (each takes longer than the three together in its full form).
+#: (see docs/REPRODUCTION.md for their costs).
 EXPERIMENTS = ("image", "text", "transformer")
 
 
