@@ -12,7 +12,7 @@ long run never loses a finished experiment.
 import os
 
 #: What ``conductance reproduce all`` runs; ``knowledge_neurons`` and ``pruning`` run only when named
-#: (see docs/REPRODUCTION.md for their costs).
+#: (docs/transformers.md and docs/pruning.md give their commands and costs).
 EXPERIMENTS = ("image", "text", "transformer")
 
 
