@@ -1077,8 +1077,8 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         width = (at[1:] - at[:-1]).to(device)
         for name in names:
             if direct(pts, name, int(pts.ex.shape[0])):
-                y, g = positions(pts.ys[name])[on], positions(pts.gs[name])[on]
-                add_by_position(measures, y[:-1], g[:-1], y[1:], g[1:], width,
+                ys, gs = positions(pts.ys[name])[on], positions(pts.gs[name])[on]
+                add_by_position(measures, ys[:-1], gs[:-1], ys[1:], gs[1:], width,
                                 {m: totals(target, m, name, pts.ys[name]) for m in measures}, "trapezoid", scratch)
                 continue
             y, g = pts.ys[name].view(npos, -1)[on], pts.gs[name].view(npos, -1)[on]
