@@ -251,7 +251,7 @@ def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.
         idx = target[ex]
         rows = torch.arange(scores.shape[0], device=scores.device)
         return scores[(rows,) + tuple(idx.to(scores.device).unbind(1))]
-    return scores.gather(1, target[ex].unsqueeze(1)).squeeze(1)
+    return scores.gather(1, target[ex].to(scores.device).unsqueeze(1)).squeeze(1)
 
 
 def interpolate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -518,7 +518,9 @@ def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor, chec
     if problem.layer_path is not None:
         name, start, end = problem.layer_path
         shape = (-1,) + (1,) * (start.dim() - 1)
-        replace = {name: start[ex] + alphas.to(start.dtype).view(shape) * (end[ex] - start[ex])}
+        # the layer's ends live on the layer's device (a split model); ex and alphas on the inputs'
+        at, a = ex.to(start.device), alphas.to(device=start.device, dtype=start.dtype).view(shape)
+        replace = {name: start[at] + a * (end[at] - start[at])}
         x = _layout(problem, problem.inputs[ex])
     else:
         x = interpolate(problem, ex, alphas)
@@ -1147,10 +1149,10 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
             pts = evaluate(problem, ex, alphas_all[k0:k1].repeat_interleave(b).to(device), check_values=not fold)
             m = (k1 - k0) * b
             if k0 == 0:
-                F_start[e0:e1] = pts.F[:b].to(F_start.dtype)
+                F_start[e0:e1] = pts.F[:b].to(device=device, dtype=F_start.dtype)
                 first = _slice(pts, slice(0, b))
             if k1 == n:
-                F_end[e0:e1] = pts.F[m - b:].to(F_end.dtype)
+                F_end[e0:e1] = pts.F[m - b:].to(device=device, dtype=F_end.dtype)
             if m > b:   # intervals inside the chunk: point i - b -> i
                 intervals(pts, slice(0, m - b), pts, slice(b, m))
             if last is not None:
@@ -1327,7 +1329,7 @@ def endpoint(problem: PathProblem, x: torch.Tensor) -> tuple[torch.Tensor, dict[
         recorder = Recorder(problem.refs, cut_below=False)
         with recorder.attached(), torch.no_grad():
             output = model_output(problem, _layout(problem, x[start:stop]), ex)
-            Fs.append(_upcast(scalar_output(problem, output, ex).detach()))
+            Fs.append(_upcast(scalar_output(problem, output, ex).detach()).to(x.device))
         missing = [r.name for r in problem.refs if r.name not in recorder.values]
         if missing:
             raise never_reached(missing)
@@ -1530,7 +1532,9 @@ def settle_first_forward(problem: PathProblem, state: FirstForward) -> None:
         problem.point_bytes += 2 * x[0].numel() * max(x.element_size(), 4)
     cut = dominating(F, x, [recorder.downstream_node[ref.name] for ref in problem.refs])
     problem.cuts = {ref.name: c for ref, c in zip(problem.refs, cut)}
-    F = _upcast(F.detach())
+    # F is gathered on the inputs' device (the output may be on the last device of a split model);
+    # each layer's values stay on the layer's own device, as the path's do
+    F = _upcast(F.detach()).to(x.device)
     values = {r.name: _upcast(recorder.values[r.name].detach()) for r in problem.refs}
     if problem.track_input:
         values[INPUT] = x.detach()
