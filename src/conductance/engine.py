@@ -1028,10 +1028,12 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         else:
             target[mname][name].index_add_(0, ex_int, contrib, alpha=weight)
 
-    # element-level layers on the inputs' device (language models' layers) are summed position by
-    # position straight into the running sums (add_by_position): a third of the memory traffic of
-    # writing each interval's contributions out and summing them (GPT-2 benchmark, docs/transformers.md)
-    by_position = all(fn in ACCUMULATORS for fn in measures.values())
+    # Element-level layers on the inputs' device (language models' layers) are summed position by
+    # position straight into the running sums (add_by_position): less memory traffic than writing each
+    # interval's contributions out and summing them (GPT-2 benchmark, docs/transformers.md). CPU only:
+    # it launches three small kernels per position and layer, which a GPU may pay more for than it
+    # saves (not measured: no GPU here), so CUDA keeps the written-out sums.
+    by_position = device.type == "cpu" and all(fn in ACCUMULATORS for fn in measures.values())
 
     def direct(pts: PointBatch, name: str, rows: int) -> bool:
         y = pts.ys[name]
