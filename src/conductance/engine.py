@@ -1130,7 +1130,7 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         if not summed:   # no interval read the chunk's points yet (a single position)
             pts.check_finite()
             return
-        sums = [t[e0:e1].sum().to(device) for per in ((acc, right_sums) if left else (acc,))
+        sums = [t[e0:e1].sum().to(device) for per in ([acc, right_sums] if left else [acc])
                 for t in per["conductance"].values()]
         if not bool(torch.isfinite(torch.stack(sums)).all()):
             pts.check_finite()
