@@ -157,7 +157,7 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         for r in results.values():
             if isinstance(r.target, torch.Tensor):
                 r.target = wrapper.reported_target   # the positions in the sequence, not in the kept logits
-    reported = getattr(target, "reported", None)
+    reported = getattr(target, "reported_pairs", None)
     if reported is not None:   # next_token("logit") of the top tokens: the (position, token) pairs chosen
         for r in results.values():
             r.target = reported()

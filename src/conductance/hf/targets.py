@@ -125,7 +125,7 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, fargs: 
 
     B = input_ids.shape[0]
     device = input_ids.device
-    args, kwargs = fargs.at()
+    kwargs = fargs.at()[1]
     real = _real_positions(input_ids, kwargs.get("attention_mask"))
     if isinstance(target, Continuation):
         lengths = _per_example(target.length, B, "continuation length", device)
@@ -202,7 +202,7 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, fargs: 
         cast(Any, score).choose_at_inputs = choose
         if target.kind == "logit":
             # reported as the (position, token) pairs explained, as a logit of a given token is
-            cast(Any, score).reported = lambda: torch.stack([pos, chosen["token"]], 1)
+            cast(Any, score).reported_pairs = lambda: torch.stack([pos, chosen["token"]], 1)
     return score, description
 
 
