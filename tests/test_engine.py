@@ -468,3 +468,118 @@ def test_channel_trapezoid_sums_equal_the_mean_gradient_formula(layout, order):
     # neuron units keep the mean gradient (full-size contributions, views of the buffers)
     whole = engine.interval_contributions(measures, y0, g0, y1, g1, width, "trapezoid", "neuron", scratch)
     torch.testing.assert_close(whole["conductance"], gbar * (y1 - y0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["trapezoid", "left_and_right"])
+def test_sums_added_by_position_equal_the_literal_sums(rule):
+    """add_by_position adds each interval (one path position of a block of examples) into running sums
+    in place: the running sums plus the rule's sums written out in float64, for both path measures."""
+    from conductance import engine
+    from conductance.measures import PATH_MEASURES
+    g = torch.Generator().manual_seed(0)
+    k, b, shape = 9, 3, (4, 5)
+    y = torch.randn(k + 1, b, *shape, generator=g)
+    grad = torch.randn(k + 1, b, *shape, generator=g)
+    widths = torch.rand(k, generator=g, dtype=torch.float64)
+    start = {m: [torch.randn(b, *shape, generator=g) for _ in range(2)] for m in PATH_MEASURES}
+    totals = {m: (s[0].clone(), s[1].clone()) if rule == "left_and_right" else s[0].clone() for m, s in start.items()}
+    engine.add_by_position(dict(PATH_MEASURES), y[:-1].unbind(0), grad[:-1].unbind(0), y[1:].unbind(0),
+                           grad[1:].unbind(0), widths, totals, rule, engine.Scratch())
+    yd, gd = y.double(), grad.double()
+    dy, w = yd[1:] - yd[:-1], widths.view(-1, 1, 1, 1)
+    ends = [gd[:-1], gd[1:]] if rule == "left_and_right" else [(gd[:-1] + gd[1:]) / 2]
+    for m, other in (("conductance", dy), ("internal_influence", w)):
+        got = totals[m] if rule == "left_and_right" else (totals[m],)
+        for i, gbar in enumerate(ends):
+            want = start[m][i].double() + (gbar * other).sum(0)
+            torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-5)
+            assert (got[i].double() - start[m][i].double()).abs().max() > 0.1   # the sums were added
+
+
+@pytest.mark.parametrize("method", ["captum", "gausslegendre", "uniform_left"])
+def test_sums_by_position_equal_the_written_out_contributions(monkeypatch, method):
+    """integrate_fixed sums element-level layers position by position into its running sums; the
+    written-out contributions summed over positions (the path for channel units and for layers on
+    another device) give the same values, comparison values and per-unit estimates, over several
+    chunks (4 examples, 11 points each, 3 positions a chunk)."""
+    from conductance import engine
+    model = random_mlp(seed=3)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(5)) * 2
+    kw = dict(n_steps=10, method=method, internal_batch_size=12, target=1)
+    measures = ["conductance", "internal_influence"]
+    calls = []
+    original = engine.add_by_position
+    monkeypatch.setattr(engine, "add_by_position", lambda *a: calls.append(1) or original(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConductanceWarning)
+        direct = cd.layer_importance(model, x, ["1", "3"], measure=measures, **kw)
+        assert calls
+        monkeypatch.setattr(engine, "ACCUMULATORS", {})
+        calls.clear()
+        written = cd.layer_importance(model, x, ["1", "3"], measure=measures, **kw)
+        assert not calls
+    for m in measures:
+        for name in ("1", "3"):
+            torch.testing.assert_close(direct[m][name], written[m][name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(direct[m].extra["coarse"][name], written[m].extra["coarse"][name],
+                                       rtol=1e-5, atol=1e-6)
+            # (layer 3 feeds the linear head: its trapezoid sums are exact and its estimates rounding)
+            torch.testing.assert_close(direct[m].unit_error[name], written[m].unit_error[name], rtol=1e-3,
+                                       atol=1e-6)
+    # layer 1's integrand is curved, so the estimate compared is not zero
+    assert (direct["conductance"].unit_error["1"] > 1e-4).all()
+
+
+class SqrtNet(nn.Module):
+    """h = W x + c, s = sqrt(h), F = v . s: NaN values of layer ``s`` wherever h < 0 on the path, an
+    infinite gradient at h = 0."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.h = nn.Linear(2, 3)
+        with torch.no_grad():
+            self.h.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+            self.h.bias.copy_(torch.tensor(c))
+        self.s = Sqrt()
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.out(self.s(self.h(x))).squeeze(1)
+
+
+class Sqrt(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x)
+
+
+@pytest.mark.parametrize("chunk", [None, 2, 5])
+@pytest.mark.parametrize("measure", ["conductance", "internal_influence"])
+@pytest.mark.parametrize("method", ["gausslegendre", "uniform_left"])
+def test_non_finite_values_and_gradients_found_in_any_chunk(chunk, measure, method):
+    """The NaN / Inf check of a fixed rule's chunk is taken from its interval sums: a NaN that appears
+    only past the middle of the path (in a later chunk; chunk=2: one position a chunk) and an infinite
+    gradient at the baseline are still refused, naming the layer and the points."""
+    x = torch.tensor([[1.0, 1.0], [0.5, 2.0]])
+    kw = dict(n_steps=8, internal_batch_size=chunk, method=method)
+    late_nan = SqrtNet([0.1, 0.1, 0.6]).eval()         # h_2 = 0.6 - alpha x_0 < 0 for alpha > 0.6 (example 0)
+    with pytest.raises(cd.ConductanceError, match=r"layer 's' is the first recorded layer with non-finite values "
+                                                   r"\(at example 0 at alpha=0\.[6-9]"):
+        cd.layer_importance(late_nan, x, ["h", "s"], measure=measure, **kw)
+    at_zero = SqrtNet([0.0, 0.3, 2.0]).eval()          # h_0 = alpha x_0: sqrt'(0) is infinite at the baseline
+    with pytest.raises(cd.ConductanceError, match=r"gradient of the output with respect to layer 'h' is NaN or Inf "
+                                                   r"\(at example 0 at alpha=0, example 1 at alpha=0\)"):
+        cd.layer_importance(at_zero, x, ["h", "s"], measure=measure, **kw)
+    # sqrt'(0) at the input only (h_0 = 1 - alpha x_0, example 0): a left sum reads that gradient only
+    # through its right sums (the trapezoid comparison), which must see it too
+    at_one = SqrtNet([1.0, 0.3, 2.0]).eval()
+    with torch.no_grad():
+        at_one.h.weight[0] = torch.tensor([-1.0, 0.0])
+    with pytest.raises(cd.ConductanceError, match=r"gradient of the output with respect to layer 'h' is NaN or Inf "
+                                                   r"\(at example 0 at alpha=1\)"):
+        cd.layer_importance(at_one, x, ["h", "s"], measure=measure, **kw)
+    assert no_hooks_left(late_nan) and no_hooks_left(at_zero) and no_hooks_left(at_one)
+    fine = SqrtNet([0.1, 0.1, 2.0]).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConductanceWarning)   # 8 steps are coarse here
+        r = cd.layer_importance(fine, x, ["h", "s"], measure=measure, **kw)
+    assert torch.isfinite(r["s"]).all() and torch.isfinite(r["h"]).all()

@@ -219,9 +219,7 @@ def test_only_the_targets_logits_are_computed_and_read_right(gpt2):
             kw = dict(target=target, forward_kwargs={"attention_mask": mask}, n_steps=6, method="captum")
             seen.clear()
             lean = hf.layer_conductance(gpt2, ids, layers, **kw)
-            if isinstance(target, hf.targets.NextToken) and target.token is None:
-                assert seen[0] == ids.shape[1]   # the top predicted token is chosen from every position's logits
-                seen.pop(0)
+            # (the top predicted token of next_token("logprob") is chosen from the first forward's kept logits)
             assert set(seen) == {kept}, (target, seen)
             kw["forward_kwargs"] = {"attention_mask": mask, "logits_to_keep": 0}
             seen.clear()
@@ -265,6 +263,56 @@ def test_one_forward_before_the_path_and_none_after(gpt2):
     for name in layers:
         torch.testing.assert_close(one[name], apart[name], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(one.unit_error[name], apart.unit_error[name], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::conductance.errors.ConductanceWarning")  # few points: only equality matters
+@pytest.mark.parametrize("kind", ["logit", "logprob", "prob"])
+def test_top_token_is_chosen_from_the_first_forward(gpt2, kind):
+    """next_token(token=None) picks each example's top next token from the engine's first forward (the
+    one that checks the target), not from a full-logits forward of its own: the model sees the
+    inputs + baselines and then the path points only, and the tokens and values are those of the
+    top tokens computed from the model's own full logits, given explicitly."""
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0   # example 1 is right-padded: its last real token is at position 3
+    pos = torch.tensor([5, 3, 5])
+    with torch.no_grad():
+        top = gpt2(ids, attention_mask=mask).logits[torch.arange(3), pos].argmax(-1)
+    assert len(set(top.tolist())) > 1
+    layers = hf.layers(gpt2, ["block", "mlp"])
+    rows = []
+    hook = gpt2.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0] if kwargs.get("input_ids") is not None
+                                            else args[0].shape[0]), with_kwargs=True)
+    kw = dict(forward_kwargs={"attention_mask": mask}, n_steps=8, method="captum")
+    try:
+        chosen = hf.layer_conductance(gpt2, ids, layers, target=hf.next_token(kind), **kw)
+        assert rows == [2 * 3, 9 * 3]   # inputs + baselines, then the path's 9 points per example
+    finally:
+        hook.remove()
+    given = hf.layer_conductance(gpt2, ids, layers, target=hf.next_token(kind, token=top), **kw)
+    torch.testing.assert_close(chosen.output_diff, given.output_diff, rtol=0, atol=0)
+    for name in layers:
+        assert given[name].abs().max() > 1e-6
+        torch.testing.assert_close(chosen[name], given[name], rtol=0, atol=0)
+    assert chosen.target == given.target.replace(f"token {top.tolist()}", "top predicted token")
+    if kind == "logit":   # reported as the (position, token) pairs explained
+        assert chosen.raw.target.tolist() == torch.stack([pos, top], 1).tolist() == given.raw.target.tolist()
+    with pytest.raises(cd.ConductanceError, match="needs a language model output"):
+        hf.layer_conductance(_Classifier(gpt2), ids, {"lm.transformer.h.0": "layer"}, target=hf.next_token(kind),
+                             embedding="lm.transformer.wte", n_steps=2)
+    assert _hooks(gpt2) == 0
+
+
+class _Classifier(nn.Module):
+    """GPT-2 with a (batch, classes) output: the mean of the last position's logits over two halves."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        return self.lm(input_ids).logits[:, -1].view(input_ids.shape[0], 2, -1).mean(-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,8 +110,9 @@ def _add_end_pieces(problem: PathProblem, integral: engine.Integral, fns: dict, 
     for first, last in integral.ends:
         ex = first.ex
         for name in problem.layer_names:
-            pieces = [(y_start[name][ex], first.ys[name], first.gs[name], first.alphas),
-                      (last.ys[name], y_end[name][ex], last.gs[name], 1.0 - last.alphas)]
+            at = ex.to(y_start[name].device)   # the layer's device, for a model split over devices
+            pieces = [(y_start[name][at], first.ys[name], first.gs[name], first.alphas),
+                      (last.ys[name], y_end[name][at], last.gs[name], 1.0 - last.alphas)]
             for y0, y1, g, width in pieces:
                 parts = engine.interval_contributions(fns, y0, g, y1.to(y0.dtype), g, width.to(torch.float64),
                                                       "left", units, scratch)
@@ -273,6 +274,7 @@ def importance_results(model: nn.Module, inputs: torch.Tensor, layers: Union[Lay
             F_end = ends.F_end if ends is not None else engine.scalar_output(problem, output, ex).detach()
             F_start = ends.F_start if ends is not None and ends.F_start is not None else engine.scalar_output(
                 problem, engine.model_output(problem, problem.baselines, ex), ex).detach()
+            F_end, F_start = F_end.to(ex.device), F_start.to(ex.device)   # the output's device may be another
     del output
     if point:
         values = _point_measures(problem, point, units)
@@ -307,7 +309,8 @@ def _point_measures(problem: PathProblem, measures: Sequence[str], units: str) -
             y, g = pts.ys[r.name], pts.gs[r.name]
             parts = {"activation": y, "gradient": g, "grad_x_activation": g * y}
             for m in measures:
-                out[m][r.name].append(engine.reduce_units(parts[m], units))
+                # on the inputs' device with F, as the path measures' sums (layers of a split model live elsewhere)
+                out[m][r.name].append(engine.reduce_units(parts[m], units).to(problem.inputs.device))
     return {m: {n: torch.cat(v) for n, v in per.items()} for m, per in out.items()}
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from .errors import ConductanceError, not_dependent, warn
 from .forward_args import Shared, ambiguous_args, shared, take_rows, unwrap_shared  # noqa: F401 (re-exported)
 from .layers import LayerRef
+from .measures import ACCUMULATORS
 from .paths import Grid, coarse_positions, quarter_positions
 from .sites import Recorder, never_reached
 
@@ -107,13 +108,19 @@ class PathProblem:
 
 @dataclass
 class PointBatch:
-    """Recorded values at ``m`` path points. ``ys[name]`` and ``gs[name]``: (m, *layer_shape)."""
+    """Recorded values at ``m`` path points. ``ys[name]`` and ``gs[name]``: (m, *layer_shape); ``order``:
+    the layers in the order the forward pass reached them (for :func:`check_finite`), when known."""
 
     ex: torch.Tensor
     alphas: torch.Tensor
     F: torch.Tensor
     ys: dict[str, torch.Tensor]
     gs: dict[str, torch.Tensor]
+    order: Optional[list[str]] = None
+
+    def check_finite(self) -> None:
+        """:func:`check_finite` on this batch (layers in forward order when known)."""
+        check_finite(self, self.order if self.order is not None else list(self.ys))
 
 
 def model_output(problem: PathProblem, x: torch.Tensor, ex: torch.Tensor) -> Any:
@@ -244,7 +251,7 @@ def scalar_output(problem: PathProblem, output: Any, ex: torch.Tensor) -> torch.
         idx = target[ex]
         rows = torch.arange(scores.shape[0], device=scores.device)
         return scores[(rows,) + tuple(idx.to(scores.device).unbind(1))]
-    return scores.gather(1, target[ex].unsqueeze(1)).squeeze(1)
+    return scores.gather(1, target[ex].to(scores.device).unsqueeze(1)).squeeze(1)
 
 
 def interpolate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -296,7 +303,8 @@ class ModifiedInPlace(RuntimeError):
     """The model changed a recorded layer's output in place during a forward pass."""
 
 
-def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
+def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor, check_values: bool = True
+             ) -> PointBatch:
     """Forward and backward at ``m`` path points; every recorded tensor is detached.
 
     Parameters
@@ -305,6 +313,10 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
         Example index of each point.
     alphas : Tensor (m,)
         Position of each point on its example's path.
+    check_values : bool
+        Check every recorded value and gradient for NaN / Inf (:func:`check_finite`). False: only F
+        is checked here, and the caller must check the rest (``batch.check_finite()``), as
+        :func:`integrate_fixed` does from its interval sums, which any NaN or Inf reaches.
 
     Returns
     -------
@@ -315,10 +327,10 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
     if m > problem.chunk_size:
         # the chunk was halved after an out-of-memory error: later chunks are split the same way
         c = problem.chunk_size
-        return _joined([evaluate(problem, ex[i:i + c], alphas[i:i + c]) for i in range(0, m, c)])
+        return _joined([evaluate(problem, ex[i:i + c], alphas[i:i + c], check_values) for i in range(0, m, c)])
     while True:
         try:
-            batch = _evaluate(problem, ex, alphas)
+            batch = _evaluate(problem, ex, alphas, check_values)
             if problem.progress is not None:
                 problem.progress.update(m)
             return batch
@@ -338,7 +350,7 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
                                                    or is_leaf_in_place_refusal(exc)):
                 problem.copy_layer_outputs = True
             elif problem.channels_last:
-                return _without_channels_last(problem, ex, alphas, exc)
+                return _without_channels_last(problem, ex, alphas, exc, check_values)
             else:
                 raise
     problem.chunk_size = (m + 1) // 2
@@ -346,11 +358,11 @@ def evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> Po
         torch.cuda.empty_cache()
     warn(f"out of memory evaluating {m} path points at once; halved the chunk to {problem.chunk_size} points "
          f"and retried (pass internal_batch_size={problem.chunk_size} or less to start there)")
-    return evaluate(problem, ex, alphas)
+    return evaluate(problem, ex, alphas, check_values)
 
 
 def _without_channels_last(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor,
-                           failure: RuntimeError) -> PointBatch:
+                           failure: RuntimeError, check_values: bool = True) -> PointBatch:
     """The chunk evaluated in the inputs' own layout after ``failure`` in channels-last layout.
 
     Channels-last points are dropped for the rest of the call only when the failure is the layout's:
@@ -359,10 +371,10 @@ def _without_channels_last(problem: PathProblem, ex: torch.Tensor, alphas: torch
     not the layout's and ``failure`` is raised, as the model raised it.
     """
     problem.channels_last = False
-    batch = evaluate(problem, ex, alphas)
+    batch = evaluate(problem, ex, alphas, check_values)
     problem.channels_last = True
     try:
-        _evaluate(problem, ex, alphas)
+        _evaluate(problem, ex, alphas, check_values)
     except RuntimeError:
         problem.channels_last = False
         return batch
@@ -497,15 +509,18 @@ def _joined(parts: list[PointBatch]) -> PointBatch:
     return PointBatch(torch.cat([p.ex for p in parts]), torch.cat([p.alphas for p in parts]),
                       torch.cat([p.F for p in parts]),
                       {n: torch.cat([p.ys[n] for p in parts]) for n in parts[0].ys},
-                      {n: torch.cat([p.gs[n] for p in parts]) for n in parts[0].gs})
+                      {n: torch.cat([p.gs[n] for p in parts]) for n in parts[0].gs}, parts[0].order)
 
 
-def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> PointBatch:
+def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor, check_values: bool = True
+              ) -> PointBatch:
     replace = None
     if problem.layer_path is not None:
         name, start, end = problem.layer_path
         shape = (-1,) + (1,) * (start.dim() - 1)
-        replace = {name: start[ex] + alphas.to(start.dtype).view(shape) * (end[ex] - start[ex])}
+        # the layer's ends live on the layer's device (a split model); ex and alphas on the inputs'
+        at, a = ex.to(start.device), alphas.to(device=start.device, dtype=start.dtype).view(shape)
+        replace = {name: start[at] + a * (end[at] - start[at])}
         x = _layout(problem, problem.inputs[ex])
     else:
         x = interpolate(problem, ex, alphas)
@@ -539,8 +554,10 @@ def _evaluate(problem: PathProblem, ex: torch.Tensor, alphas: torch.Tensor) -> P
     if any(t.dtype in _LOW_PRECISION for t in tensors):
         problem.low_precision = True
     batch = PointBatch(ex, alphas, _upcast(F.detach()), {n: _upcast(t.detach()) for n, t in zip(names, tensors)},
-                       {n: _upcast(g.detach()) for n, g in zip(names, grads)})
-    check_finite(batch, ([INPUT] if problem.track_input else []) + [n for n in recorder.values if n in batch.ys])
+                       {n: _upcast(g.detach()) for n, g in zip(names, grads)},
+                       ([INPUT] if problem.track_input else []) + [n for n in recorder.values if n in names])
+    if check_values or not _finite(batch.F):
+        batch.check_finite()
     return batch
 
 
@@ -752,6 +769,49 @@ def left_and_right_contributions(measures: dict[str, IntervalMeasure], y0: torch
     dy = torch.sub(y1, y0, out=scratch.like("dy", y0))
     return (_contributions(measures, g0, y0, y1, width, units, scratch, "", dy),
             _contributions(measures, g1, y0, y1, width, units, scratch, ":right", dy))
+
+
+def add_by_position(measures: dict[str, IntervalMeasure], y0s: Sequence[torch.Tensor], g0s: Sequence[torch.Tensor],
+                    y1s: Sequence[torch.Tensor], g1s: Sequence[torch.Tensor], widths: torch.Tensor,
+                    totals: dict[str, Any], rule: str, scratch: Scratch) -> None:
+    """Add ``k`` intervals' contributions into running sums in place, one interval at a time.
+
+    Each interval is one path position of a block of ``b`` examples (a row per example), so its
+    contribution has the running sum's shape and is added (``addcmul_``) without being written out:
+    each layer's values and gradients are read once, and the small sums and the interval's change
+    stay in the cache. The same sums as :func:`interval_contributions` (or
+    :func:`left_and_right_contributions`) followed by a sum over positions, added in another order
+    (float rounding); the units must be the layer's own (no reduction).
+
+    Parameters
+    ----------
+    measures : dict str -> IntervalMeasure
+        Each one a key of :data:`conductance.measures.ACCUMULATORS`.
+    y0s, g0s, y1s, g1s : sequences of k Tensors, shape (b, *layer_shape)
+        The layer's value and gradient at the start and at the end of each interval.
+    widths : Tensor, shape (k,)
+        Each interval's width ``a1 - a0``.
+    totals : dict str -> Tensor (b, *layer_shape), or dict str -> (Tensor, Tensor)
+        Per measure the running sum (rule ``"trapezoid"``), or the left and right sums (rule
+        ``"left_and_right"``: the gradient at each interval's start, and at its end).
+    rule : {"trapezoid", "left_and_right"}
+    scratch : Scratch
+    """
+    adders = {m: ACCUMULATORS[fn] for m, fn in measures.items()}
+    like = y0s[0]
+    dy = scratch.like("dy:position", like)
+    gbar = scratch.like("g:position", like) if rule == "trapezoid" else None
+    w = widths.to(device=like.device, dtype=like.dtype).unbind(0)
+    for k in range(len(y0s)):
+        torch.sub(y1s[k], y0s[k], out=dy)
+        if gbar is not None:
+            torch.lerp(g0s[k], g1s[k], 0.5, out=gbar)
+            for m, add in adders.items():
+                add(totals[m], gbar, dy, w[k])
+        else:
+            for m, add in adders.items():
+                add(totals[m][0], g0s[k], dy, w[k])
+                add(totals[m][1], g1s[k], dy, w[k])
 
 
 def _contributions(measures: dict[str, IntervalMeasure], gbar: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor,
@@ -968,11 +1028,38 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         else:
             target[mname][name].index_add_(0, ex_int, contrib, alpha=weight)
 
+    # Element-level layers on the inputs' device (language models' layers) are summed position by
+    # position straight into the running sums (add_by_position): less memory traffic than writing each
+    # interval's contributions out and summing them (GPT-2 benchmark, docs/transformers.md). CPU only:
+    # it launches three small kernels per position and layer, which a GPU may pay more for than it
+    # saves (not measured: no GPU here), so CUDA keeps the written-out sums.
+    by_position = device.type == "cpu" and all(fn in ACCUMULATORS for fn in measures.values())
+
+    def direct(pts: PointBatch, name: str, rows: int) -> bool:
+        y = pts.ys[name]
+        return by_position and not _reduces(y, units) and y.device == device and rows % (e1 - e0) == 0
+
+    def totals(target: dict, mname: str, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The running sum's rows of the current block of examples, (b, *unit_shape)."""
+        if name not in target[mname]:
+            target[mname][name] = _zeros_in_layout((B,) + tuple(like.shape[1:]), like)
+        return target[mname][name][e0:e1]
+
+    def positions(t: torch.Tensor) -> Sequence[torch.Tensor]:
+        """Rows of whole path positions (position-major) -> one (b, *layer_shape) view per position."""
+        return t.unflatten(0, (-1, e1 - e0)).unbind(0)
+
     def accumulate(target: dict, lo_pts: PointBatch, lo: slice, hi_pts: PointBatch, hi: slice) -> None:
         """The trapezoid rule over intervals lo -> hi into ``target``."""
         ex_int = hi_pts.ex[hi]
         width = (hi_pts.alphas[hi] - lo_pts.alphas[lo]).to(torch.float64)
         for name in names:
+            if direct(hi_pts, name, int(ex_int.shape[0])):
+                add_by_position(measures, positions(lo_pts.ys[name][lo]), positions(lo_pts.gs[name][lo]),
+                                positions(hi_pts.ys[name][hi]), positions(hi_pts.gs[name][hi]), width[::e1 - e0],
+                                {m: totals(target, m, name, hi_pts.ys[name]) for m in measures}, "trapezoid",
+                                scratch)
+                continue
             parts = interval_contributions(measures, lo_pts.ys[name][lo], lo_pts.gs[name][lo],
                                            hi_pts.ys[name][hi], hi_pts.gs[name][hi], width, "trapezoid", units,
                                            scratch)
@@ -993,6 +1080,11 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         at = alphas_all[ks[0]:ks[-1] + 1:step]
         width = (at[1:] - at[:-1]).to(device)
         for name in names:
+            if direct(pts, name, int(pts.ex.shape[0])):
+                ys, gs = positions(pts.ys[name])[on], positions(pts.gs[name])[on]
+                add_by_position(measures, ys[:-1], gs[:-1], ys[1:], gs[1:], width,
+                                {m: totals(target, m, name, pts.ys[name]) for m in measures}, "trapezoid", scratch)
+                continue
             y, g = pts.ys[name].view(npos, -1)[on], pts.gs[name].view(npos, -1)[on]
             shape = (count - 1, b) + tuple(pts.ys[name].shape[1:])
             parts = interval_contributions(measures, y[:-1], g[:-1], y[1:], g[1:], width, "trapezoid", units,
@@ -1012,6 +1104,13 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         ex_int = hi_pts.ex[hi]
         width = (hi_pts.alphas[hi] - lo_pts.alphas[lo]).to(torch.float64)
         for name in names:
+            if direct(hi_pts, name, int(ex_int.shape[0])):
+                y = hi_pts.ys[name]
+                add_by_position(measures, positions(lo_pts.ys[name][lo]), positions(lo_pts.gs[name][lo]),
+                                positions(y[hi]), positions(hi_pts.gs[name][hi]), width[::e1 - e0],
+                                {m: (totals(acc, m, name, y), totals(right_sums, m, name, y)) for m in measures},
+                                "left_and_right", scratch)
+                continue
             # both measures are linear in the gradient: the trapezoid rule is the mean of the left
             # and right sums, so one more product per interval gives it
             lefts, rights = left_and_right_contributions(measures, lo_pts.ys[name][lo], lo_pts.gs[name][lo],
@@ -1020,6 +1119,21 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
             for mname in lefts:
                 add(acc, mname, name, ex_int, lefts[mname])
                 add(right_sums, mname, name, ex_int, rights[mname])
+
+    # NaN / Inf in a chunk's values or gradients reaches its conductance sums (a product with a non-finite
+    # factor is never finite, a sum with a non-finite term neither): the chunk is checked from those
+    # (b, *unit_shape) sums instead of from every (m, *layer_shape) tensor, and in full only when they are
+    # not finite, which then names the layer and the points (or finds a sum that overflowed)
+    fold = "conductance" in measures
+
+    def check_folded(pts: PointBatch, summed: bool) -> None:
+        if not summed:   # no interval read the chunk's points yet (a single position)
+            pts.check_finite()
+            return
+        sums = [t[e0:e1].sum().to(device) for per in ([acc, right_sums] if left else [acc])
+                for t in per["conductance"].values()]
+        if not bool(torch.isfinite(torch.stack(sums)).all()):
+            pts.check_finite()
 
     block = max(1, min(B, problem.chunk_size))
     per_chunk = max(1, problem.chunk_size // block)
@@ -1034,17 +1148,19 @@ def integrate_fixed(problem: PathProblem, grid: Grid, measures: dict[str, Interv
         for k0 in range(0, n, per_chunk):
             k1 = min(n, k0 + per_chunk)
             ex = block_ex.repeat(k1 - k0)
-            pts = evaluate(problem, ex, alphas_all[k0:k1].repeat_interleave(b).to(device))
+            pts = evaluate(problem, ex, alphas_all[k0:k1].repeat_interleave(b).to(device), check_values=not fold)
             m = (k1 - k0) * b
             if k0 == 0:
-                F_start[e0:e1] = pts.F[:b].to(F_start.dtype)
+                F_start[e0:e1] = pts.F[:b].to(device=device, dtype=F_start.dtype)
                 first = _slice(pts, slice(0, b))
             if k1 == n:
-                F_end[e0:e1] = pts.F[m - b:].to(F_end.dtype)
+                F_end[e0:e1] = pts.F[m - b:].to(device=device, dtype=F_end.dtype)
             if m > b:   # intervals inside the chunk: point i - b -> i
                 intervals(pts, slice(0, m - b), pts, slice(b, m))
             if last is not None:
                 intervals(last, everything, pts, slice(0, b))
+            if fold:
+                check_folded(pts, m > b or last is not None)
             for level in kinds:
                 # the chunk's positions on this level's grid: their intervals are summed in one pass
                 # per layer rather than one per pair of positions
@@ -1096,7 +1212,7 @@ def _zeros_in_layout(shape: tuple, like: torch.Tensor) -> torch.Tensor:
 
 def _slice(a: PointBatch, s: slice) -> PointBatch:
     return PointBatch(a.ex[s], a.alphas[s], a.F[s], {k: v[s] for k, v in a.ys.items()},
-                      {k: v[s] for k, v in a.gs.items()})
+                      {k: v[s] for k, v in a.gs.items()}, a.order)
 
 
 def relative_error(delta: torch.Tensor, output_diff: torch.Tensor, F_end: torch.Tensor,
@@ -1215,7 +1331,7 @@ def endpoint(problem: PathProblem, x: torch.Tensor) -> tuple[torch.Tensor, dict[
         recorder = Recorder(problem.refs, cut_below=False)
         with recorder.attached(), torch.no_grad():
             output = model_output(problem, _layout(problem, x[start:stop]), ex)
-            Fs.append(_upcast(scalar_output(problem, output, ex).detach()))
+            Fs.append(_upcast(scalar_output(problem, output, ex).detach()).to(x.device))
         missing = [r.name for r in problem.refs if r.name not in recorder.values]
         if missing:
             raise never_reached(missing)
@@ -1418,7 +1534,9 @@ def settle_first_forward(problem: PathProblem, state: FirstForward) -> None:
         problem.point_bytes += 2 * x[0].numel() * max(x.element_size(), 4)
     cut = dominating(F, x, [recorder.downstream_node[ref.name] for ref in problem.refs])
     problem.cuts = {ref.name: c for ref, c in zip(problem.refs, cut)}
-    F = _upcast(F.detach())
+    # F is gathered on the inputs' device (the output may be on the last device of a split model);
+    # each layer's values stay on the layer's own device, as the path's do
+    F = _upcast(F.detach()).to(x.device)
     values = {r.name: _upcast(recorder.values[r.name].detach()) for r in problem.refs}
     if problem.track_input:
         values[INPUT] = x.detach()

@@ -268,6 +268,11 @@ def resolve_target(target: Target, output: Any, batch: int, device: torch.device
     """
     if callable(target) and not isinstance(target, torch.Tensor):
         engine.target_arity(target)  # a callable that takes no output is refused before the path runs
+        choose = getattr(target, "choose_at_inputs", None)
+        if choose is not None:
+            # a target that picks what it explains from the output at the inputs (cd.hf.next_token with
+            # token=None: each example's top token), from this forward rather than one of its own
+            choose(output)
         return target
     scores = logits_of(output)
     if target is None:

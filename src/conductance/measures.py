@@ -58,7 +58,43 @@ def internal_influence(gbar: torch.Tensor, dy: torch.Tensor, width: torch.Tensor
     return torch.mul(gbar, width, out=out)
 
 
+def add_conductance(total: torch.Tensor, gbar: torch.Tensor, dy: torch.Tensor, width: torch.Tensor,
+                    scale: float = 1.0) -> None:
+    """``total += scale * gbar * dy`` in place: :func:`conductance` added straight into a running sum.
+
+    Parameters
+    ----------
+    total, gbar, dy : Tensor, shape (b, *layer_shape)
+        The running sum of a block of ``b`` examples, and one interval of each of them.
+    width : Tensor, 0-dim
+        Unused.
+    scale : float
+    """
+    total.addcmul_(gbar, dy, value=scale)
+
+
+def add_internal_influence(total: torch.Tensor, gbar: torch.Tensor, dy: torch.Tensor, width: torch.Tensor,
+                           scale: float = 1.0) -> None:
+    """``total += scale * gbar * width`` in place: :func:`internal_influence` added into a running sum.
+
+    Parameters
+    ----------
+    total, gbar : Tensor, shape (b, *layer_shape)
+    dy : Tensor, shape (b, *layer_shape)
+        Unused.
+    width : Tensor, 0-dim
+        The interval's width, shared by the ``b`` examples.
+    scale : float
+    """
+    total.addcmul_(gbar, width, value=scale)
+
+
 PATH_MEASURES = {"conductance": conductance, "internal_influence": internal_influence}
+
+#: For each path measure, the same contribution added in place into a running sum, one path position
+#: (a block of examples) at a time: the engine's fixed rules sum element-level layers this way, so the
+#: per-interval contributions are never written out whole (see ``engine.add_by_position``).
+ACCUMULATORS = {conductance: add_conductance, internal_influence: add_internal_influence}
 
 #: Measures read at the input alone (a = 1): no path.
 POINT_MEASURES = ("activation", "gradient", "grad_x_activation")

@@ -157,6 +157,10 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layers: LayersAr
         for r in results.values():
             if isinstance(r.target, torch.Tensor):
                 r.target = wrapper.reported_target   # the positions in the sequence, not in the kept logits
+    reported = getattr(target, "reported_pairs", None)
+    if reported is not None:   # next_token("logit") of the top tokens: the (position, token) pairs chosen
+        for r in results.values():
+            r.target = reported()
     # the engine names layers inside the wrapper; say them as the user wrote them
     pairs = sorted(zip(plan.engine_names, plan.user_names), key=lambda p: -len(p[0]))
     for w in caught:

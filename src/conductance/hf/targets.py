@@ -125,7 +125,7 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, fargs: 
 
     B = input_ids.shape[0]
     device = input_ids.device
-    args, kwargs = fargs.at()
+    kwargs = fargs.at()[1]
     real = _real_positions(input_ids, kwargs.get("attention_mask"))
     if isinstance(target, Continuation):
         lengths = _per_example(target.length, B, "continuation length", device)
@@ -161,32 +161,48 @@ def _bind_target(target: Any, model: nn.Module, input_ids: torch.Tensor, fargs: 
             raise ConductanceError(f"position {p} of example {b} is out of range: it has {n} real tokens "
                                    "(positions count over the tokens with attention_mask 1)")
         pos[b] = real[b][p]
+    chosen: dict[str, torch.Tensor] = {}
     if target.token is None:
-        with torch.no_grad():
-            logits = logits_of(model(input_ids, *args, **kwargs))
-        if logits.dim() != 3:
-            raise ConductanceError(f"a next-token target needs a language model output (batch, tokens, vocab); "
-                                   f"the model returns {tuple(logits.shape)}")
-        token = logits[torch.arange(B, device=logits.device), pos.to(logits.device)].argmax(-1).to(device)
         which = "top predicted token"
     else:
-        token = _per_example(target.token, B, "token", device)
-        which = "token " + (str(token.tolist()) if B > 1 else str(int(token[0])))
+        chosen["token"] = _per_example(target.token, B, "token", device)
+        which = "token " + (str(chosen["token"].tolist()) if B > 1 else str(int(chosen["token"][0])))
     label = {"logit": "logit", "logprob": "log-probability", "prob": "probability"}[target.kind]
     shown = pos.tolist()
     description = f"{label} of the {which} after position {shown if B > 1 else shown[0]}"
-    if target.kind == "logit":
-        return torch.stack([pos, token], 1), description
+    if target.kind == "logit" and target.token is not None:
+        return torch.stack([pos, chosen["token"]], 1), description
 
     def score(output: Any, examples: torch.Tensor) -> torch.Tensor:
+        if "token" not in chosen:
+            raise RuntimeError("the next-token target scored an output before its top tokens were chosen")
         logits = logits_of(output)
         e = examples.to(logits.device)
         rows = torch.arange(logits.shape[0], device=logits.device)
-        lp = torch.log_softmax(_float(logits[rows, cast(Any, score).read_at.to(logits.device)[e, 0]]), -1)
-        value = lp.gather(1, token.to(logits.device)[e].unsqueeze(1)).squeeze(1)
+        at = logits[rows, cast(Any, score).read_at.to(logits.device)[e, 0]]
+        token = chosen["token"].to(logits.device)[e].unsqueeze(1)
+        if target.kind == "logit":
+            return at.gather(1, token).squeeze(1)
+        value = torch.log_softmax(_float(at), -1).gather(1, token).squeeze(1)
         return value.exp() if target.kind == "prob" else value
 
     _reads(score, pos.unsqueeze(1))
+    if target.token is None:
+        def choose(output: Any) -> None:
+            # the model's output at the inputs, from the engine's first forward (which checks the target
+            # anyway), read where the target reads: no forward of its own, and with logits_to_keep the
+            # vocabulary projection of the read positions only
+            logits = logits_of(output)
+            if logits.dim() != 3:
+                raise ConductanceError(f"a next-token target needs a language model output (batch, tokens, vocab); "
+                                       f"the model returns {tuple(logits.shape)}")
+            at = cast(Any, score).read_at.to(logits.device)[:, 0]
+            chosen["token"] = logits[torch.arange(B, device=logits.device), at].argmax(-1).to(device)
+
+        cast(Any, score).choose_at_inputs = choose
+        if target.kind == "logit":
+            # reported as the (position, token) pairs explained, as a logit of a given token is
+            cast(Any, score).reported_pairs = lambda: torch.stack([pos, chosen["token"]], 1)
     return score, description
 
 
