@@ -1,30 +1,10 @@
 """scripts/pruning_tables.py: docs/pruning.md's study tables from results.json files."""
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from markdown_tables import load_script
+from markdown_tables import tables as _tables
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("pruning_tables", ROOT / "scripts" / "pruning_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pt = _module()
-
-
-def _tables(lines):
-    out, cur = [], []
-    for line in list(lines) + [""]:
-        if line.startswith("|"):
-            cur.append([c.strip() for c in line.strip()[1:-1].split("|")])
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out
+pt = load_script("pruning_tables")
 
 
 def _network():

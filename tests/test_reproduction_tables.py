@@ -1,34 +1,13 @@
 """scripts/reproduction_tables.py: the markdown tables of docs/REPRODUCTION.md from a results.json."""
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from markdown_tables import load_script
+from markdown_tables import tables as _tables
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("reproduction_tables", ROOT / "scripts" / "reproduction_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rt = _module()
-
-
-def _tables(lines):
-    """The markdown tables in ``lines``, each a list of rows of stripped cells."""
-    out, cur = [], []
-    for line in list(lines) + [""]:
-        if line.startswith("|"):
-            cur.append([c.strip() for c in line.strip()[1:-1].split("|")])
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out
+rt = load_script("reproduction_tables")
 
 
 def _check_shape(table):
