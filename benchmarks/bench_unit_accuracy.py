@@ -239,13 +239,12 @@ def report(out: dict) -> str:
               and max(max(v) for v in r["actual"].values()) <= 0.02]
         fixed = [r for r in runs if r["rule"] == "captum" and all(
             L in r["actual"] and max(r["actual"][L]) <= 0.02 for L in layers)]
-        if not ok or not fixed:
-            lines.append(f"| {name} | {'n/a' if not ok else ''} | | {'> tested' if not fixed else ''} | |")
-            continue
-        best = max(ok, key=lambda r: r["setting"])
-        captum = min(r["setting"] for r in fixed)
-        mean = float(np.mean(best["points"]))
-        lines.append(f"| {name} | {best['setting']} | {mean:.0f} | {captum} | 1/{captum / mean:.1f} |")
+        best = max(ok, key=lambda r: r["setting"]) if ok else None
+        mean = float(np.mean(best["points"])) if best else None
+        captum = min(r["setting"] for r in fixed) if fixed else None
+        ratio = f"1/{captum / mean:.1f}" if mean and captum else "n/a"
+        lines.append(f"| {name} | {best['setting'] if best else 'none tested'} | "
+                     f"{f'{mean:.0f}' if mean else 'n/a'} | {captum if captum else '> tested'} | {ratio} |")
     lines += ["", "## Adaptive rule per layer set", "",
               "| set | tolerance | points per photo (mean) | actual worst | estimate worst | bookkeeping |",
               "|---|---|---|---|---|---|"]
