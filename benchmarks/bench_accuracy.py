@@ -59,6 +59,7 @@ import torch
 import conductance as cd
 import conductance.attribute as cd_attribute
 import conductance.engine as cd_engine
+import conductance.kernels as cd_kernels
 from conductance import assets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -611,6 +612,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="only rebuild tables and figure; with several files, the runs of later files "
                          "(e.g. a --long supplement) are added to the same model's runs")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--no-fused-kernel", action="store_true",
+                    help="interval sums by torch operations only (conductance.kernels stands aside): the "
+                         "bookkeeping without numba, for a before/after comparison")
     args = ap.parse_args(argv)
 
     mode = "quick" if args.quick else "long" if args.long else "overhead" if args.overhead else "full"
@@ -639,11 +643,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.no_fused_kernel:
+            cd_kernels.channel_trapezoid = lambda *tensors: None   # the engine looks it up at call time
         torch.manual_seed(0)
         CLOCK.install()
         data = dict(mode=mode, command=" ".join([os.path.basename(sys.executable)] + sys.argv),
                     machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
                                  torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                                 fused_kernel=not args.no_fused_kernel and cd_kernels.available(),
                                  load_average_start=os.getloadavg()),
                     started=time.strftime("%Y-%m-%d %H:%M:%S"), models={})
         budget_log: list = []
