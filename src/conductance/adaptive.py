@@ -375,15 +375,56 @@ class AdaptiveIntegrator:
 
     # -- the run --------------------------------------------------------------------------------
 
+    def start_ends(self, n0: int) -> np.ndarray:
+        """The ends of the starting grid's ``n0`` pairs: Gauss-Legendre nodes plus both ends of the path.
+
+        Parameters
+        ----------
+        n0 : int
+            Number of starting pairs.
+
+        Returns
+        -------
+        ndarray, shape (n0 + 1,)
+            Increasing positions from 0 to 1.
+        """
+        return np.concatenate([[0.0], gauss_legendre_nodes(n0 - 1), [1.0]]) if n0 > 1 else np.array([0.0, 1.0])
+
+    def choose(self, e: int) -> list[Pair]:
+        """The pairs of example ``e`` to bisect this round: its worst pairs, until they hold
+        ``refine_share`` of its total score, within its budget of points.
+
+        Parameters
+        ----------
+        e : int
+            Example index.
+
+        Returns
+        -------
+        list of (int, int, int)
+            Worst first; empty when nothing is left that can be bisected.
+        """
+        scored = self.scores(e)
+        total = sum(s for s, _ in scored)
+        budget = (self.max_points - len(self.examples[e].ids)) // 2
+        chosen: list[Pair] = []
+        covered = 0.0
+        for s, pair in scored:
+            if len(chosen) >= budget or (chosen and covered >= self.refine_share * total):
+                break
+            chosen.append(pair)
+            covered += s
+        return chosen
+
     def start(self) -> None:
-        """The starting grid of every example (Gauss-Legendre nodes plus both ends, and the midpoints)."""
+        """The starting grid of every example (:meth:`start_ends` and the midpoints)."""
         n0 = self.initial_steps
         B = self.problem.batch_size
         if self.problem.point_bytes:
             # the starting grid itself must fit the memory budget
             fits = (self.store_bytes // (B * self.problem.point_bytes) - 1) // 2
             n0 = max(1, min(n0, fits))
-        ends = np.concatenate([[0.0], gauss_legendre_nodes(n0 - 1), [1.0]]) if n0 > 1 else np.array([0.0, 1.0])
+        ends = self.start_ends(n0)
         grid = np.empty(2 * n0 + 1)
         grid[0::2] = ends
         grid[1::2] = 0.5 * (ends[:-1] + ends[1:])
@@ -530,16 +571,7 @@ class AdaptiveIntegrator:
                 break
             proposals: dict[int, list[Pair]] = {}
             for e in active:
-                scored = self.scores(e)
-                total = sum(s for s, _ in scored)
-                budget = (self.max_points - len(self.examples[e].ids)) // 2
-                chosen: list[Pair] = []
-                covered = 0.0
-                for s, pair in scored:
-                    if len(chosen) >= budget or (chosen and covered >= self.refine_share * total):
-                        break
-                    chosen.append(pair)
-                    covered += s
+                chosen = self.choose(e)
                 if chosen:
                     proposals[e] = chosen
                 else:
