@@ -12,14 +12,26 @@ from models import random_cnn
 pytest.importorskip("numba")
 
 
-def literal(y0, g0, y1, g1):
-    """Each channel's sum of (g0 + g1) / 2 * (y1 - y0), written out in float64 element by element."""
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the kernels stand aside above MAX_THREADS / LEFT_RIGHT_MAX_THREADS torch threads (tested below);
+    # every other test here runs where they apply, whatever the machine's core count
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def literal(y0, g0, y1, g1, w0=0.5, w1=0.5):
+    """Each channel's sum of (w0 g0 + w1 g1) * (y1 - y0), written out in float64 element by element
+    (the trapezoid rule by default; (1, 0) is the left sum, (0, 1) the right sum)."""
     m, c = y0.shape[:2]
     out = torch.zeros(m, c, dtype=torch.float64)
     Y0, G0, Y1, G1 = (t.double().reshape(m, c, -1).tolist() for t in (y0, g0, y1, g1))
     for i in range(m):
         for j in range(c):
-            out[i, j] = math.fsum((a + b) / 2 * (d - e) for a, b, d, e in zip(G0[i][j], G1[i][j], Y1[i][j], Y0[i][j]))
+            ends = zip(G0[i][j], G1[i][j], Y1[i][j], Y0[i][j])
+            out[i, j] = math.fsum((w0 * a + w1 * b) * (d - e) for a, b, d, e in ends)
     return out
 
 
@@ -43,6 +55,18 @@ def test_kernel_equals_the_written_out_sum(shape, layout, dtype, tol):
     assert (got.double() - want).abs().max() <= tol * want.abs().max()
 
 
+@pytest.mark.parametrize("layout", [None, torch.channels_last])
+def test_left_and_right_sums_equal_the_written_out_sums(layout):
+    y0, g0, y1, g1 = four((3, 5, 4, 6), torch.float32, layout, seed=1)
+    got = kernels.channel_left_right(y0, g0, y1, g1)
+    assert got is not None
+    for sums, weights in zip(got, [(1.0, 0.0), (0.0, 1.0)]):
+        want = literal(y0, g0, y1, g1, *weights)
+        assert sums.dtype == torch.float32 and (sums.double() - want).abs().max() <= 1e-6 * want.abs().max()
+    # their mean is the trapezoid rule
+    torch.testing.assert_close((got[0] + got[1]) / 2, kernels.channel_trapezoid(y0, g0, y1, g1), rtol=1e-5, atol=1e-6)
+
+
 def test_kernel_reads_channels_last_3d_tensors_as_laid_out():
     # (m, C, L) with the channels innermost in memory: a transposed view
     base = [torch.randn(2, 11, 6) for _ in range(4)]
@@ -63,6 +87,12 @@ def test_nan_and_inf_reach_the_sums():
             assert got is not None
             finite = torch.isfinite(got)
             assert not finite[1, 2] and int(finite.sum()) == got.numel() - 1
+            # a value reaches both the left and the right sums, a gradient only its own side's
+            y1[0, 1, 2, 2] = bad
+            left, right = kernels.channel_left_right(y0, g0, y1, g1)
+            assert not torch.isfinite(left[0, 1]) and not torch.isfinite(right[0, 1])
+            assert torch.isfinite(left[1, 2]) and not torch.isfinite(right[1, 2])
+            assert int(torch.isfinite(left).sum()) == left.numel() - 1
 
 
 @pytest.mark.parametrize("case", ["strided view", "mixed layouts", "bfloat16", "two dims", "shapes differ"])
@@ -80,18 +110,17 @@ def test_kernel_stands_aside_where_it_does_not_apply(case):
     else:
         y1 = y1[:, :3]
     assert kernels.channel_trapezoid(y0, g0, y1, g1) is None
+    assert kernels.channel_left_right(y0, g0, y1, g1) is None
 
 
 def test_kernel_stands_aside_beyond_its_thread_count():
-    before = torch.get_num_threads()
     ts = four((2, 4, 6, 6))
-    try:
-        torch.set_num_threads(kernels.MAX_THREADS + 1)
-        assert kernels.channel_trapezoid(*ts) is None
-        torch.set_num_threads(1)
-        assert kernels.channel_trapezoid(*ts) is not None
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(kernels.MAX_THREADS + 1)
+    assert kernels.channel_trapezoid(*ts) is None
+    torch.set_num_threads(kernels.LEFT_RIGHT_MAX_THREADS + 1)
+    assert kernels.channel_left_right(*ts) is None
+    torch.set_num_threads(1)
+    assert kernels.channel_trapezoid(*ts) is not None and kernels.channel_left_right(*ts) is not None
 
 
 @pytest.mark.parametrize("names", [["conductance"], ["conductance", "internal_influence"]])
@@ -100,31 +129,42 @@ def test_interval_sums_with_the_kernel_equal_the_torch_operations(names, monkeyp
     y0, g0, y1, g1 = four((3, 6, 5, 5), memory_format=torch.channels_last)
     width = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     fused = engine.interval_contributions(fns, y0, g0, y1, g1, width, "trapezoid", "channel", engine.Scratch())
+    fused_lr = engine.left_and_right_contributions(fns, y0, g0, y1, g1, width, "channel", engine.Scratch())
     monkeypatch.setattr(kernels, "channel_trapezoid", lambda *a: None)
+    monkeypatch.setattr(kernels, "channel_left_right", lambda *a: None)
     plain = engine.interval_contributions(fns, y0, g0, y1, g1, width, "trapezoid", "channel", engine.Scratch())
+    plain_lr = engine.left_and_right_contributions(fns, y0, g0, y1, g1, width, "channel", engine.Scratch())
     assert set(fused) == set(plain) == set(names)
     for n in names:
         torch.testing.assert_close(fused[n], plain[n], rtol=1e-5, atol=1e-6)
+        for side in (0, 1):
+            torch.testing.assert_close(fused_lr[side][n], plain_lr[side][n], rtol=1e-5, atol=1e-6)
     # and the conductance sums are the written-out ones
     torch.testing.assert_close(fused["conductance"].double(), literal(y0, g0, y1, g1), rtol=1e-6, atol=1e-6)
 
 
-def test_adaptive_and_fixed_rules_use_the_kernel_and_give_the_same_values_without_it(monkeypatch):
+def test_every_rule_uses_the_kernel_and_gives_the_same_values_without_it(monkeypatch):
     model = random_cnn(seed=3).eval()
     x = torch.randn(3, 2, 6, 6)
-    calls = []
-    original = kernels.channel_trapezoid
+    calls = {"channel_trapezoid": [], "channel_left_right": []}
 
-    def counting(*args):
-        out = original(*args)
-        calls.append(out is not None)
-        return out
+    def counting(name):
+        original, seen = getattr(kernels, name), calls[name]
 
-    monkeypatch.setattr(kernels, "channel_trapezoid", counting)
-    runs = {"adaptive": dict(tolerance=1e-3, max_steps=200), "gausslegendre": dict(n_steps=31)}
+        def wrapper(*args):
+            out = original(*args)
+            seen.append(out is not None)
+            return out
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(kernels, name, counting(name))
+    runs = {"adaptive": dict(tolerance=1e-3, max_steps=200), "gausslegendre": dict(n_steps=31),
+            "captum": dict(method="captum", n_steps=31)}
     with_kernel = {k: cd.layer_conductance(model, x, ["0", "2"], units="channel", **kw) for k, kw in runs.items()}
-    assert calls and all(calls)
+    assert all(seen and all(seen) for seen in calls.values())
     monkeypatch.setattr(kernels, "channel_trapezoid", lambda *a: None)
+    monkeypatch.setattr(kernels, "channel_left_right", lambda *a: None)
     without = {k: cd.layer_conductance(model, x, ["0", "2"], units="channel", **kw) for k, kw in runs.items()}
     for k in runs:
         assert with_kernel[k].n_points.tolist() == without[k].n_points.tolist()

@@ -774,6 +774,14 @@ def left_and_right_contributions(measures: dict[str, IntervalMeasure], y0: torch
     left, right : dict str -> Tensor, shape (m, *unit_shape)
         Per measure, each interval's contribution under the left and under the right rule.
     """
+    if "conductance" in measures and _reduces(y0, units):
+        fused = kernels.channel_left_right(y0, g0, y1, g1)   # kernels.py; None where it does not apply
+        if fused is not None:
+            rest = {m: fn for m, fn in measures.items() if m != "conductance"}
+            lefts, rights = (left_and_right_contributions(rest, y0, g0, y1, g1, width, units, scratch)
+                             if rest else ({}, {}))
+            return ({m: fused[0] if m == "conductance" else lefts[m] for m in measures},
+                    {m: fused[1] if m == "conductance" else rights[m] for m in measures})
     dy = torch.sub(y1, y0, out=scratch.like("dy", y0))
     return (_contributions(measures, g0, y0, y1, width, units, scratch, "", dy),
             _contributions(measures, g1, y0, y1, width, units, scratch, ":right", dy))

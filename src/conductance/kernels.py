@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the trapezoid interval sums of channel units (optional: numba).
+"""Fused CPU kernels for the interval sums of channel units (optional: numba).
 
 Most of the adaptive rule's bookkeeping is one sum, repeated about twice per new point and layer:
 each channel's ``sum over positions of (g0 + g1) * (y1 - y0) / 2``. Written as torch operations it
@@ -24,8 +24,11 @@ import torch
 
 from .errors import warn
 
-#: The kernel is used while torch runs on at most this many intra-op threads.
+#: The trapezoid kernel is used while torch runs on at most this many intra-op threads.
 MAX_THREADS = 2
+#: The same for the left and right sums, which read one gradient each (two calls): at two threads
+#: torch's operations were 10-15% faster than the two serial passes, at one thread 1.8x slower.
+LEFT_RIGHT_MAX_THREADS = 1
 
 # reassociation (vector lanes in the reductions) and fused multiply-add, but never the flags that let
 # the compiler assume finite values: a NaN or Inf must reach the sums, where the engine looks for it
@@ -120,6 +123,43 @@ def _layout(t: torch.Tensor) -> Optional[tuple[str, np.ndarray]]:
     return None
 
 
+def _prepare(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor, max_threads: int
+             ) -> Optional[tuple[Callable[..., None], list[np.ndarray]]]:
+    """The kernel for the four tensors' layout and the arrays to give it, or None (see
+    :func:`channel_trapezoid` for when)."""
+    if (y0.dim() < 3 or y0.device.type != "cpu" or y0.dtype not in (torch.float32, torch.float64)
+            or torch.get_num_threads() > max_threads):
+        return None
+    shape, dtype = y0.shape, y0.dtype
+    for t in (g0, y1, g1):
+        if t.shape != shape or t.dtype != dtype or t.device.type != "cpu":
+            return None
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    try:
+        views = [_layout(t) for t in (y0, g0, y1, g1)]
+    except RuntimeError:   # a tensor numpy cannot share (a lazy negation or conjugation bit)
+        return None
+    if any(v is None for v in views):
+        return None
+    kinds = {v[0] for v in views if v is not None}
+    if len(kinds) != 1:
+        return None
+    return kernels[kinds.pop()], [v[1] for v in views if v is not None]
+
+
+def _run(kernel: Callable[..., None], arrays: list[np.ndarray], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``kernel`` on ``(y0, g0, y1, g1)`` arrays: the (m, C) trapezoid sums, or None if numba failed."""
+    out = np.empty((like.shape[0], like.shape[1]), dtype=_NUMPY_DTYPES[like.dtype])
+    try:
+        kernel(*arrays, out)
+    except Exception as err:   # a numba failure at run time: fall back, never a wrong result
+        _disable(err)
+        return None
+    return torch.from_numpy(out)
+
+
 def channel_trapezoid(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor
                       ) -> Optional[torch.Tensor]:
     """Each channel's trapezoid sum over ``m`` intervals, ``sum((g0 + g1) / 2 * (y1 - y0))`` over the
@@ -138,34 +178,36 @@ def channel_trapezoid(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: 
     Tensor, shape (m, C), in the inputs' dtype, or None
         Accumulated in float64 before the cast.
     """
-    if (y0.dim() < 3 or y0.device.type != "cpu" or y0.dtype not in (torch.float32, torch.float64)
-            or torch.get_num_threads() > MAX_THREADS):
+    prepared = _prepare(y0, g0, y1, g1, MAX_THREADS)
+    return None if prepared is None else _run(prepared[0], prepared[1], y0)
+
+
+def channel_left_right(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Each channel's left and right sums over ``m`` intervals, ``sum(g0 * (y1 - y0))`` and
+    ``sum(g1 * (y1 - y0))`` over the positions after the channel dimension (Captum's rule and its
+    comparison), one pass over three of the inputs each; None where :func:`channel_trapezoid` is None
+    and above :data:`LEFT_RIGHT_MAX_THREADS` torch threads.
+
+    Parameters
+    ----------
+    y0, g0, y1, g1 : Tensor, shape (m, C, *positions)
+        Layer values and gradients at the intervals' ends.
+
+    Returns
+    -------
+    (Tensor, Tensor), each shape (m, C), in the inputs' dtype, or None
+        Accumulated in float64 before the cast.
+    """
+    prepared = _prepare(y0, g0, y1, g1, LEFT_RIGHT_MAX_THREADS)
+    if prepared is None:
         return None
-    shape, dtype = y0.shape, y0.dtype
-    for t in (g0, y1, g1):
-        if t.shape != shape or t.dtype != dtype or t.device.type != "cpu":
-            return None
-    kernels = _kernels()
-    if kernels is None:
-        return None
-    try:
-        views = [_layout(t) for t in (y0, g0, y1, g1)]
-    except RuntimeError:   # a tensor numpy cannot share (a lazy negation or conjugation bit)
-        return None
-    if any(v is None for v in views):
-        return None
-    kinds = {v[0] for v in views if v is not None}
-    if len(kinds) != 1:
-        return None
-    kind = kinds.pop()
-    arrays = [v[1] for v in views if v is not None]
-    out = np.empty((shape[0], shape[1]), dtype=_NUMPY_DTYPES[dtype])
-    try:
-        kernels[kind](*arrays, out)
-    except Exception as err:   # a numba failure at compile or run time: fall back, never a wrong result
-        _disable(err)
-        return None
-    return torch.from_numpy(out)
+    kernel, (a0, b0, a1, b1) = prepared
+    # the trapezoid kernel with one end's gradient given for both ends: (g + g) / 2 is g exactly, and
+    # the other end's gradient is never read (a NaN there stays out of this side's sums)
+    left = _run(kernel, [a0, b0, a1, b0], y0)
+    right = _run(kernel, [a0, b1, a1, b1], y0) if left is not None else None
+    return None if left is None or right is None else (left, right)
 
 
 def _disable(err: BaseException) -> None:
@@ -176,4 +218,4 @@ def _disable(err: BaseException) -> None:
          "from now on (same values, slower bookkeeping). Reinstall numba, or uninstall it to silence this.")
 
 
-__all__ = ["MAX_THREADS", "available", "channel_trapezoid"]
+__all__ = ["LEFT_RIGHT_MAX_THREADS", "MAX_THREADS", "available", "channel_left_right", "channel_trapezoid"]
