@@ -14,7 +14,7 @@ pytest.importorskip("numba")
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    # the kernels stand aside above MAX_THREADS / LEFT_RIGHT_MAX_THREADS torch threads (tested below);
+    # the kernels stand aside above MAX_THREADS torch threads (tested below);
     # every other test here runs where they apply, whatever the machine's core count
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -116,9 +116,7 @@ def test_kernel_stands_aside_where_it_does_not_apply(case):
 def test_kernel_stands_aside_beyond_its_thread_count():
     ts = four((2, 4, 6, 6))
     torch.set_num_threads(kernels.MAX_THREADS + 1)
-    assert kernels.channel_trapezoid(*ts) is None
-    torch.set_num_threads(kernels.LEFT_RIGHT_MAX_THREADS + 1)
-    assert kernels.channel_left_right(*ts) is None
+    assert kernels.channel_trapezoid(*ts) is None and kernels.channel_left_right(*ts) is None
     torch.set_num_threads(1)
     assert kernels.channel_trapezoid(*ts) is not None and kernels.channel_left_right(*ts) is not None
 

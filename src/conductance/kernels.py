@@ -9,8 +9,9 @@ without it, or wherever the kernel does not apply, :func:`channel_trapezoid` ret
 engine uses its torch operations, which give the same sums (float rounding).
 
 The kernel is serial. torch's own operations use every intra-op thread, so beyond
-:data:`MAX_THREADS` threads they are as fast or faster and the kernel stands aside (measured at two
-threads: equal; at one: 1.4-2.2x faster).
+:data:`MAX_THREADS` (one) the kernel stands aside: ``benchmarks/bench_kernels.py`` measured it
+1.1-2.4x faster than torch's operations for the trapezoid sums on one thread, but 0.84-1.35x of
+their speed on two, and the left and right sums 0.68-1.08x on two (docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -24,11 +25,8 @@ import torch
 
 from .errors import warn
 
-#: The trapezoid kernel is used while torch runs on at most this many intra-op threads.
-MAX_THREADS = 2
-#: The same for the left and right sums, which read one gradient each (two calls): at two threads
-#: torch's operations were 10-15% faster than the two serial passes, at one thread 1.8x slower.
-LEFT_RIGHT_MAX_THREADS = 1
+#: The kernels are used while torch runs on at most this many intra-op threads.
+MAX_THREADS = 1
 
 # reassociation (vector lanes in the reductions) and fused multiply-add, but never the flags that let
 # the compiler assume finite values: a NaN or Inf must reach the sums, where the engine looks for it
@@ -123,12 +121,12 @@ def _layout(t: torch.Tensor) -> Optional[tuple[str, np.ndarray]]:
     return None
 
 
-def _prepare(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor, max_threads: int
+def _prepare(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: torch.Tensor
              ) -> Optional[tuple[Callable[..., None], list[np.ndarray]]]:
     """The kernel for the four tensors' layout and the arrays to give it, or None (see
     :func:`channel_trapezoid` for when)."""
     if (y0.dim() < 3 or y0.device.type != "cpu" or y0.dtype not in (torch.float32, torch.float64)
-            or torch.get_num_threads() > max_threads):
+            or torch.get_num_threads() > MAX_THREADS):
         return None
     shape, dtype = y0.shape, y0.dtype
     for t in (g0, y1, g1):
@@ -178,7 +176,7 @@ def channel_trapezoid(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1: 
     Tensor, shape (m, C), in the inputs' dtype, or None
         Accumulated in float64 before the cast.
     """
-    prepared = _prepare(y0, g0, y1, g1, MAX_THREADS)
+    prepared = _prepare(y0, g0, y1, g1)
     return None if prepared is None else _run(prepared[0], prepared[1], y0)
 
 
@@ -186,8 +184,7 @@ def channel_left_right(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1:
                        ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Each channel's left and right sums over ``m`` intervals, ``sum(g0 * (y1 - y0))`` and
     ``sum(g1 * (y1 - y0))`` over the positions after the channel dimension (Captum's rule and its
-    comparison), one pass over three of the inputs each; None where :func:`channel_trapezoid` is None
-    and above :data:`LEFT_RIGHT_MAX_THREADS` torch threads.
+    comparison), one pass over three of the inputs each; None where :func:`channel_trapezoid` is None.
 
     Parameters
     ----------
@@ -199,7 +196,7 @@ def channel_left_right(y0: torch.Tensor, g0: torch.Tensor, y1: torch.Tensor, g1:
     (Tensor, Tensor), each shape (m, C), in the inputs' dtype, or None
         Accumulated in float64 before the cast.
     """
-    prepared = _prepare(y0, g0, y1, g1, LEFT_RIGHT_MAX_THREADS)
+    prepared = _prepare(y0, g0, y1, g1)
     if prepared is None:
         return None
     kernel, (a0, b0, a1, b1) = prepared
@@ -218,4 +215,4 @@ def _disable(err: BaseException) -> None:
          "from now on (same values, slower bookkeeping). Reinstall numba, or uninstall it to silence this.")
 
 
-__all__ = ["LEFT_RIGHT_MAX_THREADS", "MAX_THREADS", "available", "channel_left_right", "channel_trapezoid"]
+__all__ = ["MAX_THREADS", "available", "channel_left_right", "channel_trapezoid"]
